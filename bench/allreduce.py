@@ -1,0 +1,165 @@
+"""All-reduce: our pipelined ring (fp32 / fp16 / int8 / int4 on the wire) vs torch.distributed gloo
+fp32, one process per host, one large fp32 tensor (default 4 hosts, 100 MB).
+
+    .venv/bin/python bench/allreduce.py [--links loopback,tbf100,emu100d25] [--hosts 4]
+                                        [--mbytes 100] [--repeats 3] [--codecs fp32,fp16,int8,int4]
+
+Links come from bench.links (unshaped loopback; tc tbf 100 Mbit/s namespaces, root only;
+peer.netem relays at 100 Mbit/s and 25 ms one way). Per link kind, in one run: the link rate of
+one raw TCP stream, our ring for every codec, and the gloo anchor where it can run (gloo cannot
+cross per-pair relays). Each repeat starts after a tiny all-reduce (a barrier) and lasts until
+the slowest rank has its result; medians of the repeats, the ring lower bound
+2(N-1)/N * wire_bytes / link_rate beside each, and whether all ranks got identical bits.
+Writes bench/results/allreduce.json and allreduce.md (DESIGN.md section 6).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import secrets
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.baselines.workers import BaselineError, announce, report, run_workers, slowest_per_repeat  # noqa: E402
+from bench.common import write_results  # noqa: E402
+
+_WARMUP_NUMEL = 1 << 20
+_TIMEOUT_S = 900.0
+
+
+def _input(rank: int, numel: int):
+    import torch
+    return torch.randn(numel, generator=torch.Generator().manual_seed(rank))
+
+
+# ----------------------------------------------------------------------------- worker (one host)
+async def _worker(args: argparse.Namespace) -> None:
+    from collectives import Group, all_reduce
+    from peer.identity import Identity
+    from peer.transport import PeerHost
+
+    host = PeerHost(Identity.generate(), bytes.fromhex(args.token))
+    await host.start(args.address, 0)
+    go = await asyncio.to_thread(announce, {"port": int(host.address.rsplit(":", 1)[1]), "peer_id": host.peer_id})
+    for j, (peer, route) in enumerate(zip(go["peers"], go["routes"][args.rank])):
+        if j != args.rank:
+            host.add_route(peer, route)
+    group = Group(host, go["peers"])
+    x = _input(args.rank, args.numel)
+    await all_reduce(group, [x[:_WARMUP_NUMEL]], tag="warm", codec="int8")  # connections, link samples
+    times, digests = {}, {}
+    for codec in args.codecs.split(","):
+        times[codec] = []
+        for rep in range(args.repeats):
+            await all_reduce(group, [x[:1]], tag=f"barrier-{codec}-{rep}", codec="fp32")
+            start = time.perf_counter()
+            out = await all_reduce(group, [x], tag=f"{codec}-{rep}", codec=codec)
+            times[codec].append(time.perf_counter() - start)
+        digests[codec] = hashlib.sha256(out[0].numpy().tobytes()).hexdigest()[:16]
+    # report() blocks until the parent closes stdin, so no host closes while a peer still reads.
+    await asyncio.to_thread(report, {"rank": args.rank, "times": times, "digests": digests})
+    await host.close()
+
+
+# ----------------------------------------------------------------------------- parent
+def run_ours(links, numel: int, repeats: int, codecs: list[str]) -> dict[str, dict]:
+    token = secrets.token_hex(16)
+
+    def argv(i: int) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--worker", "--rank", str(i),
+                "--address", links.address(i), "--numel", str(numel), "--repeats", str(repeats),
+                "--codecs", ",".join(codecs), "--token", token]
+
+    def go(ready: list[dict]) -> dict:
+        return {"peers": [r["peer_id"] for r in ready], "routes": links.routes([r["port"] for r in ready])}
+
+    results = run_workers(links, argv, go, timeout=_TIMEOUT_S)
+    return {codec: {**slowest_per_repeat([r["times"][codec] for r in results]),
+                    "bit_identical": len({r["digests"][codec] for r in results}) == 1}
+            for codec in codecs}
+
+
+def bench_links(kind: str, args: argparse.Namespace, codecs: list[str]) -> tuple[list[dict], dict, list[str]]:
+    from bench.baselines.gloo_allreduce import run_gloo
+    from bench.links import LinksUnsupported, measure_link_rate, open_links, ring_bound_fields
+    from compression import get_codec
+
+    numel = args.mbytes * (1 << 20) // 4
+    notes: list[str] = []
+    with open_links(kind, args.hosts) as links:
+        rate = measure_link_rate(links)
+        ours = run_ours(links, numel, args.repeats, codecs)
+        try:
+            gloo = run_gloo(links, numel, args.repeats)
+        except LinksUnsupported as exc:
+            gloo = None
+            notes.append(f"{kind}: gloo not run ({exc})")
+        described = links.describe()
+    rows = []
+    if gloo is not None:
+        rows.append({"links": kind, "configuration": "gloo fp32 (anchor)", "median s": gloo["median"],
+                     "wire MB": 4 * numel / 1e6, **_bound_cells(ring_bound_fields(args.hosts, 4 * numel, gloo["median"], rate)),
+                     "vs gloo": 1.0, "bit-identical": "n/a", "repeats": len(gloo["samples"])})
+    for codec, s in ours.items():
+        wire = get_codec(codec).wire_bytes(numel)
+        rows.append({"links": kind, "configuration": f"ours {codec}", "median s": s["median"], "wire MB": wire / 1e6,
+                     **_bound_cells(ring_bound_fields(args.hosts, wire, s["median"], rate)),
+                     "vs gloo": s["median"] / gloo["median"] if gloo else "n/a",
+                     "bit-identical": s["bit_identical"], "repeats": len(s["samples"])})
+    raw = {"links": described, "link_rate_Bps": rate, "numel": numel, "ours": ours, "gloo": gloo}
+    return rows, raw, notes
+
+
+def _bound_cells(fields: dict) -> dict:
+    return {"link Mbit/s": fields["link_rate_Bps"] * 8 / 1e6, "ring bound s": fields["ring_lower_bound_s"],
+            "median / bound": fields["median_over_bound"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--links", default="loopback,tbf100,emu100d25", help="comma-separated bench.links kinds")
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--mbytes", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--codecs", default="fp32,fp16,int8,int4")
+    parser.add_argument("--name", default="allreduce", help="results file stem under bench/results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for hidden in ("--rank", "--address", "--numel", "--token"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.rank, args.numel, args.repeats = int(args.rank), int(args.numel), int(args.repeats)
+        asyncio.run(_worker(args))
+        return 0
+    from peer.netns import unavailable_reason
+
+    codecs = args.codecs.split(",")
+    rows, raw, notes = [], {}, [f"{args.hosts} hosts, {args.mbytes} MB fp32; sample = slowest rank of a repeat; "
+                                "median of repeats. Ring bound uses the link rate of one raw TCP stream "
+                                "measured in the same run."]
+    for kind in args.links.split(","):
+        reason = unavailable_reason() if kind == "tbf100" else None
+        if reason:
+            notes.append(f"{kind}: skipped ({reason})")
+            continue
+        try:
+            kind_rows, raw[kind], kind_notes = bench_links(kind, args, codecs)
+        except BaselineError as exc:
+            notes.append(f"{kind}: failed: {str(exc)[-500:]}")
+            continue
+        rows += kind_rows
+        notes += kind_notes
+        for row in kind_rows:
+            print(row, flush=True)
+    json_path, md_path = write_results(args.name, {"hosts": args.hosts, "mbytes": args.mbytes, "runs": raw},
+                                       {"All-reduce": rows}, notes)
+    print(f"wrote {json_path} and {md_path}")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1662 @@
+"""Hostile-input fuzz bench: every parser a remote party can reach, fed mutated and random input.
+
+    .venv/bin/python bench/fuzz.py [--wire 100000] [--http 10000] [--seed 1] [--tcp 2000] [--files 600]
+
+Targets and their oracles (DESIGN.md section 2, "Every bad input -> a clear, typed error"):
+
+- wire: mutated valid frames (bit flips, truncation, lying length fields, msgpack garbage headers,
+  random bytes), fed in random splits into ``FrameDecoder``; live handshakes whose flights are
+  tampered with in flight; AEAD record streams (tampered, reordered, replayed) and records that
+  authenticate but carry garbage frames, into ``SecureChannel``. Only ``ProtocolError`` /
+  ``AuthError`` may escape; decoded frames must respect the limits; untampered input must round
+  trip; a tampered handshake must never finish with the two sides disagreeing on the transcript.
+- tcp: random bytes, tampered handshakes and authenticated garbage records sent to a real
+  ``PeerHost`` process; it must drop those connections, never log an internal error, and keep
+  serving a legitimate peer.
+- http: requests against a real coordinator process on 127.0.0.1 (malformed JSON, deep nesting,
+  huge bodies, wrong types, missing fields, bad and valid signatures over hostile bodies, path
+  traversal in run names / steps / chunk names, odd methods, bad content types, random paths and
+  raw malformed HTTP). No 5xx, the coordinator stays up, nothing is written outside its data dir.
+- files: truncated and malformed GGUF files (and well-formed ones with hostile metadata),
+  safetensors folders and checkpoint manifests/chunks, into ``pipeline.loading`` (only
+  ``ModelLoadError``) and ``coordinator.checkpoints`` (only ``CheckpointError``), under an
+  address-space limit so a memory bomb shows as a crash.
+- serve: hostile ``serve.step`` headers and payloads into a ``StageServer`` (only
+  ``ServingError``); its session and KV-slot limits must hold throughout.
+
+Any other exception, a 5xx, a dead process or a stray file is a crash, recorded with a
+reproducer. Writes bench/results/fuzz.json and fuzz.md; exits 1 if anything crashed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+
+from peer.errors import AuthError, ProtocolError  # noqa: E402
+from peer.handshake import Handshake, State  # noqa: E402
+from peer.identity import Identity  # noqa: E402
+from peer.membership import signing_bytes  # noqa: E402
+from peer.secure import RECORD_HEADER_SIZE, SecureChannel  # noqa: E402
+from peer.wire import (DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FIXED_HEADER_SIZE, Frame,  # noqa: E402
+                       FrameDecoder, FrameType, decode_frame, encode_frame)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKEN = "fuzz-swarm-token"
+MAX_REPRO = 2048  # bytes of a reproducer kept in the report (hex)
+
+
+# ------------------------------------------------------------------------------- bookkeeping
+
+@dataclass
+class Tally:
+    """Counts of fuzzed inputs per target and every crash with its reproducer."""
+
+    cases: Counter = field(default_factory=Counter)
+    typed: Counter = field(default_factory=Counter)  # expected typed errors, by class name
+    crashes: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def crash(self, target: str, problem: str, reproducer: Any) -> None:
+        if isinstance(reproducer, (bytes, bytearray, memoryview)):
+            reproducer = {"hex": bytes(reproducer[:MAX_REPRO]).hex(), "len": len(reproducer)}
+        self.crashes.append({"target": target, "problem": problem[:2000], "reproducer": reproducer})
+        print(f"CRASH [{target}] {problem.splitlines()[0][:300]}", flush=True)
+
+    def guard(self, target: str, fn: Callable[[], object], allowed: tuple[type, ...],
+              reproducer: Callable[[], Any]) -> None:
+        """Run one case: an ``allowed`` exception is the expected typed error; anything else
+        (including a failed oracle assertion) is a crash."""
+        self.cases[target] += 1
+        try:
+            fn()
+        except allowed as e:
+            self.typed[type(e).__name__] += 1
+        except Exception as e:  # the point of the bench: anything untyped is a finding
+            self.crash(target, "".join(traceback.format_exception_only(type(e), e)).strip()
+                       + "\n" + "".join(traceback.format_tb(e.__traceback__)[-3:]), reproducer())
+
+
+# ------------------------------------------------------------------------------ generators
+
+def random_value(rng: random.Random, depth: int = 0) -> Any:
+    """A msgpack/JSON-able hostile value: edge numbers, odd strings, nesting."""
+    kind = rng.randrange(12 if depth < 3 else 8)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 2**31, 2**63 - 1, -2**63, 2**64 - 1, 255, 65536])
+    if kind == 1:
+        return rng.choice([0.0, -0.0, 1e308, -1e-308, 0.5, 3.0])
+    if kind == 2:
+        return rng.choice([True, False, None])
+    if kind == 3:
+        return rng.choice(["", "a", "..", "../../etc/passwd", "\x00", "é✓", "x" * 300, "1", "latest"])
+    if kind == 4:
+        return rng.randbytes(rng.choice([0, 1, 31, 32, 33, 64]))
+    if kind == 5:
+        return rng.randrange(-10, 10**6)
+    if kind == 6:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randrange(1, 12)))
+    if kind == 7:
+        return rng.randbytes(rng.randrange(0, 64)).hex()
+    if kind in (8, 9):
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
+    return {random_key(rng): random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))}
+
+
+def random_key(rng: random.Random) -> str:
+    return rng.choice(["i", "o", "n", "z", "k", "t", "h", "m", "c", "p", "d", "err", "eph", "nonce",
+                       "id", "sig", "mac", "reason", "by", "x", ""])
+
+
+def random_header(rng: random.Random) -> dict:
+    return {random_key(rng): random_value(rng) for _ in range(rng.randrange(0, 6))}
+
+
+def random_frame(rng: random.Random) -> bytes:
+    type_ = rng.choice(list(FrameType) + [0, 5, 99, 255])
+    payload = rng.randbytes(rng.choice([0, 0, 1, 16, 100, 1000, 3000]))
+    return encode_frame(Frame(int(type_), random_header(rng), payload, rng.choice([0, 0, 1, 255])))
+
+
+U32_EDGES = [0, 1, 2, 15, 16, 17, 4095, 4096, 4097, DEFAULT_MAX_HEADER - 1, DEFAULT_MAX_HEADER,
+             DEFAULT_MAX_HEADER + 1, 2**31 - 1, 2**31, 2**32 - 1]
+U64_EDGES = [0, 1, 2, DEFAULT_MAX_PAYLOAD - 1, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD + 1, 2**32,
+             2**63 - 1, 2**63, 2**64 - 1]
+# msgpack bytes that stress a decoder: reserved 0xc1, huge declared containers/strings, deep
+# nesting, ext types, non-string map keys, truncated numbers.
+MSGPACK_GARBAGE = [b"\xc1", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",
+                   b"\xc6\xff\xff\xff\xff", b"\x91" * 3000, b"\x81\xa1a" * 1500 + b"\xc0",
+                   b"\xd4\x01\x00", b"\xc7\xff\x05", b"\xd6\xff\x00\x00\x00\x00", b"\x81\x01\x02",
+                   b"\x81\xc0\xc0", b"\xcf\x00", b"\x90", b"\xa5hello", b"\x80\x80", b"\x81\x91\x01\x02",
+                   b"\xde\x00\x01\xc4\x01a\xc0"]
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    """Apply 1-3 random mutations: bit flips, byte edits, truncation, extension, lying length
+    fields, msgpack garbage in the header, splices, or wholesale random bytes."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        op = rng.randrange(11)
+        if op == 0 and buf:  # bit flips
+            for _ in range(rng.randint(1, 8)):
+                i = rng.randrange(len(buf))
+                buf[i] ^= 1 << rng.randrange(8)
+        elif op == 1 and buf:  # byte overwrite, biased to the fixed header
+            i = rng.randrange(min(len(buf), FIXED_HEADER_SIZE + 8)) if rng.random() < 0.6 else rng.randrange(len(buf))
+            buf[i] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        elif op == 2:  # truncate
+            del buf[rng.randrange(len(buf) + 1):]
+        elif op == 3:  # extend
+            buf += rng.randbytes(rng.choice([1, 5, 17, 100, 4000]))
+        elif op == 4 and len(buf) >= FIXED_HEADER_SIZE:  # header length lies
+            struct.pack_into("!I", buf, 5, rng.choice(U32_EDGES + [struct.unpack_from("!I", buf, 5)[0] + rng.choice([-1, 1])]) % 2**32)
+        elif op == 5 and len(buf) >= FIXED_HEADER_SIZE:  # payload length lies
+            struct.pack_into("!Q", buf, 9, rng.choice(U64_EDGES + [struct.unpack_from("!Q", buf, 9)[0] + rng.choice([-1, 1])]) % 2**64)
+        elif op == 6 and len(buf) >= FIXED_HEADER_SIZE:  # msgpack garbage as the header, length fixed up
+            junk = rng.choice(MSGPACK_GARBAGE) if rng.random() < 0.7 else rng.randbytes(rng.randrange(1, 64))
+            hlen = struct.unpack_from("!I", buf, 5)[0]
+            rest = bytes(buf[FIXED_HEADER_SIZE + hlen:]) if FIXED_HEADER_SIZE + hlen <= len(buf) else b""
+            struct.pack_into("!I", buf, 5, len(junk))
+            buf[FIXED_HEADER_SIZE:] = junk + rest
+        elif op == 7 and len(buf) >= 4:  # magic / version / type
+            buf[rng.randrange(4)] = rng.randrange(256)
+        elif op == 8:  # splice another frame in
+            other = random_frame(rng)
+            i = rng.randrange(len(buf) + 1)
+            buf[i:i] = other[:rng.randrange(len(other) + 1)]
+        elif op == 9 and buf:  # delete a range
+            i = rng.randrange(len(buf))
+            del buf[i:i + rng.randrange(1, 32)]
+        else:  # random bytes (sometimes behind a valid magic + version)
+            buf = bytearray((b"LB\x01" if rng.random() < 0.5 else b"") + rng.randbytes(rng.randrange(0, 200)))
+    return bytes(buf)
+
+
+def split_points(rng: random.Random, n: int) -> list[int]:
+    """Cut positions for feeding ``n`` bytes in pieces (none, one-byte pieces, or random cuts)."""
+    mode = rng.randrange(4)
+    if mode == 0 or n < 2:
+        return []
+    if mode == 1 and n <= 400:
+        return list(range(1, n))
+    return sorted(rng.sample(range(1, n), min(n - 1, rng.randint(1, 8))))
+
+
+def pieces(data: bytes, splits: list[int]) -> list[bytes]:
+    cuts = [0, *splits, len(data)]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def mutate_json(rng: random.Random, value: Any) -> Any:
+    """A copy of a JSON value with one node replaced, deleted, retyped or made hostile."""
+    value = json.loads(json.dumps(value))
+    paths: list[tuple] = []
+
+    def walk(v: Any, path: tuple) -> None:
+        paths.append(path)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, path + (k,))
+        elif isinstance(v, list):
+            for i, x in enumerate(v[:20]):
+                walk(x, path + (i,))
+
+    walk(value, ())
+    path = rng.choice(paths)
+    new = rng.choice([
+        lambda: random_value(rng), lambda: None, lambda: [], lambda: {}, lambda: "x" * 100_000,
+        lambda: 10**30, lambda: -1, lambda: 1.5, lambda: True, lambda: nested(rng.randrange(50, 200)),
+        lambda: "../../" + rng.choice(["etc/passwd", "lbfuzz-canary"]), lambda: [1] * 1000,
+    ])()
+    new = jsonable(new)
+    if not path:
+        return new
+    parent = value
+    for k in path[:-1]:
+        parent = parent[k]
+    if rng.random() < 0.2 and isinstance(parent, dict):
+        del parent[path[-1]]
+    elif rng.random() < 0.1 and isinstance(parent, dict):
+        parent[random_key(rng) + "extra"] = new
+    else:
+        parent[path[-1]] = new
+    return value
+
+
+def jsonable(v: Any) -> Any:
+    """``random_value`` output made JSON-encodable (bytes become hex strings)."""
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, list):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    return v
+
+
+def nested(depth: int) -> Any:
+    v: Any = 0
+    for i in range(depth):
+        v = [v] if i % 2 else {"a": v}
+    return v
+
+
+# ------------------------------------------------------------------------------- oracles
+
+def check_decoder(data: bytes, splits: list[int] = (), max_header: int = DEFAULT_MAX_HEADER,
+                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> list[Frame]:
+    """Feed ``data`` in pieces; only ProtocolError may escape and every frame obeys the limits.
+    After a ProtocolError the decoder is abandoned (the connection would be dropped)."""
+    dec = FrameDecoder(max_header=max_header, max_payload=max_payload)
+    frames: list[Frame] = []
+    try:
+        for piece in pieces(data, list(splits)):
+            frames += dec.feed(piece)
+    except ProtocolError:
+        pass
+    for f in frames:
+        assert isinstance(f.header, dict), f"header is {type(f.header).__name__}"
+        assert len(f.payload) <= max_payload, "payload over the limit"
+        assert 0 <= f.type < 256 and 0 <= f.flags < 256
+    return frames
+
+
+def check_roundtrip(frames: list[bytes], splits: list[int]) -> None:
+    """Untampered frames fed in any split decode to exactly what was encoded."""
+    stream = b"".join(frames)
+    got = check_decoder(stream, splits)
+    want = [decode_frame(f) for f in frames]
+    assert len(got) == len(want), f"decoded {len(got)} of {len(want)} frames"
+    for g, w in zip(got, want):
+        assert (g.type, g.header, bytes(g.payload), g.flags) == (w.type, w.header, bytes(w.payload), w.flags)
+
+
+def check_decode_frame(data: bytes) -> None:
+    try:
+        f = decode_frame(data)
+    except ProtocolError:
+        return
+    assert isinstance(f.header, dict) and len(f.payload) <= DEFAULT_MAX_PAYLOAD
+
+
+Tamper = Callable[[int, bytes], bytes]
+
+
+def run_handshake(ident_i: Identity, ident_r: Identity, token_i: bytes, token_r: bytes,
+                  tamper: Tamper | None = None, splitter: Callable[[bytes], list[bytes]] | None = None,
+                  expected_peer_id: str | None = None) -> tuple[Handshake, Handshake]:
+    """Drive an initiator and a responder to completion, passing each flight through ``tamper``
+    (flight index, bytes) -> bytes. Raises only what the oracle allows: nothing — AuthError and
+    ProtocolError are part of the protocol and are swallowed here; the caller checks outcomes."""
+    i = Handshake(ident_i, token_i, initiator=True, expected_peer_id=expected_peer_id)
+    r = Handshake(ident_r, token_r, initiator=False)
+    sides = (i, r)
+    turn = 0
+    for k in range(8):
+        src, dst = sides[turn], sides[1 - turn]
+        data = src.data_to_send()
+        if tamper is not None:
+            data = tamper(k, data)
+        if not data or dst.state in (State.DONE, State.FAILED):
+            break
+        try:
+            for piece in (splitter(data) if splitter else [data]):
+                if dst.state is State.DONE:  # later bytes are session records, not handshake input
+                    break
+                dst.receive_data(piece)
+        except (AuthError, ProtocolError):
+            assert dst.state is State.FAILED, f"error raised but state is {dst.state}"
+        turn = 1 - turn
+    return i, r
+
+
+def check_handshake_outcome(i: Handshake, r: Handshake, *, tampered: bool, same_token: bool) -> None:
+    """Security properties: both sides done => same transcript and crossed keys; a wrong token
+    never completes; an untampered exchange with the right token always completes."""
+    if i.done and r.done:
+        assert i.result and r.result
+        assert i.result.transcript_hash == r.result.transcript_hash, "sides finished on different transcripts"
+        assert i.result.send_key == r.result.recv_key and i.result.recv_key == r.result.send_key
+        assert i.result.peer_id == r.identity.peer_id and r.result.peer_id == i.identity.peer_id
+    if not same_token:
+        assert not i.done and not r.done, "handshake completed with different swarm tokens"
+    if not tampered and same_token:
+        assert i.done and r.done, f"clean handshake did not complete: {i.state} / {r.state}"
+    for side in (i, r):  # a finished or failed handshake refuses further input with the typed error
+        if side.state in (State.DONE, State.FAILED):
+            try:
+                side.receive_data(b"LB")
+                raise AssertionError("terminal handshake accepted more input")
+            except ProtocolError:
+                pass
+
+
+def seal_raw(key: bytes, counter: int, plaintext: bytes) -> bytes:
+    """An AEAD record around arbitrary plaintext (what an authenticated but hostile peer can send)."""
+    clen = len(plaintext) + 16
+    head = struct.pack("!IQ", clen, counter)
+    return head + AESGCM(key).encrypt(counter.to_bytes(12, "big"), plaintext, head)
+
+
+def check_channel(recv: SecureChannel, stream: bytes, splits: list[int]) -> list[Frame]:
+    """Feed a record stream; only ProtocolError may escape, and a broken channel stays broken."""
+    frames: list[Frame] = []
+    try:
+        for piece in pieces(stream, splits):
+            frames += recv.feed(piece)
+    except ProtocolError:
+        try:
+            recv.feed(b"\x00" * RECORD_HEADER_SIZE)
+            raise AssertionError("channel accepted records after a fatal error")
+        except ProtocolError:
+            pass
+    for f in frames:
+        assert isinstance(f.header, dict) and len(f.payload) <= recv.max_payload
+    return frames
+
+
+# ----------------------------------------------------------------------------- wire target
+
+def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
+    """Frame decoder (one-shot and incremental), handshake state machines, AEAD records."""
+    t0 = time.perf_counter()
+    idents = [Identity.generate() for _ in range(4)]
+    token = b"wire-token"
+    corpus = [random_frame(rng) for _ in range(200)]
+    # real handshake flights to mutate (responder side, initiator side)
+    flights: list[bytes] = []
+    run_handshake(idents[0], idents[1], token, token, tamper=lambda k, d: (flights.append(d), d)[1])
+    n_hs = n // 10
+    n_ch = n // 8
+    n_dec = n - n_hs - n_ch
+    for _ in range(n_dec):
+        frames = [rng.choice(corpus) if rng.random() < 0.5 else random_frame(rng) for _ in range(rng.randint(1, 3))]
+        stream = b"".join(frames)
+        splits = split_points(rng, len(stream))
+        mode = rng.random()
+        if mode < 0.1:
+            tally.guard("wire.decoder.roundtrip", lambda: check_roundtrip(frames, splits), (),
+                        lambda: {"frames": [f.hex() for f in frames], "splits": splits})
+            continue
+        data = mutate(rng, stream) if mode < 0.9 else rng.randbytes(rng.randrange(0, 300))
+        splits = split_points(rng, len(data))
+        small = rng.random() < 0.2  # tight limits, as the handshake decoder uses
+        limits = (4096, 0) if small else (DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD)
+        tally.guard("wire.decoder", lambda: check_decoder(data, splits, *limits), (),
+                    lambda: {"data": data.hex(), "splits": splits, "limits": limits})
+        if rng.random() < 0.2:
+            tally.guard("wire.decode_frame", lambda: check_decode_frame(data), (), lambda: data)
+
+    for k in range(n_hs):
+        fuzz_handshake_case(tally, rng, idents, flights)
+    for k in range(n_ch):
+        fuzz_channel_case(tally, rng, corpus)
+    tally.seconds["wire"] = time.perf_counter() - t0
+
+
+def fuzz_handshake_case(tally: Tally, rng: random.Random, idents: list[Identity], flights: list[bytes]) -> None:
+    token = b"wire-token"
+    same_token = rng.random() < 0.85
+    target_flight = rng.randrange(5)
+    mode = rng.randrange(5)
+    record: dict = {"flight": target_flight, "mode": mode, "same_token": same_token}
+
+    def tamper(k: int, data: bytes) -> bytes:
+        if k != target_flight:
+            return data
+        if mode == 0:
+            out = mutate(rng, data)
+        elif mode == 1:
+            out = rng.choice(flights)  # replay from another session
+        elif mode == 2:
+            out = rng.randbytes(rng.randrange(1, 300))
+        elif mode == 3:
+            out = mutate(rng, rng.choice(flights))
+        else:
+            out = data  # untampered; split into pieces below
+        record["sent"] = out.hex()
+        record["original"] = data.hex()
+        return out
+
+    def splitter(data: bytes) -> list[bytes]:
+        return pieces(data, split_points(rng, len(data)))
+
+    def case() -> None:
+        i, r = run_handshake(idents[0], rng.choice(idents[1:]), token, token if same_token else b"other",
+                             tamper, splitter if rng.random() < 0.3 else None,
+                             expected_peer_id=None)
+        tampered = "sent" in record and record["sent"] != record["original"]
+        check_handshake_outcome(i, r, tampered=tampered, same_token=same_token)
+
+    tally.guard("wire.handshake", case, (), lambda: record)
+    if rng.random() < 0.3:  # a fresh state machine fed garbage as its very first input
+        data = mutate(rng, rng.choice(flights)) if rng.random() < 0.7 else rng.randbytes(rng.randrange(300))
+        initiator = rng.random() < 0.5
+
+        def first() -> None:
+            hs = Handshake(idents[0], token, initiator=initiator)
+            try:
+                hs.receive_data(data)
+            except (AuthError, ProtocolError):
+                assert hs.state is State.FAILED and not hs.done
+
+        tally.guard("wire.handshake.first", first, (), lambda: {"data": data.hex(), "initiator": initiator})
+
+
+def fuzz_channel_case(tally: Tally, rng: random.Random, corpus: list[bytes]) -> None:
+    k1, k2 = os.urandom(32), os.urandom(32)
+    sender, receiver = SecureChannel(k1, k2), SecureChannel(k2, k1)
+    mode = rng.randrange(6)
+    if mode == 5:  # records that authenticate but carry garbage plaintext
+        plains = [mutate(rng, rng.choice(corpus)) for _ in range(rng.randint(1, 3))]
+        stream = b"".join(seal_raw(k1, c, p) for c, p in enumerate(plains))
+        splits = split_points(rng, len(stream))
+        tally.guard("wire.secure.sealed-garbage", lambda: check_channel(receiver, stream, splits), (),
+                    lambda: {"key": k1.hex(), "plaintexts": [p.hex() for p in plains]})
+        return
+    frames = [decode_frame(rng.choice(corpus)) for _ in range(rng.randint(1, 4))]
+    records = [bytes(sender.seal_frame(f.type, f.header, f.payload, f.flags)) for f in frames]
+    if mode == 0:  # untampered: every frame comes back
+        stream = b"".join(records)
+        splits = split_points(rng, len(stream))
+
+        def clean() -> None:
+            got = check_channel(receiver, stream, splits)
+            assert [(g.type, g.header, bytes(g.payload)) for g in got] == \
+                   [(f.type, f.header, bytes(f.payload)) for f in frames], "clean records did not round trip"
+
+        tally.guard("wire.secure.roundtrip", clean, (), lambda: {"records": [r.hex() for r in records]})
+        return
+    if mode == 1:
+        stream = mutate(rng, b"".join(records))
+    elif mode == 2:  # reorder / replay / drop records
+        recs = list(records)
+        op = rng.randrange(3)
+        if op == 0 and len(recs) > 1:
+            rng.shuffle(recs)
+        elif op == 1:
+            recs.insert(rng.randrange(len(recs) + 1), rng.choice(recs))
+        else:
+            recs.pop(rng.randrange(len(recs)))
+        stream = b"".join(recs)
+    elif mode == 3:  # lying record header
+        rec = bytearray(records[0])
+        struct.pack_into("!I", rec, 0, rng.choice(U32_EDGES))
+        stream = bytes(rec) + b"".join(records[1:])
+    else:
+        stream = rng.randbytes(rng.randrange(0, 400))
+    splits = split_points(rng, len(stream))
+    tally.guard("wire.secure", lambda: check_channel(receiver, stream, splits), (),
+                lambda: {"key": k1.hex(), "stream": stream[:MAX_REPRO].hex(), "splits": splits})
+
+
+# ---------------------------------------------------------------------------- files target
+
+def write_tiny_gguf(path: Path, meta: dict[str, Any] | None = None) -> None:
+    """A 2-block llama GGUF (F32, F16 and Q8_0 tensors) that ``load_model`` accepts, with the
+    llama.* metadata values in ``meta`` replaced (any type; None drops the key)."""
+    import gguf
+    import numpy as np
+
+    vocab, dim, hidden, heads, kv = 64, 32, 64, 4, 2
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    values = {"block_count": 2, "context_length": 64, "embedding_length": dim, "feed_forward_length": hidden,
+              "attention.head_count": heads, "attention.head_count_kv": kv,
+              "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0, "vocab_size": vocab}
+    values.update(meta or {})
+    for key, value in values.items():
+        key = "llama." + key
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            (w.add_int32 if value < 0 else w.add_uint32 if value < 2**32 else w.add_uint64)(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, dim), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
+    head = dim // heads
+    shapes = {"attn_norm": (dim,), "attn_q": (dim, dim), "attn_k": (kv * head, dim), "attn_v": (kv * head, dim),
+              "attn_output": (dim, dim), "ffn_norm": (dim,), "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim),
+              "ffn_down": (dim, hidden)}
+    for b in range(2):
+        for name, shape in shapes.items():
+            arr = rng.standard_normal(shape, dtype=np.float32)
+            if name == "ffn_up":  # one quantized and one half tensor exercise dequantize
+                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(f"blk.{b}.{name}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            elif name == "ffn_gate":
+                w.add_tensor(f"blk.{b}.{name}.weight", arr.astype(np.float16))
+            else:
+                w.add_tensor(f"blk.{b}.{name}.weight", arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tiny_hf(folder: Path, gguf_path: Path) -> None:
+    """The same model as a Hugging Face folder (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from pipeline.loading import _TO_HF, load_gguf
+
+    model = load_gguf(gguf_path)
+    cfg = model.cfg
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim,
+        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings}))
+    state = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if key == "embedding.weight":
+            name = "model.embed_tokens.weight"
+        elif key == "norm.weight":
+            name = "model.norm.weight"
+        else:
+            _, b, part, _ = key.split(".")
+            name = f"model.layers.{b}.{_TO_HF[part]}.weight"
+        state[name] = t.contiguous().clone()
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def mutate_file(rng: random.Random, data: bytes, hot: int) -> bytes:
+    """Truncation, bit flips, edge-valued u32/u64 fields and zeroed ranges, biased to the first
+    ``hot`` bytes (the metadata region, where lengths and counts live)."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        op = rng.randrange(6)
+        pos = rng.randrange(min(hot, len(buf))) if buf and rng.random() < 0.8 else rng.randrange(max(1, len(buf)))
+        if op == 0:
+            del buf[rng.randrange(hot) if rng.random() < 0.6 else rng.randrange(len(buf) + 1):]
+        elif op == 1 and buf:
+            for _ in range(rng.randint(1, 6)):
+                i = rng.randrange(min(hot, len(buf))) if rng.random() < 0.8 else rng.randrange(len(buf))
+                buf[i] ^= 1 << rng.randrange(8)
+        elif op == 2 and len(buf) >= pos + 8:
+            struct.pack_into("<Q", buf, pos & ~7, rng.choice(U64_EDGES + [2**40, 10**6, 0xFFFFFFFF]))
+        elif op == 3 and len(buf) >= pos + 4:
+            struct.pack_into("<I", buf, pos & ~3, rng.choice(U32_EDGES + [30, 31, 8, 12]))
+        elif op == 4:
+            buf[pos:pos + rng.randrange(1, 64)] = bytes(rng.randrange(1, 64))
+        else:
+            buf = bytearray(data[:4] + rng.randbytes(rng.randrange(8, 4096)))
+    return bytes(buf)
+
+
+def mutate_safetensors(rng: random.Random, data: bytes) -> bytes:
+    (hlen,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8:8 + hlen])
+    body = data[8 + hlen:]
+    op = rng.randrange(4)
+    if op == 0:  # self-consistent file with a hostile header
+        raw = json.dumps(mutate_json(rng, header)).encode()
+        return struct.pack("<Q", len(raw)) + raw + body
+    if op == 1:  # lying header length
+        return struct.pack("<Q", rng.choice(U64_EDGES + [hlen - 1, hlen + 1, len(data)])) + data[8:]
+    if op == 2:  # a tensor's offsets moved out of range / overlapping
+        name = rng.choice([k for k in header if k != "__metadata__"])
+        a, b = header[name]["data_offsets"]
+        header[name]["data_offsets"] = rng.choice([[b, a], [a, len(body) + 8], [0, 2**62], [a, a], [-1, b]])
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + body
+    return mutate_file(rng, data, 8 + hlen)
+
+
+def fuzz_files(tally: Tally, rng: random.Random, n: int, workdir: Path) -> None:
+    """GGUF files, HF safetensors folders and checkpoint manifests/chunks (run this in a child
+    process under an address-space limit: see ``files_worker``)."""
+    from pipeline.loading import ModelLoadError, load_model
+
+    t0 = time.perf_counter()
+    src_gguf = workdir / "tiny.gguf"
+    write_tiny_gguf(src_gguf)
+    load_model(src_gguf)  # sanity: the untampered file loads
+    import gguf
+
+    data_offset = gguf.GGUFReader(src_gguf).data_offset
+    gguf_bytes = src_gguf.read_bytes()
+    hf_src = workdir / "hf"
+    write_tiny_hf(hf_src, src_gguf)
+    load_model(hf_src)
+    st_bytes = (hf_src / "model.safetensors").read_bytes()
+    config = json.loads((hf_src / "config.json").read_text())
+    case_path = workdir / "case.gguf"
+    case_dir = workdir / "case-hf"
+    shutil.copytree(hf_src, case_dir)
+
+    n_ckpt = n // 3
+    for k in range(n - n_ckpt):
+        which = k % 4
+        if which == 3:  # a well-formed file whose metadata describes a hostile model
+            meta = {key: rng.choice([0, 1, -1, 3, 2**31, 2**32 + 5, 2**40, 2**63, 1e30, -0.0, float("nan"),
+                                     "12", "", [1, 2], True, None])
+                    for key in rng.sample(["block_count", "context_length", "embedding_length",
+                                           "feed_forward_length", "attention.head_count",
+                                           "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+                                           "rope.freq_base", "vocab_size", "rope.dimension_count"], rng.randint(1, 3))}
+            write_tiny_gguf(case_path, meta)
+            tally.guard("files.gguf-meta", lambda: load_model(case_path), (ModelLoadError,), lambda: repr(meta))
+        elif which == 0:
+            data = mutate_file(rng, gguf_bytes, data_offset)
+            case_path.write_bytes(data)
+            tally.guard("files.gguf", lambda: load_model(case_path), (ModelLoadError,), lambda: data)
+        elif which == 1:
+            data = mutate_safetensors(rng, st_bytes)
+            (case_dir / "model.safetensors").write_bytes(data)
+            (case_dir / "config.json").write_text(json.dumps(config))
+            tally.guard("files.safetensors", lambda: load_model(case_dir), (ModelLoadError,), lambda: data)
+        else:
+            raw = json.dumps(mutate_json(rng, config)).encode() if rng.random() < 0.8 else \
+                mutate_file(rng, json.dumps(config).encode(), 400)
+            (case_dir / "config.json").write_bytes(raw)
+            (case_dir / "model.safetensors").write_bytes(st_bytes)
+            tally.guard("files.hf-config", lambda: load_model(case_dir), (ModelLoadError,),
+                        lambda: {"config.json": raw.decode("utf-8", "replace")[:MAX_REPRO]})
+    fuzz_checkpoints(tally, rng, n_ckpt, workdir / "ckpt-parent")
+    fuzz_serve_steps(tally, rng, n // 2, load_model(src_gguf))
+    tally.seconds["files"] = time.perf_counter() - t0
+
+
+def fuzz_serve_steps(tally: Tally, rng: random.Random, n: int, model) -> None:
+    """``serve.step`` requests (header + payload, what any authenticated peer can send a stage
+    server) with hostile fields; only ServingError may escape, and the server's session and KV
+    limits hold throughout."""
+    import numpy as np
+
+    from pipeline.protocol import ServingError, Span
+    from pipeline.server import ServeConfig, StageServer
+
+    config = ServeConfig(max_sessions=8, max_total_tokens=256)
+    server = StageServer(None, "tiny", model, Span(0, model.cfg.n_layers), None, config)
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    good = {"sid": "s", "start": 0, "end": model.cfg.n_layers, "pos": 0, "chunks": [3], "input": "tokens",
+            "out": "logits", "wire": "fp32", "capacity": 16, "dtype": "int64", "shape": [1, 3]}
+    for k in range(n):
+        h: Any = dict(good, sid=f"s{rng.randrange(40)}", capacity=rng.choice([1, 16, 64, 65, 2**40]))
+        for _ in range(rng.randint(0, 2)):
+            h = mutate_json(rng, h)
+        if not isinstance(h, dict):
+            h = {"x": h}
+        payload = ids.tobytes()
+        r = rng.random()
+        if r < 0.2:
+            payload = mutate_file(rng, payload, len(payload))
+        elif r < 0.3:
+            payload = rng.randbytes(rng.choice([0, 8, 24, 4 * 3 * model.cfg.dim]))
+
+        def step(h=h, payload=payload) -> None:
+            req = server.parse_step(h, payload)
+            server._session(f"peer{rng.randrange(3)}", req)
+            assert len(server.sessions) <= config.max_sessions, "session limit exceeded"
+            assert sum(s.capacity for s in server.sessions.values()) <= config.max_total_tokens, "KV limit exceeded"
+
+        tally.guard("serve.step", step, (ServingError,), lambda: {"header": repr(h)[:MAX_REPRO],
+                                                                         "payload": payload.hex()[:MAX_REPRO]})
+
+
+def fuzz_checkpoints(tally: Tally, rng: random.Random, n: int, parent: Path) -> None:
+    """Hostile manifests (raw, JSON-mutated, and self-consistent with a recomputed state hash),
+    corrupted chunks and manifests on disk, and path-traversal names, against a LocalBackend."""
+    import torch
+
+    from coordinator.checkpoints import (CheckpointError, CheckpointStore, LocalBackend, load_state,
+                                         save_state)
+    from peer.blobs import Manifest, TensorEntry, state_hash
+
+    parent.mkdir(parents=True, exist_ok=True)
+    backend = LocalBackend(parent / "data")
+    store = CheckpointStore(backend, "fuzzrun")
+    state = {"w": torch.arange(300, dtype=torch.float32).reshape(20, 15), "b": torch.ones(7, dtype=torch.float16),
+             "i": torch.arange(5, dtype=torch.int64)}
+    good = save_state(store, 1, state, {"note": "fuzz"}, config={"dim": 4}, chunk_size=256).manifest
+    good_dict = good.to_dict()
+    shas = good.chunk_shas()
+    names = ["..", "../x", "a/../../lbfuzz-canary", "/etc/passwd", ".tmp", "", "x" * 300, "a\x00b", "ok-run",
+             "%2e%2e", "con", "-x", "é", "a/b", ".hidden"]
+
+    def consistent(d: dict) -> dict:
+        """Re-hash a mutated manifest so it passes the state-hash check (what an attacker would do)."""
+        try:
+            entries = [TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), tuple(t["chunks"]), t["nbytes"])
+                       for t in d["tensors"]]
+            d["state_hash"] = state_hash(entries)
+        except Exception:  # not re-hashable: leave it as it is
+            pass
+        return d
+
+    step = 2
+    for k in range(n):
+        op = k % 7
+        if op == 0:
+            raw = mutate_file(rng, good.to_json(), len(good.to_json()))
+            tally.guard("files.manifest.json", lambda: Manifest.from_json(raw), (CheckpointError,), lambda: raw)
+        elif op == 1:
+            d = mutate_json(rng, good_dict)
+            tally.guard("files.manifest.dict", lambda: Manifest.from_dict(d), (CheckpointError,), lambda: d)
+        elif op == 2:  # self-consistent hostile manifest published, then loaded
+            d = mutate_json(rng, good_dict)
+            if isinstance(d, dict) and isinstance(d.get("tensors"), list) and rng.random() < 0.5:
+                t = rng.choice(good_dict["tensors"])
+                huge = rng.choice([[2**40], [2**20, 2**20], [10**6], [0], [len(shas) * 1000]])
+                item = {"name": "huge", "dtype": "U8", "shape": huge, "chunks": [rng.choice(shas)],
+                        "nbytes": math.prod(huge)}
+                d["tensors"] = [x for x in d["tensors"] if x != t] + [item]
+            step += 1
+            if isinstance(d, dict) and rng.random() < 0.8:  # a fresh step: no conflict with step 1
+                d["step"] = step
+            d = consistent(d) if isinstance(d, dict) else d
+            use = step
+
+            def publish_and_load(d=d, use=use) -> None:
+                store.put_manifest(use, d)
+                tensors, _ = load_state(store, use)
+                m = store.load_manifest(use)
+                for e in m.tensors:
+                    assert tuple(tensors[e.name].shape) == e.shape
+
+            tally.guard("files.manifest.publish", publish_and_load, (CheckpointError,), lambda: d)
+        elif op == 3:  # a corrupted manifest file on disk
+            raw = mutate_file(rng, good.to_json(), len(good.to_json()))
+            backend.put(f"runs/fuzzrun/manifests/{1:012d}.json", raw)
+
+            def read_back() -> None:
+                store.list()
+                store.load_manifest(1)
+                load_state(store, 1)
+
+            tally.guard("files.manifest.on-disk", read_back, (CheckpointError,), lambda: raw)
+            backend.put(f"runs/fuzzrun/manifests/{1:012d}.json", good.to_json())
+        elif op == 4:  # a corrupted chunk on disk is detected, removed, never returned
+            sha = rng.choice(shas)
+            key = f"runs/fuzzrun/chunks/{sha[:2]}/{sha}"
+            orig = backend.get(key)
+            bad = mutate_file(rng, orig, len(orig))
+
+            def corrupt_chunk() -> None:
+                backend.put(key, bad)
+                try:
+                    load_state(store, 1)
+                except CheckpointError:
+                    assert bad == orig or not backend.exists(key), "corrupt chunk kept"
+                    raise
+                finally:
+                    store.put_chunk(orig)
+
+            tally.guard("files.chunk.corrupt", corrupt_chunk, (CheckpointError,), lambda: bad)
+        elif op == 5:  # hostile names everywhere a name goes
+            name = rng.choice(names + ["lbfuzz-" + rng.randbytes(3).hex()])
+            fn = rng.choice([
+                lambda: CheckpointStore(backend, name),
+                lambda: store.get_chunk(name),
+                lambda: store.put_chunk(b"data", expected_sha=name),
+                lambda: store.missing([name]),
+                lambda: store.load_manifest(name),  # type: ignore[arg-type]
+                lambda: backend.put(name, b"x"),
+                lambda: backend.get(name),
+                lambda: backend.list(name),
+            ])
+            tally.guard("files.names", fn, (CheckpointError,), lambda: name)
+        else:  # chunk bodies that do not match their claimed hash
+            body = rng.randbytes(rng.randrange(0, 3000))
+            claim = rng.choice(shas + [hashlib.sha256(body).hexdigest(), "0" * 64])
+            tally.guard("files.chunk.put", lambda: store.put_chunk(body, expected_sha=claim),
+                        (CheckpointError,), lambda: {"claim": claim, "body": body.hex()})
+    stray = [p.name for p in parent.iterdir() if p.name != "data"]
+    if stray:
+        tally.crash("files.checkpoint-fs", f"files written outside the data dir: {stray}", stray)
+    tally.cases["files.checkpoint-fs"] += 1
+
+
+def files_worker(args: argparse.Namespace) -> int:
+    """Child process for ``fuzz_files``: caps the address space (so a memory bomb in a hostile
+    file fails an allocation instead of taking the machine down), prints the tally as JSON."""
+    try:
+        import resource
+
+        limit = args.mem_limit_gb << 30
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):
+        pass  # no rlimits on this platform: run uncapped
+    import torch
+
+    torch.set_num_threads(1)
+    tally = Tally()
+    with tempfile.TemporaryDirectory(prefix="lbfuzz-files-") as tmp:
+        fuzz_files(tally, random.Random(args.seed), args.files, Path(tmp))
+    print("TALLY " + json.dumps({"cases": tally.cases, "typed": tally.typed, "crashes": tally.crashes,
+                                 "seconds": tally.seconds}, default=str), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- http target
+
+@dataclass
+class Coordinator:
+    """A real coordinator process whose working directory is ``parent`` and whose data dir is
+    ``parent/data`` (so anything it writes outside the data dir lands where we look)."""
+
+    proc: subprocess.Popen
+    url: str
+    host: str
+    port: int
+    parent: Path
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if hasattr(signal, "SIGTERM") else signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def log_records(self) -> list[tuple[str, str, str]]:
+        """(level, logger, text with traceback) of every log record."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        starts = list(re.finditer(r"^\d{4}-\d\d-\d\d [\d:,]+ (\w+) ([\w.]+): ", text, re.M))
+        return [(m.group(1), m.group(2), text[m.start():nxt.start() if nxt else len(text)])
+                for m, nxt in zip(starts, starts[1:] + [None])]
+
+    def log_problems(self) -> tuple[list[str], int]:
+        """Records that mean an input reached code that did not expect it, and the number of
+        tracebacks aiohttp logs from its own code (e.g. for every request its parser rejects
+        with a 400): log noise a hostile client can cause, not a failure of ours."""
+        problems, noise = [], 0
+        for level, logger, text in self.log_records():
+            if logger == "aiohttp.server" and "/coordinator/" not in text and "/peer/" not in text:
+                noise += 1  # inside aiohttp only: its parser's 400s, writes to a client already gone
+            elif level in ("ERROR", "CRITICAL") or "Traceback" in text:
+                problems.append(text[:3000])
+        return problems, noise
+
+
+def start_coordinator(parent: Path, log: Path, timeout: float = 60.0) -> Coordinator:
+    parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
+           "--data-dir", str(parent / "data"), "--token", TOKEN, "--heartbeat-interval", "5",
+           "--peer-timeout", "600", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=parent, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                ready = json.loads(line[6:])
+                return Coordinator(proc, ready["url"], "127.0.0.1", ready["port"], parent, log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"coordinator did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+# What the coordinator may create under its data dir (coordinator/store.py, coordinator/checkpoints.py).
+_DATA_FILES = re.compile(r"(coordinator\.sqlite3(-wal|-shm|-journal)?|token"
+                         r"|checkpoints/\.tmp/[0-9a-f]+\.part"
+                         r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/chunks/[0-9a-f]{2}/[0-9a-f]{64}"
+                         r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/manifests/\d{12}\.json)\Z")
+_DATA_DIRS = re.compile(r"(checkpoints|checkpoints/\.tmp|checkpoints/runs"
+                        r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(/chunks(/[0-9a-f]{2})?|/manifests)?)\Z")
+
+
+def filesystem_problems(parent: Path, canary: str, extra_roots: tuple[Path, ...] = ()) -> list[str]:
+    """Everything written where it should not be: entries of ``parent`` besides the data dir,
+    data-dir entries outside the documented layout, and any file or folder whose name carries
+    the canary (used in every path-traversal attempt) under ``parent`` or ``extra_roots``."""
+    problems = [f"outside the data dir: {p}" for p in parent.iterdir() if p.name != "data"]
+    data = parent / "data"
+    for dirpath, dirnames, filenames in os.walk(data):
+        rel_dir = Path(dirpath).relative_to(data).as_posix()
+        for d in dirnames:
+            rel = f"{rel_dir}/{d}".lstrip("./") if rel_dir != "." else d
+            if not _DATA_DIRS.match(rel):
+                problems.append(f"unexpected folder in the data dir: {rel}")
+        for f in filenames:
+            rel = f"{rel_dir}/{f}" if rel_dir != "." else f
+            if not _DATA_FILES.match(rel):
+                problems.append(f"unexpected file in the data dir: {rel}")
+    for root in (parent, *extra_roots):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in (".git", ".venv", "node_modules", "__pycache__")]
+            for name in dirnames + filenames:
+                if canary in name and not Path(dirpath, name).resolve().is_relative_to(
+                        (data / "checkpoints" / "runs").resolve()):
+                    problems.append(f"traversal canary written: {Path(dirpath, name)}")
+    return problems
+
+
+def signed_body(ident: Identity, action: str, body: dict, rng: random.Random | None = None) -> dict:
+    """Sign ``body`` for ``action``; with ``rng``, sometimes spoil the signature instead."""
+    body = dict(body)
+    body.pop("signature", None)
+    try:
+        sig = ident.sign(signing_bytes(action, body)).hex()
+    except (TypeError, ValueError):  # the mutated body is not canonical JSON: no valid signature exists
+        sig = "00" * 64
+    if rng is not None and rng.random() < 0.3:
+        sig = rng.choice(["", "zz" * 64, "00" * 64, sig[:-2], sig + "00", sig.upper(), 12, None, [sig],
+                          ident.sign(b"other").hex()])
+    body["signature"] = sig
+    return body
+
+
+def hostile_segment(rng: random.Random, canary: str, valid: list[str]) -> str:
+    """One URL path segment, already percent-encoded as it goes on the wire."""
+    if valid and rng.random() < 0.6:
+        return rng.choice(valid)
+    return rng.choice([
+        "..", ".", "%2e%2e", "%2E%2E%2F%2E%2E%2F" + canary, "..%2F..%2F" + canary, "..%5C..%5C" + canary,
+        "%2F" + canary, canary + "%00", canary + "%00.json", "a" * 300, "%C3%A9t%C3%A9", "." + canary,
+        "-" + canary, canary + "%20x", "%252e%252e%252f" + canary, "..;", canary + "%0d%0aX:1", "~",
+        canary, canary + ".json", "".join(f"%{b:02X}" for b in rng.randbytes(rng.randrange(1, 12))),
+        "latest", "0", "-1", "1e3", "99999999999999999999", "%20%31", "%D9%A3", "0x1", "1.0", "null",
+        "A" * 64, "0" * 63, "f" * 64, "F" * 64, "%u002e%u002e",
+    ])
+
+
+CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/plain", "",
+                 "application/x-www-form-urlencoded", "multipart/form-data; boundary=xyz",
+                 "application/octet-stream", "application/json; charset=latin-1", "*/*; q=0", "\x7f"]
+
+
+@dataclass
+class HttpCase:
+    method: str
+    path: str  # percent-encoded as sent
+    headers: dict
+    body: bytes | None = None
+    raw: bytes | None = None  # sent verbatim over a socket instead
+    label: str = ""
+
+    def reproducer(self) -> dict:
+        if self.raw is not None:
+            return {"raw": self.raw[:MAX_REPRO].decode("latin-1"), "len": len(self.raw), "label": self.label}
+        body = self.body or b""
+        return {"method": self.method, "path": self.path[:500], "headers": self.headers, "label": self.label,
+                "body": body[:MAX_REPRO].decode("utf-8", "replace"), "body_len": len(body)}
+
+
+class HttpFuzzer:
+    """Builds hostile requests with enough valid state behind them (joined peers, runs, chunks,
+    a published checkpoint) that mutations reach the handlers' field checks, not just auth."""
+
+    def __init__(self, rng: random.Random, canary: str) -> None:
+        self.rng = rng
+        self.canary = canary
+        self.idents = [Identity.generate() for _ in range(6)]
+        self.runs = ["fuzzrun", "fuzzrun2", "fuzz.run-3"]
+        self.shas: list[str] = []
+        self.chunks: dict[str, bytes] = {}
+        self.manifest: dict = {}
+        self.steps = ["1", "latest"]
+
+    # -- valid bodies ---------------------------------------------------------------------------
+    def body_for(self, action: str, ident: Identity) -> dict:
+        rng = self.rng
+        body: dict = {"peer_id": ident.peer_id, "timestamp": time.time()}
+        if action == "join":
+            body.update(public_key=ident.public_bytes.hex(), address=f"127.0.0.1:{rng.randrange(1024, 65535)}",
+                        meta={"device": "cpu", "memory": 1 << 30, "roles": ["train", "serve"], "throughput": 1e9})
+        elif action == "heartbeat":
+            other = rng.choice(self.idents).peer_id
+            body["stats"] = {"serve": {"model": "m", "n_blocks": 30, "blocks": [0, 15], "sessions": 2,
+                                       "tokens_per_s": 41.5},
+                             "links": {other: {"rtt_s": 0.01, "bandwidth_Bps": 1e8, "ping_rtt_s": 0.01}}}
+        elif action == "run_join":
+            body.update(config={"sync_timeout_s": 0.2, "data_shards": 4, "checkpoint_every": 2}, explicit=["data_shards"])
+        elif action == "run_sync":
+            body.update(step=rng.randrange(1, 6), base_hash=rng.choice(["a", "b"]) * 64)
+        elif action == "run_report":
+            body.update(step=rng.randrange(0, 6), state_hash="c" * 64,
+                        metrics={"loss": 2.5, "tokens": 1000, "data_position": rng.randrange(100)})
+        return body
+
+    def signed_case(self, action: str, path: str, mutate_it: bool = True) -> HttpCase:
+        rng = self.rng
+        ident = rng.choice(self.idents)
+        body: Any = self.body_for(action, ident)
+        if mutate_it and rng.random() < 0.75:
+            for _ in range(rng.randint(1, 2)):
+                body = mutate_json(rng, body)
+        if isinstance(body, dict) and rng.random() < 0.9:
+            body = signed_body(ident, action, body, rng if mutate_it else None)
+        return HttpCase("POST", path, self.headers(), self.encode(body), label=f"signed {action}")
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def headers(self) -> dict:
+        rng = self.rng
+        h = {"Content-Type": "application/json"}
+        r = rng.random()
+        if r < 0.85:
+            h["Authorization"] = f"Bearer {TOKEN}"
+        elif r < 0.9:
+            h["Authorization"] = rng.choice(["Bearer wrong", "Bearer", "Basic Zm9vOmJhcg==", "bearer  " + TOKEN,
+                                             "Bearer " + TOKEN + "x", "Bearer " + "é".encode().decode("latin-1")])
+        if rng.random() < 0.1:
+            h["Content-Type"] = rng.choice(CONTENT_TYPES)
+        return h
+
+    def encode(self, body: Any) -> bytes:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.85:
+            return json.dumps(body).encode()
+        if r < 0.9:
+            return json.dumps(body).encode()[:rng.randrange(0, 200)]  # truncated JSON
+        return self.garbage_body()
+
+    def garbage_body(self) -> bytes:
+        rng = self.rng
+        depth = rng.choice([100, 1000, 100_000])
+        return rng.choice([
+            lambda: b"", lambda: b"null", lambda: b"[]", lambda: b"42", lambda: b'"str"', lambda: b"{",
+            lambda: b'{"a": NaN}', lambda: b'{"a": Infinity}', lambda: b'{"a": -Infinity}',
+            lambda: b"\xff\xfe{}", lambda: b'{"a": "\xed\xa0\x80"}', lambda: b"[" * depth + b"]" * depth,
+            lambda: b'{"a":' * depth + b"1" + b"}" * depth, lambda: b'{"peer_id": 1e999}',
+            lambda: b'{"x": ' + b"9" * 5000 + b"}", lambda: b'{"a":1,"a":2}', lambda: rng.randbytes(rng.randrange(1, 2000)),
+            lambda: b"\x00" * 100, lambda: b'{"k": "' + b"\\u0000" * 1000 + b'"}',
+            lambda: mutate(rng, json.dumps(self.body_for("join", self.idents[0])).encode()),
+        ])()
+
+    def huge_body(self) -> bytes:
+        size = self.rng.choice([1_100_000, 2_000_000, 9_000_000, 17_000_000])
+        return b'{"peer_id": "' + b"a" * size + b'"}'
+
+    # -- cases ----------------------------------------------------------------------------------
+    def case(self) -> HttpCase:
+        rng = self.rng
+        seg = lambda valid: hostile_segment(rng, self.canary, valid)  # noqa: E731
+        k = rng.random()
+        if k < 0.30:
+            action = rng.choice(["join", "heartbeat", "heartbeat", "leave", "run_join", "run_sync", "run_report"])
+            run = seg(self.runs)
+            path = {"join": "/api/join", "heartbeat": "/api/heartbeat", "leave": "/api/leave",
+                    "run_join": f"/api/runs/{run}", "run_sync": f"/api/runs/{run}/sync",
+                    "run_report": f"/api/runs/{run}/report"}[action]
+            if action == "leave" and rng.random() < 0.7:
+                action, path = "heartbeat", "/api/heartbeat"  # keep most peers registered
+            return self.signed_case(action, path)
+        if k < 0.40:  # garbage or huge bodies to every POST route
+            path = rng.choice(["/api/join", "/api/heartbeat", "/api/leave", f"/api/runs/{seg(self.runs)}",
+                               f"/api/runs/{seg(self.runs)}/sync", f"/api/runs/{seg(self.runs)}/report",
+                               f"/api/runs/{seg(self.runs)}/checkpoints/missing"])
+            body = self.huge_body() if rng.random() < 0.02 else self.garbage_body()
+            return HttpCase("POST", path, self.headers(), body, label="garbage body")
+        if k < 0.55:  # GETs with hostile path parameters and queries
+            run = seg(self.runs)
+            path = rng.choice([
+                f"/api/runs/{run}", f"/api/runs/{run}/reports", f"/api/runs/{run}/checkpoints",
+                f"/api/runs/{run}/checkpoints/{seg(self.steps)}", f"/api/runs/{run}/chunks/{seg(self.shas)}",
+                "/api/peers", "/api/runs", "/api/status", "/metrics", "/", f"/static/{seg(['status.js', 'style.css'])}",
+                f"/static/..%2F..%2F{self.canary}", "/static/../../../etc/passwd", "/static/%2e%2e/%2e%2e/pyproject.toml"])
+            if rng.random() < 0.4:
+                q = rng.choice(["state", "since", "limit", "generation", "steps", "x"])
+                path += f"?{q}={rng.choice(['', '-1', '0', '1', '1e9', '99999999999999999999', 'active,dead', 'zz', '%00', 'a' * 5000, '1&' + q + '=2'])}"
+            return HttpCase("GET", path, self.headers(), None, label="get")
+        if k < 0.75:
+            return self.checkpoint_case(seg)
+        if k < 0.85:  # odd methods and random paths
+            method = rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "FOO", "PROPFIND"])
+            path = "/" + "/".join(seg([]) for _ in range(rng.randrange(0, 5)))
+            if rng.random() < 0.5:
+                path = "/api" + path
+            body = self.garbage_body() if method not in ("GET", "HEAD", "TRACE") and rng.random() < 0.5 else None
+            return HttpCase(method, path, self.headers(), body, label="odd method / path")
+        return self.raw_case()
+
+    def checkpoint_case(self, seg: Callable[[list[str]], str]) -> HttpCase:
+        rng = self.rng
+        run = seg(self.runs[:1])
+        op = rng.randrange(4)
+        if op == 0:  # chunk upload: right, wrong or hostile name
+            data = rng.randbytes(rng.randrange(0, 5000))
+            sha = hashlib.sha256(data).hexdigest() if rng.random() < 0.5 else seg(self.shas)
+            return HttpCase("PUT", f"/api/runs/{run}/chunks/{sha}", self.headers(), data, label="put chunk")
+        if op == 1:  # hostile manifests (some self-consistent, some not)
+            m: Any = self.manifest
+            for _ in range(rng.randint(0, 2)):
+                m = mutate_json(rng, m)
+            step = seg(self.steps + ["2", "3", "4"])
+            if isinstance(m, dict) and rng.random() < 0.5 and step.isdigit():
+                m["step"] = int(step)
+            return HttpCase("PUT", f"/api/runs/{run}/checkpoints/{step}", self.headers(), self.encode(m),
+                            label="put manifest")
+        if op == 2:
+            shas: Any = rng.choice([self.shas, self.shas + ["../../" + self.canary], [1, None], "x" * 64,
+                                    [rng.randbytes(32).hex() for _ in range(rng.randrange(0, 200))],
+                                    ["A" * 64], [self.canary] * 3])
+            body: Any = {"shas": shas} if rng.random() < 0.8 else mutate_json(rng, {"shas": self.shas})
+            return HttpCase("POST", f"/api/runs/{run}/checkpoints/missing", self.headers(), self.encode(body),
+                            label="missing")
+        return HttpCase("GET", f"/api/runs/{run}/chunks/{seg(self.shas)}", self.headers(), None, label="get chunk")
+
+    def raw_case(self) -> HttpCase:
+        rng = self.rng
+        c = self.canary
+        valid = (f"POST /api/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").encode()
+        raw = rng.choice([
+            lambda: b"GARBAGE\r\n\r\n", lambda: rng.randbytes(rng.randrange(1, 3000)),
+            lambda: b"GET /api/status HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            lambda: b"POST /api/join HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n{}{}{}{",
+            lambda: b"POST /api/join HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            lambda: b"POST /api/join HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+            lambda: b"POST /api/join HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+            lambda: b"POST /api/join HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc\r\n",
+            lambda: b"POST /api/join HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            lambda: b"GET /api/status HTTP/1.1\r\nHost: x\r\nNoColonHeader\r\n\r\n",
+            lambda: b"GET /api/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+            lambda: b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: b"GET /api/runs/" + c.encode() + b"\x00/checkpoints HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: b"GET /\r\n", lambda: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            lambda: b"GET http://evil.example/api/status HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: b"get /api/status HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: b"GET /api/status HTTP/9.9\r\nHost: x\r\n\r\n",
+            lambda: b"GET /api/status HTTP/1.1\r\n" + b"X-A: b\r\n" * 500 + b"\r\n",
+            lambda: b"GET /../../../" + c.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: b"GET /static/../../" + c.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: (f"PUT /api/runs/fuzzrun/checkpoints/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n").encode(),
+            lambda: b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\nGET /api/status HTTP/1.1\r\nHost: x\r\n\r\n",
+            lambda: mutate(rng, valid), lambda: mutate(rng, valid), lambda: mutate(rng, valid),
+        ])()
+        return HttpCase("RAW", "", {}, raw=raw, label="raw")
+
+
+async def send_case(session, base: str, case: HttpCase, host: str, port: int) -> int | None:
+    """The response status, or None if the connection ended without one."""
+    import aiohttp
+    from yarl import URL
+
+    if case.raw is not None:
+        return await send_raw(host, port, case.raw)
+    try:
+        async with session.request(case.method, URL(base + case.path, encoded=True), headers=case.headers,
+                                   data=case.body, skip_auto_headers=("Content-Type",),
+                                   timeout=aiohttp.ClientTimeout(total=45)) as r:
+            await r.read()
+            return r.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None  # e.g. the server answered 413 and closed while we were still sending
+
+
+async def send_raw(host: str, port: int, raw: bytes, timeout: float = 3.0) -> int | None:
+    """Send bytes verbatim and read the status line (None: no answer within ``timeout``, e.g.
+    the server still waits for the rest of an incomplete request)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(raw)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        line = b""
+    finally:
+        writer.close()
+    m = re.match(rb"HTTP/\d\.\d (\d{3})", line)
+    return int(m.group(1)) if m else None
+
+
+async def http_setup(session, coord: Coordinator, fz: HttpFuzzer, tally: Tally) -> None:
+    """Join the fuzzer's peers, create its runs, upload chunks and publish one checkpoint."""
+    from peer.blobs import Manifest, TensorEntry
+
+    base = coord.url
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    as_json = auth | {"Content-Type": "application/json"}
+    for ident in fz.idents:
+        body = signed_body(ident, "join", fz.body_for("join", ident))
+        await check_response(session, coord, HttpCase("POST", "/api/join", as_json, json.dumps(body).encode()),
+                             tally, expect=200)
+        for run in fz.runs:
+            body = signed_body(ident, "run_join", fz.body_for("run_join", ident))
+            await check_response(session, coord, HttpCase("POST", f"/api/runs/{run}", as_json,
+                                                          json.dumps(body).encode()), tally, expect=200)
+    for i in range(3):
+        data = fz.rng.randbytes(1024)
+        sha = hashlib.sha256(data).hexdigest()
+        fz.shas.append(sha)
+        fz.chunks[sha] = data
+        await check_response(session, coord, HttpCase("PUT", f"/api/runs/fuzzrun/chunks/{sha}", auth, data), tally, expect=200)
+    m = Manifest.build("fuzzrun", 1, [TensorEntry("w", "F32", (768,), tuple(fz.shas), 3072)], {"dim": 4}, {})
+    fz.manifest = m.to_dict()
+    await check_response(session, coord, HttpCase("PUT", "/api/runs/fuzzrun/checkpoints/1", auth | {
+        "Content-Type": "application/json"}, m.to_json()), tally, expect=200)
+
+
+async def check_response(session, coord: Coordinator, case: HttpCase, tally: Tally, expect: int | None = None) -> int | None:
+    tally.cases["http"] += 1
+    status = await send_case(session, coord.url, case, coord.host, coord.port)
+    if status is None:
+        tally.typed[f"http.no-response ({case.label})"] += 1
+    else:
+        tally.typed[f"http.{status}"] += 1
+    if status is not None and status >= 500:
+        tally.crash("http", f"{status} answer to {case.label}", case.reproducer())
+    elif expect is not None and status != expect:
+        tally.crash("http.setup", f"setup request answered {status}, expected {expect}", case.reproducer())
+    return status
+
+
+async def probe(session, coord: Coordinator) -> bool:
+    status = await send_case(session, coord.url, HttpCase("GET", "/api/status", {}), coord.host, coord.port)
+    return status == 200
+
+
+async def fuzz_http_async(tally: Tally, rng: random.Random, n: int, coord: Coordinator, canary: str,
+                          workers: int = 24) -> dict:
+    import aiohttp
+
+    fz = HttpFuzzer(rng, canary)
+    info: dict = {"probes_failed": 0}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await http_setup(session, coord, fz, tally)
+        # slow clients: a declared body that never arrives must time out, not pin the server
+        slow = [asyncio.ensure_future(send_raw(coord.host, coord.port, (
+            f"POST /api/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").encode(), timeout=30))
+            for _ in range(3)]
+        remaining = n - tally.cases["http"]
+        lock = asyncio.Lock()
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            while True:
+                async with lock:
+                    if sent >= remaining:
+                        return
+                    sent += 1
+                    k = sent
+                    case = fz.case()
+                await check_response(session, coord, case, tally)
+                if k % 500 == 0:
+                    if not await probe(session, coord):
+                        info["probes_failed"] += 1
+                        tally.crash("http", f"GET /api/status failed after {k} fuzzed requests "
+                                    f"(coordinator {'alive' if coord.alive() else 'dead'})", case.reproducer())
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        slow_status = await asyncio.gather(*slow)
+        info["slow_client_status"] = slow_status
+        tally.cases["http"] += len(slow)
+        for s in slow_status:
+            if s is not None and s >= 500:
+                tally.crash("http", f"slow client answered {s}", "declared 1000 bytes, sent 1")
+        status_ok = await probe(session, coord)
+        info["status_after"] = status_ok
+        async with session.get(coord.url + "/api/status") as r:
+            final = await r.json()
+        info["section_errors"] = final.get("section_errors")
+    return info
+
+
+def fuzz_http(tally: Tally, rng: random.Random, n: int, workdir: Path) -> dict:
+    """>= n requests against a real coordinator; then liveness, log and filesystem checks."""
+    t0 = time.perf_counter()
+    canary = "lbfuzz" + rng.randbytes(4).hex()
+    parent = workdir / "coord-parent"
+    log = workdir / "coordinator.log"
+    coord = start_coordinator(parent, log)
+    try:
+        info = asyncio.run(fuzz_http_async(tally, rng, n, coord, canary))
+        if not info["status_after"] or not coord.alive():
+            tally.crash("http", "coordinator not serving GET /api/status after the fuzz", info)
+        if info.get("section_errors"):
+            tally.crash("http", f"status sections broken by fuzzed input: {info['section_errors']}", info)
+    finally:
+        alive = coord.alive()
+        coord.stop()
+    if not alive:
+        tally.crash("http", "coordinator process died", log.read_text(errors="replace")[-3000:])
+    problems, info["aiohttp_internal_tracebacks"] = coord.log_problems()
+    for text in problems:
+        tally.crash("http.log", text, "coordinator log record")
+    roots = (ROOT, Path(tempfile.gettempdir()))
+    for problem in filesystem_problems(parent, canary, roots):
+        tally.crash("http.fs", problem, problem)
+    tally.cases["http.fs-check"] += 1
+    info["canary"] = canary
+    tally.seconds["http"] = time.perf_counter() - t0
+    return info
+
+
+# ------------------------------------------------------------------------------ tcp target
+
+async def serve_peer(token: str) -> None:
+    """Child process: a PeerHost with an echo handler; logs go to stdout for the parent."""
+    from peer.transport import PeerHost
+
+    host = PeerHost(Identity.generate(), token.encode(), handshake_timeout=5.0)
+    await host.start("127.0.0.1", 0)
+
+    async def echo(peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        return {"echo": header}, payload
+
+    host.handle("echo", echo)
+    print("READY " + json.dumps({"address": host.address, "peer_id": host.peer_id}), flush=True)
+    await asyncio.Event().wait()
+
+
+def start_peer(log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    out = open(log, "w")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-peer", TOKEN],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                return proc, json.loads(line[6:])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"peer did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def hostile_session_frames(rng: random.Random) -> list[tuple[int, dict, bytes, int]]:
+    """Frames an authenticated but hostile peer might send inside valid records: DATA chunks
+    with wrong types, off-grid offsets, oversized totals, bad message kinds, PING/PONG with odd
+    ids, unknown frame types — and some valid requests in between."""
+    D = int(FrameType.DATA)
+    ok = {"i": 1, "o": 0, "n": 3, "z": 1 << 20, "k": "q", "c": 1, "m": "echo", "h": {}}
+    variants = [
+        (D, dict(ok), b"abc", 0),
+        (D, {**ok, "i": "x"}, b"abc", 0), (D, {**ok, "z": 0}, b"abc", 0), (D, {**ok, "n": 2**62}, b"abc", 0),
+        (D, {**ok, "o": 5}, b"abc", 0), (D, {**ok, "n": 10}, b"abc", 0), (D, {**ok, "o": -1}, b"abc", 0),
+        (D, {**ok, "k": "zz"}, b"abc", 0), (D, {**ok, "k": None}, b"abc", 0), (D, {**ok, "m": 5}, b"abc", 0),
+        (D, {**ok, "c": [1]}, b"abc", 0), (D, {**ok, "c": "1"}, b"abc", 0), (D, {**ok, "h": []}, b"abc", 0),
+        (D, {**ok, "k": "m", "t": 5}, b"abc", 0), (D, {**ok, "k": "m", "t": "tag", "h": "x"}, b"abc", 0),
+        (D, {**ok, "k": "r", "c": 999, "h": {}}, b"abc", 0), (D, {**ok, "k": "r", "c": [1]}, b"abc", 0),
+        (D, {**ok, "k": "r", "c": {"a": 1}}, b"abc", 0), (D, {**ok, "k": "e", "c": [], "err": 1}, b"abc", 0),
+        (D, {**ok, "m": "nope"}, b"abc", 0), (D, {**ok, "n": 4, "z": 2, "o": 2}, b"ab", 1),
+        (D, {**ok, "n": 2**31, "z": 1, "i": rng.randrange(2**40)}, b"a", 1),
+        (int(FrameType.PING), {"p": [1]}, b"", 0), (int(FrameType.PING), {"p": {"a": 1}}, b"", 0),
+        (int(FrameType.PONG), {"p": [1]}, b"", 0), (int(FrameType.PONG), {"p": {}}, b"", 0),
+        (int(FrameType.PONG), {}, b"", 0), (int(FrameType.PING), {}, b"", 0),
+        (int(FrameType.HELLO), {}, b"", 0), (99, {}, b"", 0), (int(FrameType.REJECT), {"reason": 1}, b"", 0),
+    ]
+    frames = [rng.choice(variants) for _ in range(rng.randint(1, 4))]
+    if rng.random() < 0.3:
+        frames.append((D, random_header(rng), rng.randbytes(rng.randrange(0, 64)), rng.choice([0, 1])))
+    return frames
+
+
+async def tcp_case(address: str, rng: random.Random, idents: list[Identity], flights: list[bytes],
+                   corpus: list[bytes]) -> str:
+    """One hostile connection; returns its kind. The server's verdict is read from its log and
+    from a legitimate peer's calls afterwards."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 10)
+    kind = rng.choice(["random", "mutated-handshake", "garbage-records", "hostile-frames", "hostile-frames"])
+    try:
+        if kind == "random":
+            writer.write(rng.randbytes(rng.randrange(1, 5000)))
+        elif kind == "mutated-handshake":
+            writer.write(mutate(rng, rng.choice(flights)))
+        else:
+            hs = Handshake(rng.choice(idents), TOKEN.encode(), initiator=True)
+            writer.write(hs.data_to_send())
+            while not hs.done:
+                data = await asyncio.wait_for(reader.read(4096), 10)
+                if not data:
+                    return kind + " (refused)"
+                hs.receive_data(data)
+                writer.write(hs.data_to_send())
+            assert hs.result is not None
+            channel = SecureChannel(hs.result.send_key, hs.result.recv_key, max_payload=1 << 20)
+            if kind == "garbage-records":
+                out = b"".join(bytes(channel.seal_frame(FrameType.PING, {"p": 1})) for _ in range(rng.randint(0, 2)))
+                writer.write(mutate(rng, out + bytes(channel.seal_frame(FrameType.PING, {"p": 2}))))
+            else:
+                for type_, header, payload, flags in hostile_session_frames(rng):
+                    writer.write(bytes(channel.seal_frame(type_, header, payload, flags)))
+                if rng.random() < 0.3:  # authenticated garbage plaintext
+                    writer.write(seal_raw(hs.result.send_key, channel._send_ctr, mutate(rng, rng.choice(corpus))))
+        await writer.drain()
+        try:  # give the server a moment to act; it may also just keep the connection
+            await asyncio.wait_for(reader.read(1 << 16), 0.05)
+        except asyncio.TimeoutError:
+            pass
+    except (OSError, ProtocolError, AuthError):
+        pass  # the server dropped us: expected
+    finally:
+        writer.close()
+    return kind
+
+
+async def legit_check(client, server: dict) -> bool:
+    """A well-behaved peer can still connect and call the server."""
+    from peer.errors import LowbandError
+
+    try:
+        await client.connect(server["address"], expected_peer_id=server["peer_id"])
+        hdr, payload = await client.call(server["peer_id"], "echo", {"x": 1}, b"hello", timeout=15)
+        return hdr == {"echo": {"x": 1}} and bytes(payload) == b"hello"
+    except (LowbandError, OSError):
+        return False
+
+
+def peer_log_problems(log: Path) -> list[str]:
+    """Server log lines that show an input reached code that did not expect it (the transport
+    logs expected rejections as plain warnings, bugs with 'internal error' or a traceback)."""
+    text = log.read_text(errors="replace")
+    return [line for line in text.splitlines()
+            if "internal error" in line or "Traceback" in line or "transport task failed" in line
+            or " ERROR " in line or "CRITICAL" in line]
+
+
+def fuzz_tcp(tally: Tally, rng: random.Random, n: int, workdir: Path, concurrency: int = 16) -> dict:
+    """``n`` hostile connections to a real PeerHost process, a legitimate peer checked between
+    batches; the server must never log an internal error and must keep serving."""
+    from peer.transport import PeerHost
+
+    t0 = time.perf_counter()
+    log = workdir / "peer.log"
+    proc, server = start_peer(log)
+    info: dict = {"kinds": Counter(), "legit_ok": 0, "legit_failed": 0}
+    idents = [Identity.generate() for _ in range(4)]
+    flights: list[bytes] = []
+    run_handshake(idents[0], idents[1], b"t", b"t", tamper=lambda k, d: (flights.append(d), d)[1])
+    corpus = [random_frame(rng) for _ in range(50)]
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with sem:
+                tally.cases["tcp"] += 1
+                try:
+                    info["kinds"][await tcp_case(server["address"], rng, idents, flights, corpus)] += 1
+                except (OSError, asyncio.TimeoutError) as e:
+                    tally.crash("tcp", f"could not open a connection to the peer: {e!r}", server)
+
+        batch = max(1, n // 10)
+        for start in range(0, n, batch):
+            await asyncio.gather(*(one() for _ in range(min(batch, n - start))))
+            client = PeerHost(Identity.generate(), TOKEN.encode())
+            await client.start("127.0.0.1", 0)
+            try:
+                ok = await legit_check(client, server)
+            finally:
+                await client.close()
+            info["legit_ok" if ok else "legit_failed"] += 1
+            if not ok:
+                tally.crash("tcp", f"legitimate peer could not call the server after {start + batch} hostile "
+                                   f"connections (server {'alive' if proc.poll() is None else 'dead'})", server)
+
+    try:
+        asyncio.run(main())
+    finally:
+        alive = proc.poll() is None
+        proc.kill()
+        proc.wait(timeout=10)
+    if not alive:
+        tally.crash("tcp", "peer process died", log.read_text(errors="replace")[-3000:])
+    for line in peer_log_problems(log):
+        tally.crash("tcp.log", line, "peer log line")
+    info["kinds"] = dict(info["kinds"])
+    info["rejections_logged"] = sum("rejected inbound" in line or "dropping connection" in line
+                                    for line in log.read_text(errors="replace").splitlines())
+    tally.seconds["tcp"] = time.perf_counter() - t0
+    return info
+
+
+def _serve_peer_main(token: str) -> None:
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_peer(token))
+
+
+# ------------------------------------------------------------------------------------ main
+
+def run_files_child(tally: Tally, seed: int, n: int, mem_limit_gb: int) -> None:
+    """``fuzz_files`` in a child process under an address-space cap; its tally is merged here."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--files-worker", "--seed", str(seed),
+                           "--files", str(n), "--mem-limit-gb", str(mem_limit_gb)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("TALLY ")), None)
+    if line is None:
+        tally.crash("files", f"files worker exited {proc.returncode} without a tally",
+                    (proc.stdout + proc.stderr)[-3000:])
+        return
+    child = json.loads(line[6:])
+    tally.cases.update(child["cases"])
+    tally.typed.update(child["typed"])
+    tally.crashes += child["crashes"]
+    tally.seconds.update(child["seconds"])
+
+
+def summarize(tally: Tally, args: argparse.Namespace, info: dict, total_s: float) -> tuple[dict, dict, list[str]]:
+    wire = sum(v for k, v in tally.cases.items() if k.startswith("wire"))
+    http = tally.cases["http"]
+    crashes_by_target = Counter(c["target"].split(".")[0] for c in tally.crashes)
+    rows = []
+    required = {"wire": args.wire, "tcp": args.tcp, "http": args.http, "files": args.files, "serve": args.files // 2}
+    for target, goal in required.items():
+        count = sum(v for k, v in tally.cases.items() if k.split(".")[0] == target)
+        rows.append({"target": target, "fuzzed inputs": count, "required": goal,
+                     "crashes": crashes_by_target.get(target, 0), "seconds": round(tally.seconds.get(target, 0.0), 1),
+                     "result": "pass" if count >= goal and not crashes_by_target.get(target) else "FAIL"})
+    detail = [{"case kind": k, "inputs": v} for k, v in sorted(tally.cases.items())]
+    outcomes = [{"outcome": k, "count": v} for k, v in sorted(tally.typed.items())]
+    data = {"seed": args.seed, "total_seconds": round(total_s, 1), "wire_inputs": wire, "http_requests": http,
+            "crashes": tally.crashes, "crash_count": len(tally.crashes), "cases": dict(tally.cases),
+            "outcomes": dict(tally.typed), "http_info": info.get("http", {}), "tcp_info": info.get("tcp", {})}
+    notes = [f"Seed {args.seed}; total {total_s:.0f} s. A crash is any exception other than the target's "
+             "typed error, a failed oracle assertion, a 5xx answer, a dead or unresponsive server, an error "
+             "or traceback from our code in a server log, or a file outside the documented data-dir layout.",
+             "wire: FrameDecoder (incremental, random splits, tight and default limits), decode_frame, "
+             "live Handshake pairs with one flight tampered (mutated, replayed, random, split), and "
+             "SecureChannel streams (tampered, reordered, replayed, lying lengths, authenticated garbage).",
+             "http: a real coordinator process on 127.0.0.1, working directory = a scratch parent whose "
+             "only allowed entry is the data dir; path-traversal attempts carry a canary name searched "
+             "for afterwards under that parent, the repository and the temp dir."]
+    http_info = info.get("http", {})
+    if http_info:
+        notes.append(f"http: slow clients answered {http_info.get('slow_client_status')}; /api/status after "
+                     f"the run: {'200' if http_info.get('status_after') else 'FAILED'}; aiohttp logged "
+                     f"{http_info.get('aiohttp_internal_tracebacks', 0)} tracebacks from its own code "
+                     "(parser 400s, writes to departed clients): log noise a client can cause.")
+    tcp_info = info.get("tcp", {})
+    if tcp_info:
+        notes.append(f"tcp: hostile connection kinds {tcp_info.get('kinds')}; legitimate peer checks "
+                     f"{tcp_info.get('legit_ok')} ok / {tcp_info.get('legit_failed')} failed.")
+    for c in tally.crashes[:20]:
+        notes.append(f"CRASH [{c['target']}] {c['problem'].splitlines()[0][:300]}")
+    return data, {"Summary": rows, "Outcomes": outcomes, "Inputs by case kind": detail}, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wire", type=int, default=100_000, help="fuzzed wire inputs (sans-IO)")
+    parser.add_argument("--http", type=int, default=10_000, help="fuzzed HTTP requests")
+    parser.add_argument("--tcp", type=int, default=2_000, help="hostile TCP connections to a PeerHost")
+    parser.add_argument("--files", type=int, default=1_200, help="malformed model files and checkpoints")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mem-limit-gb", type=int, default=8, help="address-space cap of the files worker")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--files-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-peer", metavar="TOKEN", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_peer:
+        _serve_peer_main(args.serve_peer)
+        return 0
+    if args.files_worker:
+        return files_worker(args)
+
+    from bench.common import write_results
+
+    t0 = time.perf_counter()
+    tally = Tally()
+    info: dict = {}
+    rng = random.Random(args.seed)
+    print(f"fuzz: {args.wire} wire inputs", flush=True)
+    fuzz_wire(tally, random.Random(rng.random()), args.wire)
+    with tempfile.TemporaryDirectory(prefix="lbfuzz-") as tmp:
+        print(f"fuzz: {args.tcp} hostile TCP connections", flush=True)
+        info["tcp"] = fuzz_tcp(tally, random.Random(rng.random()), args.tcp, Path(tmp))
+        print(f"fuzz: {args.http} HTTP requests", flush=True)
+        info["http"] = fuzz_http(tally, random.Random(rng.random()), args.http, Path(tmp))
+    print(f"fuzz: {args.files} malformed files and checkpoints, {args.files // 2} serve steps", flush=True)
+    run_files_child(tally, rng.randrange(2**31), args.files, args.mem_limit_gb)
+    total = time.perf_counter() - t0
+    data, tables, notes = summarize(tally, args, info, total)
+    write_results("fuzz", data, tables, notes, results_dir=args.out)
+    from bench.common import markdown_table
+
+    print(markdown_table(tables["Summary"]))
+    print(f"fuzz: {len(tally.crashes)} crashes in {total:.0f}s; wrote {args.out / 'fuzz.json'} and fuzz.md")
+    ok = not tally.crashes and all(r["result"] == "pass" for r in tables["Summary"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

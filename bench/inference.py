@@ -1,0 +1,259 @@
+"""Inference benchmark, part 1: SmolLM2-135M (fp32, CPU) greedy generation, ours vs HF transformers.
+
+Every variant lives in its own worker process (so its peak memory is its own) that loads its
+model once and then runs one generation per command; the parent interleaves the variants run by
+run (hf, ours, hf, ours, ...) so the noise of a shared machine hits both alike, and reports
+medians. Rows: ``hf`` = transformers ``generate`` on the same GGUF, dequantized to fp32;
+``single`` = ``pipeline.generate`` in one process. Both get the same token ids (left-padded
+batches) and always emit ``new_tokens`` tokens. Later parts (pipeline over peers, tensor split)
+add a worker to ``WORKERS`` and their kinds to ``main``'s list.
+
+    python bench/inference.py [--new-tokens 128] [--repeats 3] [--batches 1 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg? Give me clear step by step instructions, please.",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is 17 times 23?",
+    "Give me a tip for learning a new language quickly and keeping the habit going for months.",
+]
+
+# A runner generates once for (prompt ids, new_tokens) and calls on_first() when the first
+# new token of every row exists.
+Runner = Callable[[list[list[int]], int, Callable[[], None]], None]
+
+
+def prompt_ids(batch: int) -> list[list[int]]:
+    from pipeline.loading import reference_model_path
+    from pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(reference_model_path())
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+            for q in (QUESTIONS * (batch // len(QUESTIONS) + 1))[:batch]]
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread: the peak during a measured section."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_hf() -> Runner:
+    """HF transformers ``generate`` (greedy, its KV cache) on the model dequantized from the GGUF."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    from pipeline.loading import reference_model_path
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = reference_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+
+    class FirstToken(BaseStreamer):
+        def __init__(self, on_first: Callable[[], None]):
+            self.calls, self.on_first = 0, on_first
+
+        def put(self, value) -> None:  # the first call carries the prompt, the second the first tokens
+            self.calls += 1
+            if self.calls == 2:
+                self.on_first()
+
+        def end(self) -> None:
+            pass
+
+    def run(prompts: list[list[int]], new_tokens: int, on_first: Callable[[], None]) -> None:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=2, streamer=FirstToken(on_first))
+
+    return run
+
+
+def bench_single() -> Runner:
+    """``pipeline.generate`` in one process: our model, preallocated KV cache."""
+    from pipeline.generate import generate_tokens
+    from pipeline.loading import load_model, reference_model_path
+
+    model = load_model(reference_model_path())
+
+    def run(prompts: list[list[int]], new_tokens: int, on_first: Callable[[], None]) -> None:
+        for i, _ in enumerate(generate_tokens(model, prompts, new_tokens)):
+            if i == 0:
+                on_first()
+
+    return run
+
+
+WORKERS: dict[str, Callable[[], Runner]] = {"hf": bench_hf, "single": bench_single}
+
+
+def worker(kind: str) -> None:
+    """Serve ``{"batch": B, "new_tokens": N}`` lines on stdin with one timed run each."""
+    import torch
+
+    run = WORKERS[kind]()
+    print(json.dumps({"ready": kind, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        prompts = prompt_ids(cmd["batch"])
+        first: list[float] = []
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            run(prompts, cmd["new_tokens"], lambda: first.append(time.perf_counter()))
+            total = time.perf_counter() - t0
+        print(json.dumps({"total_s": total, "ttft_s": first[0] - t0, "peak_rss_mb": mem.peak / 2**20}), flush=True)
+
+
+class Worker:
+    def __init__(self, kind: str, timeout: float = 1800.0):
+        self.kind, self.timeout = kind, timeout
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", kind], cwd=ROOT, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        # Timeout by a watchdog: a stuck worker is killed, which ends readline().
+        timer = threading.Timer(self.timeout, self.proc.kill)
+        timer.start()
+        try:
+            line = self.proc.stdout.readline()
+        finally:
+            timer.cancel()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.kind} died (exit {self.proc.poll()})")
+        return json.loads(line)
+
+    def run(self, batch: int, new_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"batch": batch, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def summarize(kind: str, batch: int, new_tokens: int, runs: list[dict]) -> dict:
+    total = statistics.median(r["total_s"] for r in runs)
+    ttft = statistics.median(r["ttft_s"] for r in runs)
+    return {"kind": kind, "batch": batch, "new_tokens": new_tokens, "repeats": len(runs),
+            "tok_s": batch * new_tokens / total, "decode_tok_s": batch * (new_tokens - 1) / (total - ttft),
+            "ttft_s": ttft, "total_s": total, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "runs": runs}
+
+
+def bench_interleaved(kinds: list[str], batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
+    workers = {k: Worker(k) for k in kinds}
+    try:
+        rows = []
+        for batch in batches:
+            for w in workers.values():
+                w.run(batch, new_tokens)  # warm-up
+            runs: dict[str, list[dict]] = {k: [] for k in kinds}
+            for _ in range(repeats):
+                for k, w in workers.items():
+                    runs[k].append(w.run(batch, new_tokens))
+            rows += [summarize(k, batch, new_tokens, runs[k]) for k in kinds]
+        return rows
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def ratios_vs(rows: list[dict], base: str = "hf") -> list[dict]:
+    anchor = {r["batch"]: r for r in rows if r["kind"] == base}
+    return [{"kind": r["kind"], "batch": r["batch"], "tok_s_ratio": r["tok_s"] / anchor[r["batch"]]["tok_s"],
+             "ttft_ratio": r["ttft_s"] / anchor[r["batch"]]["ttft_s"],
+             "run_ratios": [b["total_s"] / a["total_s"] for a, b in zip(r["runs"], anchor[r["batch"]]["runs"])]}
+            for r in rows if r["kind"] != base and r["batch"] in anchor]
+
+
+def write_results(rows: list[dict], ratios: list[dict], meta: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
+    lines = ["# Inference benchmark", "",
+             f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), CPU, {meta['threads']} torch threads, "
+             f"greedy, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved runs after a "
+             "warm-up.", "",
+             "| kind | batch | tok/s | decode tok/s | TTFT s | total s | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['batch']} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['ttft_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "| ours vs transformers | batch | tok/s ratio | TTFT ratio | per-pair speed ratios |",
+              "|---|---:|---:|---:|---|"]
+    for q in ratios:
+        pairs = ", ".join(f"{x:.2f}" for x in q["run_ratios"])
+        lines.append(f"| {q['kind']} | {q['batch']} | {q['tok_s_ratio']:.2f}x | {q['ttft_ratio']:.2f}x | {pairs} |")
+    lines += ["", "tok/s = batch x new tokens / total time (prefill included); peak RSS = the worker "
+              "process's resident memory during generation (model loaded).", ""]
+    (RESULTS / "inference.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    import torch
+
+    rows = bench_interleaved(["hf", "single"], args.batches, args.new_tokens, args.repeats)
+    ratios = ratios_vs(rows)
+    meta = {"new_tokens": args.new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_results(rows, ratios, meta)
+    print((RESULTS / "inference.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

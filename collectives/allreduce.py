@@ -1,0 +1,135 @@
+"""Ring all-reduce and reduce-scatter of tensor lists, with fault-tolerant retries.
+
+Inputs are never modified (each attempt reads the same flat copy), so "restore the input" after
+an abort is free and a retry over the survivors reduces exactly the survivors' inputs.
+Accumulation is fp32 whatever the input dtype; results come back in each input's dtype/device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compression import Codec
+
+from .errors import CollectiveError
+from .fault import run_resilient
+from .group import Group
+from .layout import flatten, fingerprint, layout_of, unflatten
+from .ring import DEFAULT_CHUNK_BYTES, RingPlan, RingRun, resolve_codec
+from .robust import Offense, RobustConfig, RobustRun, report_offenses, robust_deadline_s
+
+_OPS = ("mean", "sum")
+
+
+class Reduced(list):
+    """The result tensors (a plain list) plus who contributed: ``members`` (the membership of
+    the attempt that succeeded) and ``attempts`` (1 = no retry). The robust all-reduce also
+    sets ``offenders`` (who was excluded and why, the same list on every peer; empty otherwise)."""
+
+    members: list[str]
+    attempts: int
+    offenders: list[Offense] = []
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This peer's part [start, stop) of the flattened, reduced tensor list, in fp32."""
+
+    start: int
+    stop: int
+    values: torch.Tensor
+    members: list[str]
+
+
+def ring_deadline_s(group: Group, numel: int, codec: Codec) -> float:
+    """Deadline of one ring attempt over ``group``: 2(n-1)/n of the encoded payload through the
+    slowest measured link, 2(n-1) dependent rounds, and encode/reduce work on ~3 passes of the
+    fp32 vector."""
+    n = group.size
+    return group.policy.operation_s(group.host, group.others(), wire_bytes=2 * (n - 1) / n * codec.wire_bytes(numel),
+                                    rounds=2 * (n - 1), compute_bytes=3 * 4 * numel)
+
+
+async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: str, codec: str | Codec,
+                op: str, timeout: float | None, chunk_bytes: int, gather: bool,
+                codec_options: dict[str, Any],
+                robust: RobustConfig | None = None) -> tuple[Any, list[str], int, list[Offense]]:
+    if op not in _OPS:
+        raise CollectiveError(f"op must be one of {_OPS}, got {op!r}")
+    if robust is not None and (not isinstance(robust, RobustConfig) or op != "mean"):
+        raise CollectiveError("robust must be a RobustConfig, with op='mean' (it estimates a mean)")
+    layout = layout_of(tensors, floating=True)
+    cod = resolve_codec(codec, **codec_options)
+    flat = flatten(tensors)
+    numel = flat.numel()
+    layout_key = fingerprint((layout.specs(), repr(cod), op, kind, robust and robust.key()))
+    policy = group.policy
+    attempts = 0
+
+    def deadline_s(members: list[str]) -> float:
+        if robust is not None:
+            return robust_deadline_s(policy, group.host, members, cod.wire_bytes(numel), numel)
+        return ring_deadline_s(group.with_members(members), numel, cod)
+
+    async def body(members: list[str], prefix: str, deadline: float) -> tuple[Any, list[str], int, list[Offense]]:
+        nonlocal attempts
+        attempts += 1
+        if len(members) == 1:
+            return None, members, attempts, []
+        plan = RingPlan.make(numel, len(members), cod, chunk_bytes)
+        if robust is not None:
+            run = RobustRun(group.host, members, prefix, cod, flat, plan, robust, deadline=deadline,
+                            policy=policy, layout_key=layout_key)
+            return await run.run(), members, attempts, run.offenses
+        run = RingRun(group.host, members, prefix, cod, flat, plan, mean=op == "mean", gather=gather,
+                      deadline=deadline, policy=policy, layout_key=layout_key)
+        out = await run.run()
+        if not gather:
+            a, b = plan.bounds[(run.rank + 1) % len(members)]
+            out = Shard(a, b, out, members)
+        return out, members, attempts, []
+
+    result = await run_resilient(group, kind, tag, body, deadline_s, timeout)
+    if robust is not None:
+        report_offenses(result[3], robust)
+    return result
+
+
+async def all_reduce(group: Group, tensors: list[torch.Tensor], *, tag: str, codec: str | Codec = "int8",
+                     op: str = "mean", timeout: float | None = None,
+                     chunk_bytes: int = DEFAULT_CHUNK_BYTES, robust: RobustConfig | None = None,
+                     **codec_options: Any) -> Reduced:
+    """Reduce ``tensors`` (any shapes, floating dtypes, same list on every peer) over the group.
+
+    Returns new tensors with the inputs' shapes/dtypes/devices, bit-identical on every peer that
+    returns. ``codec``: a codec name (``codec_options`` go to ``get_codec``) or a Codec.
+    ``timeout`` caps the whole call including retries; by default each attempt's deadline is
+    derived from the measured links and the payload (``Group.policy``).
+    ``robust``: instead of the ring, the robust all-reduce of ``collectives.robust`` (every
+    contribution screened at its shard's owner, offenders excluded and reported in
+    ``Reduced.offenders`` and to ``robust.on_offender``; op must be "mean").
+    Raises ``CollectiveError`` when no result can be produced.
+    """
+    out, members, attempts, offenders = await _ring(
+        group, tensors, kind="ar" if robust is None else "rar", tag=tag, codec=codec, op=op,
+        timeout=timeout, chunk_bytes=chunk_bytes, gather=True, codec_options=codec_options, robust=robust)
+    layout = layout_of(tensors, floating=True)
+    result = Reduced([t.detach().clone() for t in tensors] if out is None else unflatten(out, layout))
+    result.members, result.attempts, result.offenders = members, attempts, offenders
+    return result
+
+
+async def reduce_scatter(group: Group, tensors: list[torch.Tensor], *, tag: str,
+                         codec: str | Codec = "int8", op: str = "mean", timeout: float | None = None,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES, **codec_options: Any) -> Shard:
+    """Ring reduce-scatter: this peer gets its shard of the flattened (concatenated) tensor list,
+    reduced in fp32 over the members (no final quantization). Shard bounds follow the ring
+    position (position r owns shard r+1), see ``ring.RingPlan``."""
+    out, members, _, _ = await _ring(group, tensors, kind="rs", tag=tag, codec=codec, op=op, timeout=timeout,
+                                     chunk_bytes=chunk_bytes, gather=False, codec_options=codec_options)
+    if out is None:
+        flat = flatten(tensors)
+        return Shard(0, flat.numel(), flat, members)
+    return out

@@ -1,0 +1,4 @@
+"""`python -m coordinator ...` is the `coordinator` console script."""
+from coordinator.cli import main
+
+raise SystemExit(main())

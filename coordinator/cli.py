@@ -1,0 +1,169 @@
+"""`coordinator start`: run the membership coordinator (HTTP JSON API + status page).
+
+Prints human-readable lines, then one machine-readable line ``READY {json}`` (url, host, port,
+data_dir, pid) once it is listening. SIGINT/SIGTERM stop it cleanly (exit 0).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from coordinator.app import CoordinatorConfig, create_app
+from coordinator.checkpoints import CheckpointError, cli_export, cli_list, list_runs, open_backend
+from coordinator.store import Store, StoreError
+from peer.runtime import add_logging_args, read_token, setup_logging, wait_for_stop_signal
+from peer.transport import install_event_loop_policy
+
+DEFAULT_DATA_DIR = Path.home() / ".lowband" / "coordinator"
+DEFAULT_PORT = 8470
+
+
+def resolve_token(args: argparse.Namespace, data_dir: Path) -> tuple[str, str]:
+    """The swarm token and where it came from: --token, --token-file, $LOWBAND_TOKEN, or a
+    random one generated once and kept in <data-dir>/token (mode 0600) so restarts reuse it."""
+    token = read_token(args.token, args.token_file)
+    if token:
+        return token, "--token" if args.token else args.token_file or "$LOWBAND_TOKEN"
+    if args.token_file:
+        raise SystemExit(f"coordinator: token file {args.token_file} is empty")
+    path = data_dir / "token"
+    try:
+        if path.exists():
+            return path.read_text().strip(), str(path)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token, f"{path} (generated)"
+    except OSError as e:
+        raise SystemExit(f"coordinator: cannot use token file {path}: {e.strerror}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coordinator",
+        description="lowband coordinator: membership registry (join/heartbeat/leave, failure "
+                    "detection), JSON API under /api and a status page at /. State lives in "
+                    "SQLite under the data dir, so a restart (even after kill -9) loses nothing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="run the coordinator until SIGINT/SIGTERM",
+                           description="Run the coordinator. Prints 'READY {json}' when listening.")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    start.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    start.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                       help=f"directory for the SQLite database and token (default {DEFAULT_DATA_DIR})")
+    tok = start.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="swarm token peers must present (visible in ps; prefer --token-file)")
+    tok.add_argument("--token-file", help="file holding the swarm token. Without --token/--token-file "
+                                          "the token is $LOWBAND_TOKEN or <data-dir>/token (generated)")
+    start.add_argument("--heartbeat-interval", type=float, default=2.0,
+                       help="seconds between peer heartbeats, told to peers (default 2)")
+    start.add_argument("--peer-timeout", type=float, default=10.0,
+                       help="a peer silent this long is dead, half as long suspect (default 10)")
+    start.add_argument("--max-clock-skew", type=float, default=300.0,
+                       help="accepted clock difference on signed peer requests, seconds (default 300)")
+    add_logging_args(start)
+    add_checkpoint_commands(sub)
+    return parser
+
+
+def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
+    ckpt = sub.add_parser("checkpoints", help="list or export stored checkpoints",
+                          description="Inspect the checkpoint store under the data dir (or S3).")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoints_command", required=True)
+    listing = ckpt_sub.add_parser("list", help="one line per checkpoint: run, step, size, hash")
+    listing.add_argument("run", nargs="?", help="only this run (default: every run)")
+    export = ckpt_sub.add_parser("export", help="write a checkpoint as HF safetensors + config.json")
+    export.add_argument("step", help="step number or 'latest'")
+    export.add_argument("out", type=Path, help="output directory")
+    export.add_argument("--run", help="run name (default: the only run in the store)")
+    for p in (listing, export):
+        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                       help=f"coordinator data dir (default {DEFAULT_DATA_DIR})")
+        p.add_argument("--s3", metavar="s3://BUCKET[/PREFIX]", help="read from S3 instead of the data dir")
+        p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, moto, ...)")
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    """`coordinator checkpoints list|export`: print the library's text; errors -> exit 1."""
+    try:
+        if args.checkpoints_command == "list":
+            print(cli_list(args.data_dir, args.run, s3_url=args.s3, endpoint_url=args.endpoint_url))
+            return 0
+        run = args.run
+        if run is None:
+            runs = list_runs(open_backend(args.data_dir, args.s3, args.endpoint_url))
+            if len(runs) != 1:
+                print(f"coordinator: pass --run; the store holds runs {runs or 'none'}", file=sys.stderr)
+                return 1
+            run = runs[0]
+        print(cli_export(args.data_dir, run, args.step, args.out, s3_url=args.s3,
+                         endpoint_url=args.endpoint_url))
+        return 0
+    except (CheckpointError, OSError) as e:
+        print(f"coordinator: {e}", file=sys.stderr)
+        return 1
+
+
+async def serve(config: CoordinatorConfig, token_source: str) -> int:
+    store = Store(config.data_dir)
+    try:
+        store.open()
+    except StoreError as e:
+        print(f"coordinator: {e}", file=sys.stderr)
+        return 2
+    runner = web.AppRunner(create_app(config, store), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+    except OSError as e:
+        print(f"coordinator: cannot listen on {config.host}:{config.port}: {e.strerror or e}",
+              file=sys.stderr)
+        await runner.cleanup()
+        store.close()
+        return 2
+    port = runner.addresses[0][1]
+    shown_host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    url = f"http://{shown_host}:{port}"
+    print(f"coordinator listening on {config.host}:{port}")
+    print(f"status page: {url}/")
+    print(f"data dir: {config.data_dir}")
+    print(f"swarm token: {token_source}")
+    print("READY " + json.dumps({"url": url, "host": config.host, "port": port,
+                                 "data_dir": str(config.data_dir), "pid": os.getpid()}), flush=True)
+    try:
+        await wait_for_stop_signal()
+    finally:
+        await runner.cleanup()
+        store.close()
+    print("coordinator stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "checkpoints":
+        return run_checkpoints(args)
+    setup_logging(args.log_format, args.log_level)
+    token, source = resolve_token(args, args.data_dir)
+    try:
+        config = CoordinatorConfig(data_dir=args.data_dir, token=token, host=args.host,
+                                   port=args.port, heartbeat_interval=args.heartbeat_interval,
+                                   peer_timeout=args.peer_timeout,
+                                   max_clock_skew=args.max_clock_skew)
+    except ValueError as e:
+        print(f"coordinator: {e}", file=sys.stderr)
+        return 2
+    install_event_loop_policy()  # uvloop where installed: cheaper request handling at scale
+    return asyncio.run(serve(config, source))

@@ -1,0 +1,666 @@
+"""Training-run routes: one agreed config per run, the outer-step rendezvous, per-step reports
+with the state-hash agreement check, and the run's persistent state (step, data slots).
+
+Routes (JSON; POSTs are signed by the peer like membership requests, all need the swarm token):
+
+- ``POST /api/runs/{run}``         create-or-get: the first creator's config wins; later joiners
+  get the stored config, plus ``conflicts`` for keys they set explicitly to another value. The
+  peer becomes a run member and gets a data slot (see below).
+- ``POST /api/runs/{run}/sync``    ``{step, base_hash}``: rendezvous for outer step ``step``.
+  Long-poll: the answer comes when the step's window closes, or after ``HOLD_S`` with
+  ``pending: true`` (ask again, idempotent). A closed window lists ``participants`` in a
+  deterministic order (sorted peer ids) and the collective ``tag`` of the step.
+- ``POST /api/runs/{run}/report``  per-step metrics and the peer's global-state hash.
+- ``POST /api/runs/{run}/leave``   the peer stopped training; windows no longer wait for it.
+- ``GET /api/runs``, ``GET /api/runs/{run}``, ``GET /api/runs/{run}/reports`` for the status
+  page, ``peer``/tests and the checkpointing peer.
+
+Window rule for step s (generation g): it opens at the first arrival and closes when every
+*expected* peer arrived, where expected = the live participants of window s-1 (peers in
+lockstep); for the first window of a generation, every live run member. Timeout
+(``sync_timeout_s`` of the run config): counted from the first expected arrival, or from the
+opening when no expected peer is live any more — so a joiner waiting for peers that are still
+in their inner phase does not close the window alone. Suspect/dead peers are not waited for.
+At closing, arrivals whose ``base_hash`` (the hash of their state at step s-1) differs from
+the majority are left out and told to ``resync``; a peer arriving after the window closed is
+``late`` and told to resync from the ``donors``. A closed window none of whose participants is
+still alive (same incarnation) is stale: the run restarted (e.g. from a checkpoint), so a new
+generation begins with fresh windows and reports.
+
+Data slots: each run member holds one of ``data_shards`` slots (the lowest free one; the slot of
+a peer that is no longer live is free) and reports its position in that shard, so a successor
+(or a restarted run) continues where the slot's data stream stopped.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from aiohttp import web
+
+from coordinator.checkpoints import Backend, CheckpointStore
+from coordinator.membership import MAX_SKEW, TOKEN
+from coordinator.registry import MembershipRegistry
+from coordinator.store import Store, add_event
+from coordinator.validation import (PEER_ID_RE, ApiError, bad, check_signed, check_token,
+                                    get_object, get_str, read_json_object)
+from peer.blobs import InvalidName, check_run
+
+log = logging.getLogger("lowband.coordinator.runs")
+
+MAX_BODY = 64 * 1024
+MAX_CONFIG = 16 * 1024
+HOLD_S = 15.0            # longest a sync request is held before answering "pending"
+WATCH_PERIOD_S = 0.1     # how often an open window re-checks liveness and its timeout
+MAX_REPORTS = 1000
+HASH_LEN = 64
+# Live for rendezvous purposes: a suspect peer (silent for half the peer timeout) is not waited for.
+SYNC_LIVE = ("joining", "active")
+DEFAULTS = {"sync_timeout_s": 30.0, "checkpoint_every": 10, "data_shards": 16, "min_peers": 1}
+
+RUNS_MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE runs (
+        name        TEXT PRIMARY KEY,
+        config      TEXT NOT NULL,
+        creator     TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        generation  INTEGER NOT NULL DEFAULT 1,
+        step        INTEGER NOT NULL DEFAULT 0,
+        updated_at  REAL NOT NULL
+    );
+    CREATE TABLE run_members (
+        run        TEXT NOT NULL,
+        peer_id    TEXT NOT NULL,
+        slot       INTEGER NOT NULL,
+        joined_at  REAL NOT NULL,
+        last_step  INTEGER,
+        active     INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (run, peer_id)
+    );
+    CREATE TABLE run_slots (
+        run       TEXT NOT NULL,
+        slot      INTEGER NOT NULL,
+        position  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (run, slot)
+    );
+    CREATE TABLE run_windows (
+        run          TEXT NOT NULL,
+        generation   INTEGER NOT NULL,
+        step         INTEGER NOT NULL,
+        opened_at    REAL NOT NULL,
+        first_expected_at REAL,
+        closed_at    REAL,
+        participants TEXT,
+        majority_hash TEXT,
+        PRIMARY KEY (run, generation, step)
+    );
+    CREATE TABLE run_arrivals (
+        run         TEXT NOT NULL,
+        generation  INTEGER NOT NULL,
+        step        INTEGER NOT NULL,
+        peer_id     TEXT NOT NULL,
+        incarnation INTEGER NOT NULL,
+        base_hash   TEXT NOT NULL,
+        arrived_at  REAL NOT NULL,
+        PRIMARY KEY (run, generation, step, peer_id)
+    );
+    CREATE TABLE run_reports (
+        run         TEXT NOT NULL,
+        generation  INTEGER NOT NULL,
+        step        INTEGER NOT NULL,
+        peer_id     TEXT NOT NULL,
+        ts          REAL NOT NULL,
+        state_hash  TEXT NOT NULL,
+        metrics     TEXT NOT NULL,
+        PRIMARY KEY (run, generation, step, peer_id)
+    );
+    """,
+)
+
+# Numeric report fields (all optional, finite, >= 0).
+REPORT_FIELDS = ("loss", "tokens", "tokens_per_s", "bytes_sent", "bytes_received", "outer_time_s",
+                 "inner_time_s", "compute_utilization", "inner_steps", "participants",
+                 "data_position")
+
+RUNS = web.AppKey("runs_service", object)
+
+
+@dataclass(frozen=True)
+class WindowState:
+    step: int
+    generation: int
+    closed: bool
+    participants: list[str]
+    majority_hash: str | None
+
+
+def _run_settings(config: dict) -> dict:
+    """The config keys the coordinator itself uses, validated, with defaults."""
+    out = dict(DEFAULTS)
+    for key, default in DEFAULTS.items():
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(f"config.{key} must be a number")
+        if isinstance(default, int) and value != int(value):
+            raise bad(f"config.{key} must be an integer")
+        out[key] = type(default)(value)
+    if not 0 < out["sync_timeout_s"] <= 3600:
+        raise bad("config.sync_timeout_s must be in (0, 3600]")
+    if not 0 <= out["checkpoint_every"] <= 10**6:
+        raise bad("config.checkpoint_every must be in [0, 1e6] (0 = never)")
+    if not 1 <= out["data_shards"] <= 4096:
+        raise bad("config.data_shards must be in [1, 4096]")
+    if not 1 <= out["min_peers"] <= 10**4:
+        raise bad("config.min_peers must be in [1, 10000]")
+    return out
+
+
+def _get_int(body: dict, key: str, lo: int, hi: int) -> int:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise bad(f"field {key!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _get_hash(body: dict, key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or len(value) != HASH_LEN or any(
+            c not in "0123456789abcdef" for c in value):
+        raise bad(f"field {key!r} must be a sha256 hex digest (64 lowercase hex)")
+    return value
+
+
+def _run_name(request: web.Request) -> str:
+    try:
+        return check_run(request.match_info["run"])
+    except InvalidName as e:
+        raise bad(str(e), "bad_run_name") from None
+
+
+class RunService:
+    """Run state on the store plus the in-memory wake-ups of open rendezvous windows."""
+
+    def __init__(self, store: Store, registry: MembershipRegistry, backend: Backend) -> None:
+        self.store = store
+        self.registry = registry
+        self.backend = backend
+        store.apply_schema("runs", RUNS_MIGRATIONS)
+        self._closed: dict[tuple[str, int, int], asyncio.Event] = {}
+        self._watchers: dict[tuple[str, int, int], asyncio.Task] = {}
+        self._lock = asyncio.Lock()  # serializes window decisions (arrive / close / reset)
+
+    async def close(self) -> None:
+        for task in self._watchers.values():
+            task.cancel()
+        await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+
+    async def live(self, states: Sequence[str] = SYNC_LIVE) -> dict[str, int]:
+        """peer id -> incarnation of the peers in ``states``."""
+        return {p["peer_id"]: p["incarnation"] for p in await self.registry.peers(states)}
+
+    def latest_checkpoint(self, run: str) -> int | None:
+        return CheckpointStore(self.backend, run).latest()
+
+    # -- create-or-get -------------------------------------------------------------------------
+    async def join(self, run: str, peer_id: str, config: dict, explicit: list[str]) -> dict:
+        settings = _run_settings(config)
+        live = await self.live(("joining", "active", "suspect"))
+        answer = await self.store.run(_join_run, run, peer_id, config, settings["data_shards"],
+                                      set(live), time.time())
+        stored = answer["config"]
+        answer["conflicts"] = {k: {"stored": stored.get(k), "requested": config.get(k)}
+                               for k in explicit if stored.get(k) != config.get(k)}
+        answer["latest_checkpoint"] = await asyncio.to_thread(self.latest_checkpoint, run)
+        answer["donors"] = await self.donors(run)
+        return answer
+
+    async def donors(self, run: str) -> list[dict]:
+        """Live members of the latest closed window that agreed with its majority: peers that hold
+        the current global state (each with the step it was at)."""
+        live = await self.live()
+        return await self.store.run(_donors, run, live)
+
+    # -- rendezvous ----------------------------------------------------------------------------
+    async def sync(self, run: str, peer_id: str, step: int, base_hash: str) -> dict:
+        live_inc = await self.live(("joining", "active", "suspect"))
+        incarnation = live_inc.get(peer_id, 0)
+        async with self._lock:
+            info = await self.store.run(_arrive, run, peer_id, incarnation, step, base_hash,
+                                        live_inc, time.time())
+            key = (run, info["generation"], step)
+            if info["state"] == "open":
+                event = self._closed.setdefault(key, asyncio.Event())
+                if key not in self._watchers:
+                    self._watchers[key] = asyncio.create_task(self._watch(key))
+        if info["state"] == "open":
+            try:
+                await asyncio.wait_for(event.wait(), HOLD_S)
+            except asyncio.TimeoutError:
+                return {"run": run, "step": step, "generation": info["generation"],
+                        "pending": True}
+        return await self._answer(run, peer_id, info["generation"], step,
+                                  late=info["state"] == "late")
+
+    async def _answer(self, run: str, peer_id: str, generation: int, step: int,
+                      late: bool) -> dict:
+        window = await self.store.run(_window, run, generation, step)
+        config = (await self.store.run(_run_row, run))["config"]
+        every = _run_settings(config)["checkpoint_every"]
+        participants = window.participants if window else []
+        member = peer_id in participants
+        resync = not member
+        answer = {"run": run, "step": step, "generation": generation, "pending": False,
+                  "tag": f"{run}.g{generation}.s{step}", "participants": participants,
+                  "participant": member, "late": late and not member, "resync": resync,
+                  "majority_hash": window.majority_hash if window else None,
+                  "checkpoint": bool(member and every and step % every == 0
+                                     and participants[0] == peer_id)}
+        if resync:
+            answer["donors"] = await self.donors(run)
+        return answer
+
+    async def _watch(self, key: tuple[str, int, int]) -> None:
+        run, generation, step = key
+        try:
+            while True:
+                live = await self.live()
+                async with self._lock:
+                    state = await self.store.run(_maybe_close, run, generation, step, live,
+                                                 time.time())
+                    if state != "open":
+                        # Waiters hold the event; later askers learn "closed" from the store.
+                        self._watchers.pop(key, None)
+                        event = self._closed.pop(key, None)
+                        if state == "closed" and event is not None:
+                            event.set()
+                        return
+                await asyncio.sleep(WATCH_PERIOD_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the next arrival starts a new watcher; waiters ask again
+            log.exception("rendezvous watcher %s failed", key)
+            self._watchers.pop(key, None)
+
+    # -- reports -------------------------------------------------------------------------------
+    async def report(self, run: str, peer_id: str, step: int, state_hash: str,
+                     metrics: dict, slot_position: int | None) -> dict:
+        return await self.store.run(_report, run, peer_id, step, state_hash, metrics,
+                                    slot_position, time.time())
+
+
+# -- SQL (runs on the store's writer thread inside a transaction) -------------------------------
+def _run_row(conn: sqlite3.Connection, run: str) -> dict:
+    row = conn.execute("SELECT * FROM runs WHERE name = ?", (run,)).fetchone()
+    if row is None:
+        raise ApiError(404, "unknown_run", f"run {run!r} does not exist; create it with POST "
+                                           f"/api/runs/{run} (peer join --train {run})")
+    out = dict(row)
+    out["config"] = json.loads(out["config"])
+    return out
+
+
+def _member(conn: sqlite3.Connection, run: str, peer_id: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM run_members WHERE run = ? AND peer_id = ?",
+                       (run, peer_id)).fetchone()
+    if row is None:
+        raise ApiError(403, "not_a_member", f"peer is not a member of run {run!r}; join it first")
+    return row
+
+
+def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict, shards: int,
+              live: set[str], now: float) -> dict:
+    created = False
+    if conn.execute("SELECT 1 FROM runs WHERE name = ?", (run,)).fetchone() is None:
+        conn.execute("INSERT INTO runs (name, config, creator, created_at, updated_at) "
+                     "VALUES (?, ?, ?, ?, ?)", (run, json.dumps(config), peer_id, now, now))
+        conn.executemany("INSERT INTO run_slots (run, slot) VALUES (?, ?)",
+                         [(run, s) for s in range(shards)])
+        add_event(conn, "run_created", peer_id, {"run": run}, now)
+        created = True
+    row = _run_row(conn, run)
+    old = conn.execute("SELECT slot FROM run_members WHERE run = ? AND peer_id = ?",
+                       (run, peer_id)).fetchone()
+    if old is not None:
+        slot = old["slot"]
+        conn.execute("UPDATE run_members SET active = 1 WHERE run = ? AND peer_id = ?",
+                     (run, peer_id))
+    else:
+        # Lowest slot not held by another live member (a dead holder's slot, and its data
+        # position, pass to the newcomer); with more members than slots, slots are shared.
+        held = {r["slot"] for r in conn.execute(
+            "SELECT peer_id, slot FROM run_members WHERE run = ? AND active = 1", (run,))
+            if r["peer_id"] in live}
+        n = conn.execute("SELECT COUNT(*) FROM run_slots WHERE run = ?", (run,)).fetchone()[0]
+        free = [s for s in range(n) if s not in held]
+        count = conn.execute("SELECT COUNT(*) FROM run_members WHERE run = ?", (run,)).fetchone()[0]
+        slot = free[0] if free else count % n
+        conn.execute("INSERT INTO run_members (run, peer_id, slot, joined_at) VALUES (?, ?, ?, ?)",
+                     (run, peer_id, slot, now))
+        add_event(conn, "run_joined", peer_id, {"run": run, "slot": slot}, now)
+    position = conn.execute("SELECT position FROM run_slots WHERE run = ? AND slot = ?",
+                            (run, slot)).fetchone()["position"]
+    n_slots = conn.execute("SELECT COUNT(*) FROM run_slots WHERE run = ?", (run,)).fetchone()[0]
+    return {"run": run, "created": created, "config": row["config"], "creator": row["creator"],
+            "step": row["step"], "generation": row["generation"], "slot": slot,
+            "slots": n_slots, "slot_position": position}
+
+
+def _donors(conn: sqlite3.Connection, run: str, live: dict[str, int]) -> list[dict]:
+    row = _run_row(conn, run)
+    window = conn.execute(
+        "SELECT step, participants FROM run_windows WHERE run = ? AND generation = ? AND "
+        "closed_at IS NOT NULL ORDER BY step DESC LIMIT 1", (run, row["generation"])).fetchone()
+    if window is None:
+        return []
+    return [{"peer_id": p, "step": window["step"]}
+            for p, inc in json.loads(window["participants"]) if live.get(p) == inc]
+
+
+def _window(conn: sqlite3.Connection, run: str, generation: int, step: int) -> WindowState | None:
+    row = conn.execute("SELECT * FROM run_windows WHERE run = ? AND generation = ? AND step = ?",
+                       (run, generation, step)).fetchone()
+    if row is None:
+        return None
+    participants = [p for p, _ in json.loads(row["participants"] or "[]")]
+    return WindowState(step, generation, row["closed_at"] is not None, participants,
+                       row["majority_hash"])
+
+
+def _arrive(conn: sqlite3.Connection, run: str, peer_id: str, incarnation: int, step: int,
+            base_hash: str, live: dict[str, int], now: float) -> dict:
+    """Record an arrival at window ``step``: -> {"state": open|closed|late, "generation"}."""
+    row = _run_row(conn, run)
+    _member(conn, run, peer_id)
+    generation = row["generation"]
+    window = conn.execute("SELECT * FROM run_windows WHERE run = ? AND generation = ? AND step = ?",
+                          (run, generation, step)).fetchone()
+    if window is not None and window["closed_at"] is not None:
+        participants = json.loads(window["participants"])
+        if any(p == peer_id for p, _ in participants):
+            return {"state": "closed", "generation": generation}
+        if any(live.get(p) == inc for p, inc in participants):
+            return {"state": "late", "generation": generation}
+        # Nobody who took this step is alive any more: the run restarted from older state.
+        generation += 1
+        conn.execute("UPDATE runs SET generation = ?, step = ?, updated_at = ? WHERE name = ?",
+                     (generation, step - 1, now, run))
+        add_event(conn, "run_restarted", peer_id, {"run": run, "generation": generation,
+                                                   "step": step}, now)
+        window = None
+    if window is None:
+        conn.execute("INSERT INTO run_windows (run, generation, step, opened_at) VALUES (?, ?, ?, ?)",
+                     (run, generation, step, now))
+    conn.execute("INSERT OR REPLACE INTO run_arrivals (run, generation, step, peer_id, incarnation, "
+                 "base_hash, arrived_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (run, generation, step, peer_id, incarnation, base_hash, now))
+    return {"state": "open", "generation": generation}
+
+
+def _expected(conn: sqlite3.Connection, run: str, generation: int, step: int,
+              live: dict[str, int]) -> set[str]:
+    """The live participants of the previous window (peers in lockstep) still training; when
+    there are none (first window of a generation, or all of them died or left), every live
+    member of the run."""
+    prev = conn.execute("SELECT participants FROM run_windows WHERE run = ? AND generation = ? "
+                        "AND step < ? AND closed_at IS NOT NULL ORDER BY step DESC LIMIT 1",
+                        (run, generation, step)).fetchone()
+    members = {m["peer_id"] for m in conn.execute(
+        "SELECT peer_id FROM run_members WHERE run = ? AND active = 1", (run,))
+        if m["peer_id"] in live}
+    lockstep = set() if prev is None else {
+        p for p, inc in json.loads(prev["participants"]) if live.get(p) == inc and p in members}
+    return lockstep or members
+
+
+def _maybe_close(conn: sqlite3.Connection, run: str, generation: int, step: int,
+                 live: dict[str, int], now: float) -> str:
+    """Close window ``step`` if its rule is met: -> "closed", "open" or "abandoned"."""
+    window = conn.execute("SELECT * FROM run_windows WHERE run = ? AND generation = ? AND step = ?",
+                          (run, generation, step)).fetchone()
+    if window is None or window["closed_at"] is not None:
+        return "closed"  # (or superseded by a new generation: waiters are told to resync)
+    settings = _run_settings(_run_row(conn, run)["config"])
+    # Only arrivals that are still alive (same incarnation) can take part.
+    arrivals = [a for a in conn.execute(
+        "SELECT * FROM run_arrivals WHERE run = ? AND generation = ? AND step = ? ORDER BY peer_id",
+        (run, generation, step)) if live.get(a["peer_id"]) == a["incarnation"]]
+    arrived = {a["peer_id"] for a in arrivals}
+    expected = _expected(conn, run, generation, step, live)
+    first_expected = window["first_expected_at"]
+    if first_expected is None and expected & arrived:
+        first_expected = now
+        conn.execute("UPDATE run_windows SET first_expected_at = ? WHERE run = ? AND generation = ? "
+                     "AND step = ?", (now, run, generation, step))
+    if not arrivals:
+        return "abandoned"  # everyone waiting here died; a later arrival watches it again
+    if not (expected <= arrived and len(arrived) >= settings["min_peers"]):
+        start = first_expected if first_expected is not None else window["opened_at"]
+        if now - start < settings["sync_timeout_s"]:
+            return "open"
+    # Majority of the arrivals' base hashes; ties go to the hash more peers reported for the
+    # previous step, then to the smallest hash (any deterministic rule will do).
+    votes = Counter(a["base_hash"] for a in arrivals)
+    reported = Counter(r["state_hash"] for r in conn.execute(
+        "SELECT state_hash FROM run_reports WHERE run = ? AND generation = ? AND step = ?",
+        (run, generation, step - 1)))
+    majority = max(votes, key=lambda h: (votes[h], reported[h], [-ord(c) for c in h]))
+    participants = [[a["peer_id"], a["incarnation"]] for a in arrivals
+                    if a["base_hash"] == majority]
+    conn.execute("UPDATE run_windows SET closed_at = ?, participants = ?, majority_hash = ? "
+                 "WHERE run = ? AND generation = ? AND step = ?",
+                 (now, json.dumps(participants), majority, run, generation, step))
+    conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE name = ?",
+                 (step, now, run))
+    conn.executemany("UPDATE run_members SET last_step = ? WHERE run = ? AND peer_id = ?",
+                     [(step, run, p) for p, _ in participants])
+    dissent = sorted(arrived - {p for p, _ in participants})
+    if dissent:
+        add_event(conn, "run_hash_mismatch", None, {"run": run, "step": step,
+                                                    "peers": [p[:12] for p in dissent]}, now)
+    return "closed"
+
+
+def _leave_run(conn: sqlite3.Connection, run: str, peer_id: str, now: float) -> dict:
+    _run_row(conn, run)
+    _member(conn, run, peer_id)
+    conn.execute("UPDATE run_members SET active = 0 WHERE run = ? AND peer_id = ?", (run, peer_id))
+    add_event(conn, "run_left", peer_id, {"run": run}, now)
+    return {"run": run, "peer_id": peer_id, "training": False}
+
+
+def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_hash: str,
+            metrics: dict, slot_position: int | None, now: float) -> dict:
+    row = _run_row(conn, run)
+    member = _member(conn, run, peer_id)
+    generation = row["generation"]
+    conn.execute("INSERT OR REPLACE INTO run_reports (run, generation, step, peer_id, ts, "
+                 "state_hash, metrics) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (run, generation, step, peer_id, now, state_hash, json.dumps(metrics)))
+    if slot_position is not None:
+        conn.execute("UPDATE run_slots SET position = MAX(position, ?) WHERE run = ? AND slot = ?",
+                     (slot_position, run, member["slot"]))
+    hashes = Counter(r["state_hash"] for r in conn.execute(
+        "SELECT state_hash FROM run_reports WHERE run = ? AND generation = ? AND step = ?",
+        (run, generation, step)))
+    top, count = hashes.most_common(1)[0]
+    return {"run": run, "step": step, "generation": generation, "reports": sum(hashes.values()),
+            "agree": state_hash == top and count > sum(hashes.values()) / 2}
+
+
+def _summary(conn: sqlite3.Connection, run: str, live: set[str], limit: int) -> dict:
+    row = _run_row(conn, run)
+    generation = row["generation"]
+    members = [{"peer_id": m["peer_id"], "slot": m["slot"], "joined_at": m["joined_at"],
+                "last_step": m["last_step"], "live": m["peer_id"] in live,
+                "training": bool(m["active"])}
+               for m in conn.execute("SELECT * FROM run_members WHERE run = ? ORDER BY joined_at",
+                                     (run,))]
+    slots = {r["slot"]: r["position"] for r in conn.execute(
+        "SELECT slot, position FROM run_slots WHERE run = ?", (run,))}
+    steps = []
+    for w in conn.execute("SELECT * FROM run_windows WHERE run = ? AND generation = ? AND "
+                          "closed_at IS NOT NULL ORDER BY step DESC LIMIT ?",
+                          (run, generation, limit)):
+        reports = [json.loads(r["metrics"]) | {"state_hash": r["state_hash"]} for r in conn.execute(
+            "SELECT state_hash, metrics FROM run_reports WHERE run = ? AND generation = ? AND "
+            "step = ?", (run, generation, w["step"]))]
+        hashes = Counter(r["state_hash"] for r in reports)
+        losses = [r["loss"] for r in reports if isinstance(r.get("loss"), (int, float))]
+        steps.append({"step": w["step"], "participants": len(json.loads(w["participants"])),
+                      "reports": len(reports), "hashes": dict(hashes),
+                      "agree": len(hashes) <= 1,
+                      "loss": sum(losses) / len(losses) if losses else None,
+                      "tokens_per_s": sum(r.get("tokens_per_s") or 0 for r in reports),
+                      "seconds": round(w["closed_at"] - w["opened_at"], 3)})
+    return {"name": run, "config": row["config"], "creator": row["creator"],
+            "created_at": row["created_at"], "generation": generation, "step": row["step"],
+            "updated_at": row["updated_at"], "members": members,
+            "data_positions": {str(k): v for k, v in sorted(slots.items())}, "steps": steps}
+
+
+def _reports(conn: sqlite3.Connection, run: str, generation: int | None, since: int,
+             limit: int) -> dict:
+    row = _run_row(conn, run)
+    gen = row["generation"] if generation is None else generation
+    rows = conn.execute("SELECT * FROM run_reports WHERE run = ? AND generation = ? AND step >= ? "
+                        "ORDER BY step, peer_id LIMIT ?", (run, gen, since, limit)).fetchall()
+    return {"run": run, "generation": gen, "reports": [
+        {"step": r["step"], "peer_id": r["peer_id"], "ts": r["ts"], "state_hash": r["state_hash"],
+         **json.loads(r["metrics"])} for r in rows]}
+
+
+def _list_runs(conn: sqlite3.Connection) -> list[dict]:
+    return [{"name": r["name"], "step": r["step"], "generation": r["generation"],
+             "created_at": r["created_at"], "updated_at": r["updated_at"],
+             "members": conn.execute("SELECT COUNT(*) FROM run_members WHERE run = ?",
+                                     (r["name"],)).fetchone()[0]}
+            for r in conn.execute("SELECT * FROM runs ORDER BY created_at")]
+
+
+# -- handlers ---------------------------------------------------------------------------------
+async def _signed(request: web.Request, action: str) -> tuple[dict, str]:
+    check_token(request, request.app[TOKEN])
+    body = await read_json_object(request, MAX_BODY)
+    peer_id = get_str(body, "peer_id", max_len=40, pattern=PEER_ID_RE)
+    service: RunService = request.app[RUNS]
+    public_key = await service.registry.public_key(peer_id)
+    if public_key is None:
+        raise ApiError(404, "unknown_peer", "peer is not registered; join first")
+    check_signed(body, action, public_key, request.app[MAX_SKEW])
+    return body, peer_id
+
+
+async def create_or_get(request: web.Request) -> web.Response:
+    run = _run_name(request)
+    body, peer_id = await _signed(request, "run_join")
+    config = get_object(body, "config", max_bytes=MAX_CONFIG)
+    explicit = body.get("explicit", [])
+    if not isinstance(explicit, list) or not all(isinstance(k, str) for k in explicit):
+        raise bad("field 'explicit' must be a list of config keys")
+    return web.json_response(await request.app[RUNS].join(run, peer_id, config, explicit))
+
+
+async def sync(request: web.Request) -> web.Response:
+    run = _run_name(request)
+    body, peer_id = await _signed(request, "run_sync")
+    step = _get_int(body, "step", 1, 10**12)
+    base_hash = _get_hash(body, "base_hash")
+    return web.json_response(await request.app[RUNS].sync(run, peer_id, step, base_hash))
+
+
+async def report(request: web.Request) -> web.Response:
+    run = _run_name(request)
+    body, peer_id = await _signed(request, "run_report")
+    step = _get_int(body, "step", 0, 10**12)
+    state_hash = _get_hash(body, "state_hash")
+    raw = get_object(body, "metrics", max_bytes=4096, default={})
+    metrics: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in REPORT_FIELDS:
+            raise bad(f"metrics.{key} is not a known report field ({', '.join(REPORT_FIELDS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < 0:
+            raise bad(f"metrics.{key} must be a finite number >= 0")
+        metrics[key] = value
+    position = metrics.get("data_position")
+    answer = await request.app[RUNS].report(run, peer_id, step, state_hash, metrics,
+                                            None if position is None else int(position))
+    return web.json_response(answer)
+
+
+async def leave(request: web.Request) -> web.Response:
+    """The peer stopped training (finished, failed or shutting down): rendezvous windows stop
+    waiting for it; its data slot becomes free."""
+    run = _run_name(request)
+    _, peer_id = await _signed(request, "run_leave")
+    return web.json_response(await request.app[RUNS].store.run(_leave_run, run, peer_id,
+                                                               time.time()))
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    check_token(request, request.app[TOKEN])
+    return web.json_response({"runs": await request.app[RUNS].store.run(_list_runs)})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    check_token(request, request.app[TOKEN])
+    run = _run_name(request)
+    service: RunService = request.app[RUNS]
+    limit = _query_int(request, "steps", 20, 1, MAX_REPORTS)
+    live = set(await service.live(("joining", "active", "suspect")))
+    summary = await service.store.run(_summary, run, live, limit)
+    summary["latest_checkpoint"] = await asyncio.to_thread(service.latest_checkpoint, run)
+    summary["donors"] = await service.donors(run)
+    return web.json_response(summary)
+
+
+async def get_reports(request: web.Request) -> web.Response:
+    check_token(request, request.app[TOKEN])
+    run = _run_name(request)
+    since = _query_int(request, "since", 0, 0, 10**12)
+    limit = _query_int(request, "limit", MAX_REPORTS, 1, MAX_REPORTS)
+    generation = None
+    if "generation" in request.query:
+        generation = _query_int(request, "generation", 1, 1, 10**9)
+    return web.json_response(await request.app[RUNS].store.run(_reports, run, generation, since,
+                                                               limit))
+
+
+def _query_int(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad(f"query parameter {key!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise bad(f"query parameter {key!r} must be in [{lo}, {hi}]")
+    return value
+
+
+def setup_runs(app: web.Application, store: Store, registry: MembershipRegistry,
+               backend: Backend) -> None:
+    """Register the run routes (needs setup_membership first: it shares the token settings)."""
+    service = RunService(store, registry, backend)
+    app[RUNS] = service
+    app.router.add_get("/api/runs", list_runs)
+    app.router.add_post("/api/runs/{run}", create_or_get)
+    app.router.add_get("/api/runs/{run}", get_run)
+    app.router.add_post("/api/runs/{run}/sync", sync)
+    app.router.add_post("/api/runs/{run}/report", report)
+    app.router.add_post("/api/runs/{run}/leave", leave)
+    app.router.add_get("/api/runs/{run}/reports", get_reports)
+
+    async def shutdown(app: web.Application) -> None:
+        await service.close()
+
+    app.on_cleanup.append(shutdown)

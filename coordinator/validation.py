@@ -1,0 +1,140 @@
+"""Request checking shared by every route group: body limits, JSON parsing, typed field access,
+the swarm token and signed peer requests. Every failure is an :class:`ApiError`, which the app's
+middleware turns into a JSON answer ``{"error": code, "message": text}`` (never a 500)."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import re
+import time
+
+from aiohttp import web
+
+from peer.identity import peer_id_from_public, verify_signature
+from peer.membership import canonical_json, signing_bytes
+
+PEER_ID_RE = re.compile(r"^[0-9a-f]{40}$")
+HEX_RE = re.compile(r"^[0-9a-f]*$")
+# host:port with a DNS name, IPv4 or [IPv6] host.
+ADDRESS_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]{1,253}):(\d{1,5})$")
+BODY_TIMEOUT_S = 10.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad(message: str, code: str = "bad_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_object(request: web.Request, max_bytes: int) -> dict:
+    """The request body as a JSON object, at most ``max_bytes`` long, read within
+    BODY_TIMEOUT_S (a stalled client cannot hold a handler forever)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "body_too_large", f"body of {request.content_length} bytes exceeds "
+                                              f"the {max_bytes} byte limit")
+    try:
+        body = await asyncio.wait_for(_read_limited(request, max_bytes), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "body_timeout", f"body not received within {BODY_TIMEOUT_S:g}s") from None
+    except ConnectionError:  # the client went away mid-body: its fault, not a server error
+        raise ApiError(400, "incomplete_body", "connection lost while receiving the body") from None
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        canonical_json(data)  # re-encodable (no NaN, not absurdly deep): later signing cannot fail
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise bad(f"malformed JSON body: {type(e).__name__}: {str(e)[:200]}", "malformed_json") from e
+    if not isinstance(data, dict):
+        raise bad("JSON body must be an object", "malformed_json")
+    return data
+
+
+async def _read_limited(request: web.Request, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "body_too_large", f"body exceeds the {max_bytes} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def get_str(body: dict, key: str, *, max_len: int, pattern: re.Pattern | None = None) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise bad(f"field {key!r} must be a string")
+    if not value or len(value) > max_len:
+        raise bad(f"field {key!r} must be 1..{max_len} characters")
+    if pattern is not None and not pattern.match(value):
+        raise bad(f"field {key!r} has an invalid format")
+    return value
+
+
+def get_number(body: dict, key: str) -> float:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(f"field {key!r} must be a finite number")
+    return float(value)
+
+
+def get_object(body: dict, key: str, *, max_bytes: int, default: dict | None = None) -> dict:
+    value = body.get(key, default)
+    if not isinstance(value, dict):
+        raise bad(f"field {key!r} must be an object")
+    if len(canonical_json(value)) > max_bytes:
+        raise ApiError(413, "field_too_large", f"field {key!r} exceeds {max_bytes} bytes")
+    return value
+
+
+def get_address(body: dict, key: str = "address") -> str:
+    address = get_str(body, key, max_len=300, pattern=ADDRESS_RE)
+    port = int(address.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        raise bad(f"field {key!r}: port {port} out of range")
+    return address
+
+
+def check_token(request: web.Request, token: str) -> None:
+    """Require ``Authorization: Bearer <swarm token>`` (constant-time comparison)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "missing_token", "missing swarm token (send Authorization: Bearer <token>)")
+    # aiohttp keeps undecodable header bytes as surrogates: compare those bytes, do not crash on them
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
+        raise ApiError(401, "bad_token", "wrong swarm token")
+
+
+def get_public_key(body: dict) -> bytes:
+    key_hex = get_str(body, "public_key", max_len=64, pattern=HEX_RE)
+    if len(key_hex) != 64:
+        raise bad("field 'public_key' must be 32 bytes of hex")
+    return bytes.fromhex(key_hex)
+
+
+def check_signed(body: dict, action: str, public_key: bytes, max_skew_s: float) -> None:
+    """Verify the peer's Ed25519 signature and timestamp on a membership request."""
+    peer_id = get_str(body, "peer_id", max_len=40, pattern=PEER_ID_RE)
+    if peer_id_from_public(public_key) != peer_id:
+        raise ApiError(403, "peer_id_mismatch", "peer_id is not the hash of the public key")
+    timestamp = get_number(body, "timestamp")
+    skew = abs(time.time() - timestamp)
+    if skew > max_skew_s:
+        raise ApiError(403, "clock_skew", f"request timestamp is {skew:.0f}s off the coordinator "
+                                          f"clock (limit {max_skew_s:.0f}s); fix the clock")
+    sig_hex = get_str(body, "signature", max_len=128, pattern=HEX_RE)
+    if len(sig_hex) != 128:
+        raise bad("field 'signature' must be 64 bytes of hex")
+    if not verify_signature(public_key, bytes.fromhex(sig_hex), signing_bytes(action, body)):
+        raise ApiError(403, "bad_signature", f"signature on {action} does not verify")

@@ -1,0 +1,457 @@
+"""The ``train`` role plug-in: ``peer join --train RUN`` trains one model with DiLoCo over the mesh.
+
+Entry point (pyproject.toml): ``[project.entry-points."lowband.roles"] train =
+"diloco.role:TrainRole"``. The daemon calls ``TrainRole(run_name, options)`` and ``start(daemon)``.
+
+What a peer does (coordinator routes: coordinator/runs.py, coordinator/checkpoint_routes.py):
+
+1. Create-or-get the run: the first creator's ``RunConfig`` wins; a flag this peer set
+   explicitly that disagrees with the stored config is an error. The coordinator assigns a data
+   slot: the peer trains on shard ``slot`` of ``data_shards`` of the corpus (``--data`` or
+   Shakespeare), continuing at the slot's stored position, so a successor or a restarted run
+   picks up that slot's data stream where it stopped.
+2. Get the global state, verified against its hash: a snapshot from a live peer that holds the
+   current state (RPC ``diloco.snapshot``, content-addressed chunks, hash-checked), else the
+   coordinator's latest checkpoint, else the bit-identical initialization from the run seed.
+   A peer that took a live snapshot joins mid-run: its first outer step contributes a zero
+   pseudo-gradient without an inner phase, so it reaches that step's rendezvous in time.
+3. Loop: inner phase (H steps, or the ``inner_seconds`` wall-clock budget), rendezvous,
+   all-reduce of the pseudo-gradient (``MeshAverager``), Nesterov outer step, report metrics and
+   the global-state hash. Told to resync (late, or its hash lost the majority vote), it reloads
+   from a donor. Every ``checkpoint_every`` steps the coordinator designates one participant to
+   upload a checkpoint (params, outer momentum, step, config, hash) — only missing chunks.
+
+The trainer runs in its own thread; HTTP and collectives run on the daemon's asyncio loop. The
+global state (fp32) lives on the CPU, the model and batches on the daemon's device.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Coroutine, TypeVar
+
+from peer.blobs import CHUNK_SIZE, InvalidName, Manifest, check_run
+from peer.errors import LowbandError
+
+from .diloco import DiLoCo
+from .errors import AveragingError, ConfigError, DiLoCoError, StateError
+from .inner import InnerReport
+from .mesh import MeshAverager, NotAParticipant, Rendezvous
+from .run_client import RunClient
+from .run_config import (CODECS, PRESETS, RunConfig, build_model, build_optimizer,
+                         corpus_tokens, lm_loss, shard)
+from .state_io import build_manifest, global_tensors, pack, snapshot_from_tensors, unpack
+
+log = logging.getLogger("lowband.train")
+T = TypeVar("T")
+
+SNAPSHOT_METHOD = "diloco.snapshot"
+SNAPSHOT_TIMEOUT_S = 300.0   # a donor may hold its state lock for one whole rendezvous
+REQUEST_TIMEOUT_S = 60.0
+LEAVE_TIMEOUT_S = 10.0
+UPLOAD_ATTEMPTS = 3
+
+# RunConfig field -> `peer join` flag (see TrainRole.add_arguments); argparse dests are
+# _PREFIX + field, and _DATA_DEST for --data.
+_PREFIX = "train_"
+_DATA_DEST = "train_data"
+_FLAGS: dict[str, tuple[str, type, str]] = {
+    "preset": ("--preset", str, "model preset (micro, tiny, smollm2-135m)"),
+    "inner_steps": ("--inner-steps", int, "H: inner steps per outer step"),
+    "inner_seconds": ("--inner-seconds", float,
+                      "wall-clock inner-phase budget per outer step (heterogeneous peers)"),
+    "total_steps": ("--outer-steps", int, "stop the run at this outer step (0 = never)"),
+    "codec": ("--codec", str, "all-reduce codec for pseudo-gradients (fp32 fp16 bf16 int8 int4)"),
+    "error_feedback": ("--error-feedback", bool, "quantize pseudo-gradients under error feedback"),
+    "outer_lr": ("--outer-lr", float, "outer (Nesterov) learning rate"),
+    "outer_momentum": ("--outer-momentum", float, "outer momentum"),
+    "inner_lr": ("--inner-lr", float, "inner AdamW learning rate"),
+    "seq_len": ("--seq-len", int, "tokens per training sequence"),
+    "batch_size": ("--batch-size", int, "sequences per inner step"),
+    "seed": ("--seed", int, "run seed (model init and data order)"),
+    "checkpoint_every": ("--checkpoint-every", int, "outer steps between checkpoints (0 = never)"),
+    "sync_timeout_s": ("--sync-timeout", float, "seconds a rendezvous waits for stragglers"),
+    "min_peers": ("--min-peers", int, "a rendezvous waits for this many peers (up to the timeout)"),
+}
+
+
+class Stopping(DiLoCoError):
+    """The peer is shutting down; the training thread unwinds."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """This peer's options: run config values it sets explicitly, and local settings."""
+
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: str | None = None
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "TrainOptions":
+        """From the parsed `peer join` options of this role (``TrainRole.add_arguments`` dests:
+        ``train_data`` and ``train_<RunConfig field>``; None = not given)."""
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = sorted(k for k in given if k != _DATA_DEST and k.removeprefix(_PREFIX) not in _FLAGS)
+        if unknown:
+            raise ConfigError(f"unknown train options {unknown}")
+        data = given.pop(_DATA_DEST, None)
+        return cls({k.removeprefix(_PREFIX): v for k, v in given.items()}, data)
+
+
+class TrainRole:
+    """One peer's part in training run ``run`` (see the module docstring)."""
+
+    def __init__(self, run: str, options: dict[str, Any] | None = None) -> None:
+        try:
+            self.run = check_run(run)
+        except InvalidName as e:
+            raise ConfigError(str(e)) from None
+        self.options = TrainOptions.from_options(options)
+        RunConfig(**self.options.config)  # bad flag values fail before the peer joins
+        self.daemon = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.client: RunClient | None = None
+        self.config: RunConfig | None = None
+        self.trainer: DiLoCo | None = None
+        self.state_hash: str | None = None   # hash of the global state the trainer holds
+        self.source = ""                     # where the state came from: seed/checkpoint/peer
+        self.finished = threading.Event()
+        self._stop = threading.Event()
+        self._state_lock = threading.Lock()  # held while the global state changes
+        self._thread: threading.Thread | None = None
+        self._step = 0                       # the outer step being synced
+        self._last_sync: dict[str, Any] = {}
+        self._uploads: list[Future] = []
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """`peer join` options of this role (passed back as the ``options`` dict)."""
+        group = parser.add_argument_group("train role (with --train RUN)")
+        group.add_argument("--data", dest=_DATA_DEST, metavar="PATH",
+                           help="text file or folder to train on (default: Shakespeare)")
+        for field_name, (flag, kind, help_text) in _FLAGS.items():
+            dest = _PREFIX + field_name
+            if kind is bool:
+                group.add_argument(flag, dest=dest, action="store_true", default=None,
+                                   help=help_text)
+            else:
+                choices = {"preset": sorted(PRESETS), "codec": CODECS}.get(field_name)
+                group.add_argument(flag, dest=dest, type=kind, default=None, choices=choices,
+                                   metavar=None if choices else kind.__name__.upper(),
+                                   help=help_text)
+
+    # -- daemon lifecycle ----------------------------------------------------------------------
+    async def start(self, daemon) -> None:
+        """Join the run (a config conflict fails the peer's start, before READY), then train in
+        a thread of its own."""
+        self.daemon = daemon
+        self.loop = asyncio.get_running_loop()
+        cfg = daemon.config
+        self.client = RunClient(cfg.coordinator, cfg.token, daemon.identity)
+        try:
+            answer = await self.client.join_run(
+                self.run, RunConfig(**self.options.config).to_dict(), sorted(self.options.config))
+            if answer["conflicts"]:
+                detail = ", ".join(f"{k}: run has {v['stored']!r}, you asked {v['requested']!r}"
+                                   for k, v in sorted(answer["conflicts"].items()))
+                raise ConfigError(f"run {self.run} already exists with another config ({detail});"
+                                  f" drop those flags to join it")
+            self.config = RunConfig.from_dict(answer["config"])
+        except BaseException:
+            await self.client.close()
+            raise
+        daemon.host.handle(SNAPSHOT_METHOD, self._on_snapshot)
+        self._thread = threading.Thread(target=self._thread_main, args=(answer,),
+                                        name=f"train-{self.run}", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self.trainer is not None:
+            self.trainer.averager.cancel()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 8.0)
+        pending = [asyncio.wrap_future(f) for f in self._uploads if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+        if self.client is not None:
+            await self.client.close()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = REQUEST_TIMEOUT_S) -> T:
+        """Run a coroutine on the daemon loop from the training thread and wait for it; a stop
+        request cancels it (Stopping)."""
+        assert self.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return fut.result(min(0.25, max(0.0, end - time.monotonic())))
+            except FutureTimeout:
+                if self._stop.is_set():
+                    fut.cancel()
+                    raise Stopping("the peer is stopping") from None
+                if time.monotonic() >= end:
+                    fut.cancel()
+                    raise TimeoutError(f"no answer within {timeout:.0f}s") from None
+
+    def _say(self, line: str) -> None:
+        print(f"train {self.run}: {line}", flush=True)
+
+    def _thread_main(self, answer: dict[str, Any]) -> None:
+        try:
+            self._train(answer)
+        except Stopping:
+            pass
+        except Exception as e:  # the peer stays up (serving snapshots); say why training stopped
+            log.exception("training stopped")
+            self._say(f"stopped: {type(e).__name__}: {e}")
+        finally:
+            self.finished.set()
+            try:  # it joined the run: stop being waited for
+                asyncio.run_coroutine_threadsafe(self.client.leave_run(self.run),
+                                                 self.loop).result(LEAVE_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - best effort; liveness covers the rest
+                log.warning("could not leave run %s: %s", self.run, e)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _setup(self, answer: dict[str, Any]) -> None:
+        """Model, optimizer, data shard and trainer from the run config (in the training thread:
+        tokenizing a corpus and building a model take a while)."""
+        assert self.client is not None and self.daemon is not None and self.config is not None
+        cfg = self.config
+        device = self.daemon.device
+        tokens = corpus_tokens(cfg, self.options.data)
+        data = shard(cfg, tokens, answer["slot"], answer["slots"], device)
+        data.position = int(answer["slot_position"])
+        model = build_model(cfg).to(device)
+        optimizer, scheduler = build_optimizer(cfg, model)
+        averager = MeshAverager(self.daemon.host, self.loop, self._rendezvous, codec=cfg.codec,
+                                membership=lambda: list(self.daemon.mesh))
+        self.trainer = DiLoCo(model, optimizer, data, lm_loss, averager, cfg.outer_config(),
+                              scheduler=scheduler)
+        self.state_hash = self.trainer.global_state_hash()
+        self._say(f"{'created' if answer['created'] else 'joined'} run (preset {cfg.preset}, "
+                  f"H={cfg.inner_steps}, codec {cfg.codec}), data slot {answer['slot']}/"
+                  f"{answer['slots']} at batch {data.position}, device {device}")
+
+    # -- global state --------------------------------------------------------------------------
+    def _load(self, tensors: dict, step: int, expected_hash: str, source: str) -> None:
+        """Adopt a global state if it hashes to ``expected_hash``; otherwise keep the old one."""
+        assert self.trainer is not None
+        with self._state_lock:
+            previous = self.trainer.snapshot()
+            self.trainer.load_snapshot(snapshot_from_tensors(tensors, step))
+            got = self.trainer.global_state_hash()
+            if got != expected_hash:
+                self.trainer.load_snapshot(previous)
+                raise StateError(f"state from {source} hashes to {got[:12]}, expected "
+                                 f"{expected_hash[:12]}; not adopted")
+            self.state_hash = got
+        self.source = source
+        self._say(f"state from {source}: step {step} hash {got}")
+
+    def _from_peer(self, donor: str) -> None:
+        assert self.daemon is not None
+        header, payload = self._call(
+            self.daemon.host.call(donor, SNAPSHOT_METHOD, {"run": self.run}, b"",
+                                  timeout=SNAPSHOT_TIMEOUT_S), SNAPSHOT_TIMEOUT_S + 10)
+        n = int(header["manifest_bytes"])
+        view = memoryview(payload)
+        manifest, tensors = unpack(json.loads(bytes(view[:n])), view[n:], int(header["chunk_size"]))
+        if manifest.run != self.run:
+            raise StateError(f"donor sent state of run {manifest.run}")
+        self._load(tensors, manifest.step, str(manifest.meta["global_state_hash"]),
+                   f"peer {donor[:12]}")
+
+    def _from_checkpoint(self) -> bool:
+        assert self.client is not None
+        manifest = self._call(self.client.latest_manifest(self.run))
+        if manifest is None:
+            return False
+        expected = manifest.meta.get("global_state_hash")
+        if not isinstance(expected, str):
+            raise StateError(f"checkpoint {manifest.step} of run {self.run} has no "
+                             f"global_state_hash in its meta; it was not written by a train peer")
+        tensors = self._call(self.client.download_checkpoint(manifest), 3600)
+        self._load(tensors, manifest.step, expected, f"checkpoint {manifest.step}")
+        return True
+
+    def _acquire(self, donors: list[dict]) -> bool:
+        """Adopt the run's current state; True when it came from a live peer (a mid-run join)."""
+        if self._from_donors([d["peer_id"] for d in donors]):
+            return True
+        if self._from_checkpoint():
+            return False
+        self.source = "seed"
+        self._say(f"state from seed {self.config.seed}: hash {self.state_hash}")
+        return False
+
+    def _from_donors(self, donors: list[str]) -> bool:
+        me = self.daemon.peer_id
+        for donor in [d for d in donors if d != me]:
+            try:
+                self._from_peer(donor)
+                return True
+            except (LowbandError, TimeoutError, KeyError, ValueError) as e:
+                log.warning("snapshot from %s failed: %s", donor[:12], e)
+        return False
+
+    def _resync(self, donors: list[str]) -> bool:
+        """Reload from a donor; True when done. With no reachable donor the peer keeps its
+        state (a checkpoint would be older than the run) and the coordinator decides again at
+        the next rendezvous."""
+        if not donors:
+            try:
+                donors = [d["peer_id"] for d in self._call(self.client.run_info(self.run))["donors"]]
+            except (LowbandError, TimeoutError) as e:
+                log.warning("cannot ask for donors: %s", e)
+        if self._from_donors(donors):
+            return True
+        self._say("no donor reachable; keeping this peer's state")
+        return False
+
+    async def _on_snapshot(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        if header.get("run") != self.run or self.trainer is None:
+            raise StateError(f"this peer does not train run {header.get('run')!r}")
+        manifest, chunks = await asyncio.to_thread(self._snapshot_blob)
+        head = json.dumps(manifest.to_dict()).encode()
+        return ({"manifest_bytes": len(head), "chunk_size": CHUNK_SIZE},
+                head + pack(manifest, chunks))
+
+    def _snapshot_blob(self) -> tuple[Manifest, dict[str, memoryview]]:
+        assert self.trainer is not None
+        with self._state_lock:
+            snap = self.trainer.snapshot()
+            step, state_hash = self.trainer.outer_steps, self.state_hash
+        return build_manifest(self.run, step, global_tensors(snap),
+                              meta={"global_state_hash": state_hash})
+
+    # -- the outer loop ------------------------------------------------------------------------
+    async def _rendezvous(self, tag: str) -> Rendezvous:
+        assert self.client is not None and self.config is not None and self.state_hash
+        answer = await self.client.sync(self.run, self._step, self.state_hash,
+                                        deadline_s=self.config.outer_config().average_timeout_s)
+        self._last_sync = answer
+        if not answer["participant"]:
+            why = "arrived late" if answer["late"] else "state hash lost the majority vote"
+            raise NotAParticipant(f"outer step {self._step}: {why}",
+                                  [d["peer_id"] for d in answer.get("donors", [])], answer["late"])
+        return Rendezvous(answer["participants"], answer["tag"])
+
+    def _inner_phase(self) -> InnerReport:
+        """H inner steps, or as many as fit in ``inner_seconds``; one step at a time so that a
+        stop request is honoured between steps."""
+        cfg, trainer = self.config, self.trainer
+        t0, steps, loss = time.perf_counter(), 0, 0.0
+        while True:
+            report = trainer.run_inner(steps=1)
+            steps += 1
+            loss += report.mean_loss
+            if self._stop.is_set():
+                raise Stopping("the peer is stopping")
+            if cfg.inner_seconds:
+                if time.perf_counter() - t0 + report.step_time_s > cfg.inner_seconds:
+                    break
+            elif steps >= cfg.inner_steps:
+                break
+        return InnerReport(steps, time.perf_counter() - t0, loss / steps, report.step_time_s)
+
+    def _train(self, answer: dict[str, Any]) -> None:
+        self._setup(answer)
+        joining = self._acquire(answer["donors"])
+        cfg, trainer = self.config, self.trainer
+        assert cfg is not None and trainer is not None
+        while not self._stop.is_set():
+            if cfg.total_steps and trainer.outer_steps >= cfg.total_steps:
+                self._say(f"done at step {trainer.outer_steps} hash {self.state_hash}")
+                return
+            self._step = trainer.outer_steps + 1
+            t0 = time.perf_counter()
+            inner = None
+            if joining:
+                trainer.contribute_zero_next()
+            else:
+                inner = self._inner_phase()
+            t1 = time.perf_counter()
+            try:
+                with self._state_lock:
+                    report = trainer.outer_step()
+                    self.state_hash = trainer.global_state_hash()
+            except NotAParticipant as e:
+                self._say(f"{e}; resyncing")
+                joining = self._resync(e.donors)
+                continue
+            except AveragingError as e:
+                if self._stop.is_set():
+                    return
+                self._say(f"outer step {self._step} failed ({e}); resyncing")
+                joining = self._resync([])
+                continue
+            joining = False
+            self._after_step(report.outer_step, inner, t0, t1, time.perf_counter(),
+                             report.participants or 1)
+
+    def _after_step(self, step: int, inner, t0: float, t1: float, t2: float,
+                    participants: int) -> None:
+        cfg, trainer = self.config, self.trainer
+        stats = trainer.averager.last
+        tokens = (inner.steps if inner else 0) * cfg.batch_size * cfg.seq_len
+        inner_s = inner.seconds if inner else 0.0
+        metrics = {"tokens": tokens, "tokens_per_s": tokens / inner_s if inner_s else 0.0,
+                   "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
+                   "outer_time_s": t2 - t1, "inner_time_s": inner_s,
+                   "compute_utilization": inner_s / (t2 - t0) if t2 > t0 else 0.0,
+                   "inner_steps": inner.steps if inner else 0, "participants": participants,
+                   "data_position": trainer.inner.data.position}
+        if inner is not None:
+            metrics["loss"] = inner.mean_loss
+        try:
+            self._call(self.client.report(self.run, step, self.state_hash, metrics))
+        except (LowbandError, TimeoutError) as e:  # metrics are best effort; training goes on
+            log.warning("report for step %d failed: %s", step, e)
+        self.loop.call_soon_threadsafe(self.daemon.report, "train", {
+            "run": self.run, "step": step, "tokens_per_s": metrics["tokens_per_s"]})
+        loss = f"{inner.mean_loss:.4f}" if inner else "-"
+        self._say(f"step {step} loss {loss} | {metrics['tokens_per_s']:,.0f} tok/s | "
+                  f"sent {stats.bytes_sent / 1024:,.1f} KiB recv {stats.bytes_received / 1024:,.1f}"
+                  f" KiB | {participants} peers | outer {t2 - t1:.2f}s | hash {self.state_hash[:16]}")
+        if self._last_sync.get("checkpoint"):
+            self._checkpoint(step)
+
+    def _checkpoint(self, step: int) -> None:
+        """Upload the state of ``step`` in the background (training goes on meanwhile)."""
+        with self._state_lock:
+            snap = self.trainer.snapshot()
+            state_hash = self.state_hash
+        manifest, chunks = build_manifest(
+            self.run, step, global_tensors(snap),
+            config=dataclasses.asdict(self.config.model_config),
+            meta={"global_state_hash": state_hash, "outer_step": step,
+                  "run_config": self.config.to_dict(),
+                  "data_position": self.trainer.inner.data.position})
+        self._uploads = [f for f in self._uploads if not f.done()]
+        self._uploads.append(asyncio.run_coroutine_threadsafe(
+            self._upload(manifest, chunks), self.loop))
+
+    async def _upload(self, manifest, chunks) -> None:
+        assert self.client is not None
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                done = await self.client.upload_checkpoint(manifest, chunks)
+            except (LowbandError, DiLoCoError) as e:
+                log.warning("checkpoint %d upload attempt %d failed: %s", manifest.step, attempt, e)
+                await asyncio.sleep(attempt)
+                continue
+            self._say(f"checkpoint step {manifest.step} uploaded ({done['chunks_sent']} chunks "
+                      f"sent, {done['chunks_skipped']} already there)")
+            return
+        self._say(f"checkpoint step {manifest.step} not uploaded after {UPLOAD_ATTEMPTS} attempts")

@@ -1,0 +1,132 @@
+"""Peer-side HTTP client of the coordinator's run and checkpoint routes (coordinator/runs.py,
+coordinator/checkpoint_routes.py). Run requests are signed like membership requests, so a token
+holder cannot act as another peer in a rendezvous."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from torch import Tensor
+
+from peer.blobs import Manifest, ManifestError
+from peer.membership import (API_PREFIX, CoordinatorClient, CoordinatorError,
+                             CoordinatorUnavailable, signing_bytes)
+
+from .errors import StateError
+from .state_io import tensors_from_chunks
+
+# The coordinator holds a rendezvous request up to 15 s (runs.HOLD_S); allow for that plus slack.
+SYNC_REQUEST_TIMEOUT_S = 40.0
+
+
+class RunClient(CoordinatorClient):
+    """``CoordinatorClient`` plus the run and checkpoint calls of one peer."""
+
+    def __init__(self, url: str, token: str | bytes | None, identity, *,
+                 timeout: float = SYNC_REQUEST_TIMEOUT_S) -> None:
+        super().__init__(url, token, identity, timeout=timeout)
+
+    async def _signed_at(self, action: str, path: str, fields: dict) -> dict:
+        identity = self._need_identity()
+        body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
+        body["signature"] = identity.sign(signing_bytes(action, body)).hex()
+        return await self._request("POST", path, body)
+
+    # -- runs ----------------------------------------------------------------------------------
+    async def join_run(self, run: str, config: dict, explicit: list[str]) -> dict:
+        """Create-or-get ``run``: the stored config (the creator's), ``conflicts`` with the
+        ``explicit`` keys of ``config``, this peer's data ``slot``/``slot_position``, the run's
+        ``step``, ``latest_checkpoint`` and current ``donors``."""
+        return await self._signed_at("run_join", f"/runs/{quote(run)}",
+                                     {"config": config, "explicit": explicit})
+
+    async def sync(self, run: str, step: int, base_hash: str, *, deadline_s: float) -> dict:
+        """Rendezvous for outer step ``step``: asks again while the window is open (answers
+        are idempotent) and rides out a coordinator restart, until ``deadline_s``."""
+        end = time.monotonic() + deadline_s
+        delay = 0.25
+        while True:
+            try:
+                answer = await self._signed_at("run_sync", f"/runs/{quote(run)}/sync",
+                                               {"step": step, "base_hash": base_hash})
+                if not answer.get("pending"):
+                    return answer
+                delay = 0.25
+            except CoordinatorUnavailable:
+                if time.monotonic() + delay > end:
+                    raise
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(2 * delay, 5.0)
+            if time.monotonic() > end:
+                raise CoordinatorUnavailable(f"rendezvous for step {step} of run {run} did not "
+                                             f"close within {deadline_s:.0f}s")
+
+    async def report(self, run: str, step: int, state_hash: str, metrics: dict) -> dict:
+        return await self._signed_at("run_report", f"/runs/{quote(run)}/report",
+                                     {"step": step, "state_hash": state_hash, "metrics": metrics})
+
+    async def leave_run(self, run: str) -> dict:
+        return await self._signed_at("run_leave", f"/runs/{quote(run)}/leave", {})
+
+    async def run_info(self, run: str) -> dict:
+        return await self._request("GET", f"/runs/{quote(run)}")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    async def _raw(self, method: str, path: str, data: bytes | memoryview | None = None) -> bytes:
+        """A request whose body and/or answer are raw bytes; errors as in ``_request``."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout))
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        url = self.url + API_PREFIX + path
+        try:
+            async with self._session.request(method, url, data=data, headers=headers) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise CoordinatorUnavailable(f"coordinator {self.url} unreachable: "
+                                         f"{type(e).__name__}: {e}") from e
+        if status >= 500:
+            raise CoordinatorUnavailable(f"coordinator {self.url}: HTTP {status}", status=status)
+        if status >= 400:
+            raise CoordinatorError(f"coordinator {self.url}: HTTP {status}: "
+                                   f"{body[:300].decode('utf-8', 'replace')}", status=status)
+        return body
+
+    async def latest_manifest(self, run: str) -> Manifest | None:
+        """The run's newest checkpoint manifest, or None when it has none."""
+        try:
+            data = await self._raw("GET", f"/runs/{quote(run)}/checkpoints/latest")
+        except CoordinatorError as e:
+            if e.status == 404:
+                return None
+            raise
+        try:
+            return Manifest.from_json(data)
+        except ManifestError as e:
+            raise StateError(f"coordinator sent an invalid manifest: {e}") from e
+
+    async def download_checkpoint(self, manifest: Manifest) -> dict[str, Tensor]:
+        """The tensors of ``manifest``, every chunk fetched once and verified."""
+        chunks = {sha: await self._raw("GET", f"/runs/{quote(manifest.run)}/chunks/{sha}")
+                  for sha in manifest.chunk_shas()}
+        return tensors_from_chunks(manifest, chunks.__getitem__)
+
+    async def upload_checkpoint(self, manifest: Manifest,
+                                chunks: dict[str, memoryview]) -> dict[str, Any]:
+        """Upload the chunks the coordinator lacks (so a retried upload resumes), then publish
+        the manifest. Returns counts of chunks sent/skipped and bytes sent."""
+        run = quote(manifest.run)
+        todo = (await self._request("POST", f"/runs/{run}/checkpoints/missing",
+                                    {"shas": list(chunks)}))["missing"]
+        sent = 0
+        for sha in todo:
+            await self._raw("PUT", f"/runs/{run}/chunks/{sha}", bytes(chunks[sha]))
+            sent += len(chunks[sha])
+        await self._request("PUT", f"/runs/{run}/checkpoints/{manifest.step}", manifest.to_dict())
+        return {"chunks_sent": len(todo), "chunks_skipped": len(chunks) - len(todo),
+                "bytes_sent": sent}

@@ -1,0 +1,412 @@
+"""The peer daemon behind `peer join`: one identity, one PeerHost, one coordinator session.
+
+Lifecycle: load/create the identity -> listen (PeerHost) -> join the coordinator -> heartbeat
+every interval the coordinator dictates, carrying stats (measured throughput, the link matrix
+row: ping RTT and transport rtt/bandwidth per peer) -> keep the mesh view (a route for every
+live peer) -> ping peers so links carry real encrypted traffic -> start role plug-ins -> on stop,
+stop roles, leave, close. When the coordinator is unreachable the daemon keeps the last mesh and
+retries with capped exponential backoff; a heartbeat answered "unknown/dead peer" makes it join
+again, so a restarted or wiped coordinator repopulates itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from peer import metrics
+from peer.errors import LowbandError
+from peer.identity import Identity
+from peer.membership import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
+                             CoordinatorUnavailable, NotRegistered)
+from peer.roles import Role, load_role
+from peer.transport import PeerHost, split_address
+
+log = logging.getLogger("lowband.peer.daemon")
+
+DEFAULT_KEY_PATH = Path.home() / ".lowband" / "peer.key"
+DEFAULT_LISTEN = "0.0.0.0:7070"
+PING_METHOD = "lowband.ping"
+
+
+class DaemonError(LowbandError):
+    """The daemon cannot start or keep going (bad config, fatal coordinator answer)."""
+
+
+def parse_address(address: str, what: str) -> tuple[str, int]:
+    """"host:port" -> (host, port), as a DaemonError naming the flag when malformed."""
+    try:
+        host, port = split_address(address)
+    except ValueError:
+        raise DaemonError(f"{what} {address!r} is not HOST:PORT") from None
+    if not host or not 0 <= port < 65536:
+        raise DaemonError(f"{what} {address!r} is not HOST:PORT")
+    return host, port
+
+
+@dataclass
+class DaemonConfig:
+    coordinator: str
+    token: str
+    listen: str = DEFAULT_LISTEN
+    announce: str | None = None           # address other peers dial; default: the listen address
+    key_path: Path = DEFAULT_KEY_PATH
+    device: str = "auto"                  # auto | cpu | cuda
+    roles: dict[str, str] = field(default_factory=dict)  # role name -> its argument
+    ping_interval: float = 2.0
+    request_timeout: float = 5.0          # per coordinator request and per ping
+    max_backoff: float = 5.0              # cap of the reconnect backoff, seconds
+    metrics_port: int | None = None       # serve Prometheus /metrics on the listen host; 0 = any port
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise DaemonError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        parsed = urlparse(self.coordinator)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise DaemonError(f"coordinator URL {self.coordinator!r} must look like http://HOST:PORT")
+        if not self.token:
+            raise DaemonError("a swarm token is required (--token, --token-file or $LOWBAND_TOKEN)")
+        if self.ping_interval <= 0 or self.request_timeout <= 0:
+            raise DaemonError("ping interval and request timeout must be positive")
+        parse_address(self.listen, "--listen")
+        if self.announce is not None:
+            parse_address(self.announce, "--announce")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise DaemonError(f"--metrics-port {self.metrics_port} is not a TCP port")
+
+
+def resolve_device(requested: str) -> str:
+    """auto -> cuda when torch sees a GPU, else cpu. torch is imported lazily (auto/cuda only)."""
+    if requested != "auto":
+        if requested == "cuda" and not _cuda_available():
+            raise DaemonError("--device cuda requested but torch reports no CUDA device")
+        return requested
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def device_memory(device: str) -> int | None:
+    """Total bytes of memory on ``device`` (None when the platform does not say)."""
+    if device == "cuda":
+        import torch
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
+def measure_throughput(device: str, seconds: float = 0.2) -> float:
+    """Measured float32 matmul rate in FLOP/s on ``device`` (a short, honest probe; roles report
+    their own task throughput — samples/s, tokens/s — through :meth:`PeerDaemon.report`)."""
+    n = 256
+    if device == "cuda":
+        import torch
+        a = torch.randn(n, n, device="cuda")
+        matmul, sync = (lambda: a @ a), torch.cuda.synchronize
+    else:
+        import numpy as np
+        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        matmul, sync = (lambda: a @ a), (lambda: None)
+    matmul()
+    sync()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        matmul()
+        reps += 1
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def outbound_host(coordinator_url: str) -> str:
+    """The local IP the OS would use to reach the coordinator (no packet is sent)."""
+    target = urlparse(coordinator_url).hostname or "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class PeerDaemon:
+    """A running peer. Use :meth:`start`, then :meth:`run` until it returns or is cancelled,
+    then :meth:`stop` (leaves the swarm)."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.identity: Identity | None = None
+        self.host: PeerHost | None = None
+        self.client: CoordinatorClient | None = None
+        self.device = "cpu"
+        self.address = ""                     # announced address
+        self.meta: dict[str, Any] = {}
+        self.mesh: dict[str, str] = {}        # live peer id -> address (excluding self)
+        self.ping_rtt: dict[str, float] = {}  # peer id -> last ping round trip, seconds
+        self.ping_counts: dict[str, list[int]] = {}  # peer id -> [ok, failed]
+        self.heartbeat_interval = 2.0
+        self.peer_timeout = 10.0
+        self.registered = False
+        self.view: str | None = None          # id of the coordinator's peer list we hold
+        self.coordinator_reachable = True
+        self.roles: dict[str, Role] = {}
+        self._running_roles: list[tuple[str, Role]] = []
+        self._reported: dict[str, Any] = {}
+        self._metrics_runner: Any = None      # aiohttp runner of the /metrics server
+        self.metrics_url: str | None = None
+        self._started_at = time.time()
+
+    @property
+    def peer_id(self) -> str:
+        assert self.identity is not None, "daemon not started"
+        return self.identity.peer_id
+
+    def report(self, key: str, value: Any) -> None:
+        """Let roles publish a stat (JSON-able) in every following heartbeat, e.g.
+        report("throughput", tokens_per_s) replaces the startup matmul figure."""
+        self._reported[key] = value
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        # Roles resolve first so a missing plug-in fails before anything listens or joins.
+        self.roles = {name: load_role(name, arg) for name, arg in cfg.roles.items()}
+        try:
+            self.identity = Identity.load_or_create(cfg.key_path)
+        except (OSError, ValueError) as e:
+            raise DaemonError(f"cannot load or create key {cfg.key_path}: {e}") from e
+        self.device = await asyncio.to_thread(resolve_device, cfg.device)
+        throughput = await asyncio.to_thread(measure_throughput, self.device)
+        self.meta = {"device": self.device, "memory": device_memory(self.device),
+                     "roles": sorted(cfg.roles), "throughput": throughput, "pid": os.getpid()}
+        self.host = PeerHost(self.identity, cfg.token.encode("utf-8"))
+        listen_host, listen_port = parse_address(cfg.listen, "--listen")
+        try:
+            await self.host.start(listen_host, listen_port)
+        except OSError as e:
+            raise DaemonError(f"cannot listen on {cfg.listen}: {e.strerror or e}") from e
+        self.host.handle(PING_METHOD, self._on_ping)
+        if cfg.metrics_port is not None:
+            try:
+                self._metrics_runner, port = await metrics.start_metrics_server(listen_host,
+                                                                                cfg.metrics_port)
+            except OSError as e:
+                raise DaemonError(f"cannot serve metrics on {listen_host}:{cfg.metrics_port}: "
+                                  f"{e.strerror or e}") from e
+            shown = listen_host if listen_host not in ("0.0.0.0", "::", "") else \
+                outbound_host(cfg.coordinator)
+            self.metrics_url = f"http://{shown}:{port}/metrics"
+        if cfg.announce:
+            self.address = cfg.announce
+        else:
+            bound_host, bound_port = split_address(self.host.address)
+            if bound_host in ("0.0.0.0", "::", ""):
+                bound_host = outbound_host(cfg.coordinator)
+            self.address = f"{bound_host}:{bound_port}"
+        self.client = CoordinatorClient(cfg.coordinator, cfg.token, self.identity,
+                                        timeout=cfg.request_timeout)
+        await self._join_with_retry()
+        for name, role in self.roles.items():
+            try:
+                await role.start(self)
+            except Exception as e:  # plug-in code: report which role broke, not a traceback
+                raise DaemonError(f"role {name!r} failed to start: {type(e).__name__}: {e}") from e
+            self._running_roles.append((name, role))
+
+    async def run(self) -> None:
+        """Heartbeat and ping until cancelled; raises DaemonError on a fatal coordinator answer."""
+        await asyncio.gather(self._heartbeat_loop(), self._ping_loop())
+
+    async def stop(self) -> None:
+        """Stop roles, leave the swarm (best effort, bounded), close everything."""
+        while self._running_roles:
+            name, role = self._running_roles.pop()
+            try:
+                await asyncio.wait_for(role.stop(), self.config.request_timeout * 2)
+            except Exception:  # one broken role must not keep the peer from leaving
+                log.exception("role %r failed to stop", name)
+        if self.client is not None:
+            if self.registered:
+                try:
+                    await self.client.leave()
+                    log.info("left the swarm")
+                except CoordinatorError as e:
+                    log.warning("could not leave cleanly: %s", e)
+            await self.client.close()
+        if self.host is not None:
+            await self.host.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+    # -- coordinator session ---------------------------------------------------------------
+    async def _join(self) -> None:
+        assert self.client is not None
+        answer = await self.client.join(self.address, self.meta)
+        self.registered = True
+        self._apply(answer)
+        log.info("joined %s as %s (%d live peers)", self.config.coordinator, self.peer_id[:12],
+                 len(answer.get("peers", [])))
+
+    async def _join_with_retry(self) -> None:
+        delay = 0.25
+        while True:
+            try:
+                return await self._join()
+            except CoordinatorUnavailable as e:
+                log.warning("%s; retrying in %.1fs", e, delay)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self._backoff_cap())
+
+    def _backoff_cap(self) -> float:
+        # Retry well within the coordinator's restart grace period (one peer timeout), so a
+        # restarted coordinator hears from every survivor before it may declare anyone dead.
+        return max(0.25, min(self.config.max_backoff, self.peer_timeout / 4))
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.client is not None
+        delay = 0.25
+        while True:
+            try:
+                if self.registered:
+                    self._apply(await self._timed_heartbeat())
+                else:
+                    await self._join()
+                if not self.coordinator_reachable:
+                    log.info("coordinator %s is reachable again", self.config.coordinator)
+                self.coordinator_reachable = True
+                delay = 0.25
+                await asyncio.sleep(self.heartbeat_interval)
+            except NotRegistered as e:
+                log.warning("coordinator no longer counts this peer (%s); joining again", e)
+                self.registered = False
+            except CoordinatorUnavailable as e:
+                if self.coordinator_reachable:
+                    log.warning("%s; keeping the last mesh view and retrying", e)
+                self.coordinator_reachable = False
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self._backoff_cap())
+            except CoordinatorAuthError as e:
+                raise DaemonError(str(e)) from e
+            except CoordinatorError as e:  # 4xx we did not expect: report and keep trying
+                log.error("coordinator refused the request: %s", e)
+                await asyncio.sleep(self.config.max_backoff)
+
+    async def _timed_heartbeat(self) -> dict:
+        assert self.client is not None
+        start = time.perf_counter()
+        try:
+            answer = await self.client.heartbeat(self.collect_stats(), self.view)
+        except NotRegistered:
+            metrics.HEARTBEATS.labels("unregistered").inc()
+            raise
+        except CoordinatorUnavailable:
+            metrics.HEARTBEATS.labels("unavailable").inc()
+            raise
+        except CoordinatorError:
+            metrics.HEARTBEATS.labels("refused").inc()
+            raise
+        metrics.HEARTBEAT_SECONDS.observe(time.perf_counter() - start)
+        metrics.HEARTBEATS.labels("ok").inc()
+        return answer
+
+    def _apply(self, answer: dict) -> None:
+        """Take the coordinator's view: heartbeat interval and live peers -> mesh routes."""
+        for key in ("heartbeat_interval", "peer_timeout"):
+            value = answer.get(key)
+            if isinstance(value, (int, float)) and value > 0:
+                setattr(self, key, float(value))
+        if "peers" not in answer:  # our view is current (see CoordinatorClient.heartbeat)
+            return
+        view = answer.get("view")
+        self.view = view if isinstance(view, str) else None
+        live: dict[str, str] = {}
+        for p in answer["peers"]:
+            if isinstance(p, dict) and p.get("peer_id") != self.peer_id:
+                live[str(p.get("peer_id"))] = str(p.get("address"))
+        assert self.host is not None
+        for peer_id, address in live.items():
+            if self.mesh.get(peer_id) != address:
+                self.host.add_route(peer_id, address)
+                log.info("mesh: + %s at %s", peer_id[:12], address)
+        for peer_id in set(self.mesh) - set(live):
+            log.info("mesh: - %s", peer_id[:12])
+            self.ping_rtt.pop(peer_id, None)
+            self.ping_counts.pop(peer_id, None)
+        self.mesh = live
+        metrics.MESH_PEERS.set(len(live))
+
+    def collect_stats(self) -> dict:
+        """Heartbeat stats: throughput, mesh size, and this peer's row of the link matrix."""
+        assert self.host is not None
+        links = {}
+        connected = set(self.host.connected_peers())
+        for peer_id in self.mesh:
+            row: dict[str, Any] = {"connected": peer_id in connected}
+            if peer_id in self.ping_rtt:
+                row["ping_rtt_s"] = round(self.ping_rtt[peer_id], 6)
+            ok, failed = self.ping_counts.get(peer_id, (0, 0))
+            row["pings_ok"], row["pings_failed"] = ok, failed
+            link = self.host.link_stats(peer_id)
+            row.update(rtt_s=link.rtt_s, bandwidth_Bps=link.bandwidth_Bps,
+                       bytes_sent=link.bytes_sent, bytes_received=link.bytes_received)
+            links[peer_id] = row
+        return {"throughput": self.meta.get("throughput"), "mesh_size": len(self.mesh),
+                "uptime_s": round(time.time() - self._started_at, 3), "links": links,
+                **self._reported}
+
+    # -- peer traffic ----------------------------------------------------------------------
+    async def _on_ping(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        return {"t": header.get("t")}, payload
+
+    async def ping(self, peer_id: str) -> float:
+        """One encrypted RPC round trip to ``peer_id`` (dialing first if needed, bounded by the
+        request timeout); returns and records the RTT in seconds."""
+        assert self.host is not None
+        start = time.perf_counter()
+        await asyncio.wait_for(self.host.call(peer_id, PING_METHOD, {"t": time.time()}, b"",
+                                              timeout=self.config.request_timeout),
+                               self.config.request_timeout)
+        rtt = time.perf_counter() - start
+        first = peer_id not in self.ping_rtt
+        self.ping_rtt[peer_id] = rtt
+        self.ping_counts.setdefault(peer_id, [0, 0])[0] += 1
+        if first:
+            log.info("ping %s ok, rtt %.2f ms", peer_id[:12], rtt * 1e3)
+        return rtt
+
+    async def _ping_one(self, peer_id: str) -> None:
+        try:
+            await self.ping(peer_id)
+        except (LowbandError, TimeoutError) as e:
+            if peer_id in self.mesh:
+                self.ping_counts.setdefault(peer_id, [0, 0])[1] += 1
+            log.debug("ping %s failed: %s", peer_id[:12], e or type(e).__name__)
+
+    async def _ping_loop(self) -> None:
+        """Ping every mesh peer each interval; a slow or unreachable peer only delays itself."""
+        inflight: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                inflight = {p: t for p, t in inflight.items() if not t.done()}
+                for peer_id in self.mesh:
+                    if peer_id not in inflight:
+                        inflight[peer_id] = asyncio.create_task(self._ping_one(peer_id))
+                await asyncio.sleep(self.config.ping_interval)
+        finally:
+            for task in inflight.values():
+                task.cancel()
+            await asyncio.gather(*inflight.values(), return_exceptions=True)

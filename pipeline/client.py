@@ -1,0 +1,452 @@
+"""InferenceClient: generate text with a model split over stage servers.
+
+Discovery: servers announce ``{model, blocks: [a, b], ...}`` in their heartbeat stats; the
+client reads them from the coordinator. Routing: a shortest path over block boundaries
+0..n_layers where a server holding [a, b) offers an edge x -> y for every a <= x < y <= b,
+costing its measured round trip (``PeerHost.link_stats`` / a ping) plus a per-hop overhead —
+the chain of servers covering every block with the least latency.
+
+The client drives the chain (as in Petals, Borzunov et al. 2023): it sends each hop its input
+and gets the hop's output back, and keeps every hop's inputs (token ids for block 0, hidden
+states after). Failover: when a hop fails (connection lost, timeout, lost session), the client
+routes that hop's blocks over the remaining servers, replays the hop's stored inputs through
+them chunk by chunk exactly as first sent (rebuilding their KV caches at the right positions,
+bit-identically), and retries the step. Greedy output is therefore identical to a run without
+failure, and to ``pipeline.generate`` in one process (activations travel in fp32 by default).
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+from torch import Tensor
+
+from peer.errors import LowbandError, PeerUnavailable, RemoteError, TransportTimeout
+from peer.identity import Identity
+from peer.membership import CoordinatorClient, CoordinatorUnavailable
+from peer.transport import PeerHost
+from pipeline.generate import Prompt, Sampler, _prompt_ids
+from pipeline.protocol import (CLOSE, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
+                               ContextLimitExceeded, ModelNotFound, NoRoute, ServingError, SessionError,
+                               pack_tensor, unpack_tensor)
+from pipeline.tokenizer import Tokenizer
+
+HOP_OVERHEAD_S = 0.002      # per-hop cost beyond the RTT (serialization, scheduling): prefer fewer hops
+_FAILURES = (PeerUnavailable, TransportTimeout, SessionError, RemoteError)  # -> failover
+_REMOTE_TYPES = {"BadRequest": BadRequest, "ContextLimitExceeded": ContextLimitExceeded,
+                 "ModelNotFound": ModelNotFound, "SessionError": SessionError}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    peer_id: str
+    address: str
+    model: str
+    start: int
+    end: int
+    n_layers: int
+    max_seq_len: int
+    vocab_size: int
+
+
+@dataclass
+class Hop:
+    """One link of a session's chain: ``server`` runs blocks [start, end); ``history`` holds the
+    inputs sent so far, as (header, raw bytes, tokens) per step."""
+    server: ServerInfo
+    start: int
+    end: int
+    history: list[tuple[dict, bytes, int]] = field(default_factory=list)
+
+
+def _remote(e: RemoteError) -> LowbandError:
+    """A server-side error as the typed error it was (its text is 'peer: Type: message')."""
+    _, _, rest = str(e).partition(": ")
+    name, _, message = rest.partition(": ")
+    cls = _REMOTE_TYPES.get(name)
+    return cls(message) if cls is not None else e
+
+
+def plan_route(servers: list[ServerInfo], start: int, end: int, cost: dict[str, float]) -> list[tuple[ServerInfo, int, int]]:
+    """Cheapest chain covering blocks [start, end): Dijkstra over block boundaries. ``cost``:
+    peer id -> seconds per hop (servers missing from it are unusable)."""
+    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
+    back: dict[int, tuple[int, ServerInfo]] = {}
+    heap = [(0.0, 0, start)]
+    while heap:
+        c, hops, x = heapq.heappop(heap)
+        if x == end:
+            break
+        if (c, hops) > best.get(x, (float("inf"), 0)):
+            continue
+        for s in servers:
+            if s.peer_id not in cost or not s.start <= x < s.end:
+                continue
+            for y in range(x + 1, min(s.end, end) + 1):
+                cand = (c + cost[s.peer_id], hops + 1)
+                if cand < best.get(y, (float("inf"), 0)):
+                    best[y], back[y] = cand, (x, s)
+                    heapq.heappush(heap, (*cand, y))
+    if end not in back and start != end:
+        covered = sorted({i for s in servers if s.peer_id in cost for i in range(s.start, s.end)})
+        missing = [i for i in range(start, end) if i not in covered]
+        raise NoRoute(f"no live server covers blocks {missing[0]}..{missing[-1]} of {start}:{end}"
+                      if missing else f"no chain of reachable servers covers blocks {start}:{end}")
+    chain, y = [], end
+    while y != start:
+        x, s = back[y]
+        chain.append((s, x, y))
+        y = x
+    return chain[::-1]
+
+
+class _Session:
+    """One generation's chain of hop sessions; steps and failover (see module docstring)."""
+
+    def __init__(self, client: "InferenceClient", model: str, servers: list[ServerInfo], capacity: int):
+        self.client, self.model, self.capacity = client, model, capacity
+        self.n_layers = servers[0].n_layers
+        self.sid = secrets.token_hex(8)
+        self.pos = 0
+        self.excluded: set[str] = set()
+        self.failovers = 0
+        self.route: list[Hop] = []
+
+    async def open(self) -> None:
+        servers, cost = await self.client.candidates(self.model, self.excluded)
+        self.route = [Hop(s, a, b) for s, a, b in plan_route(servers, 0, self.n_layers, cost)]
+
+    async def step(self, ids: list[int]) -> Tensor:
+        """Run ``ids`` through the chain; returns the last position's logits [1, vocab] (fp32)."""
+        meta, raw = pack_tensor(torch.tensor([ids], dtype=torch.long))
+        x, i = (meta, raw), 0
+        while i < len(self.route):
+            hop = self.route[i]
+            out = "logits" if hop.end == self.n_layers else "hidden"
+            try:
+                x_next = await self._call(hop, x[0], x[1], [len(ids)], out)
+            except _FAILURES as e:
+                await self._repair(i, e)
+                continue
+            hop.history.append((x[0], x[1], len(ids)))
+            x, i = x_next, i + 1
+        self.pos += len(ids)
+        return unpack_tensor(*x)
+
+    async def _call(self, hop: Hop, meta: dict, raw: bytes, chunks: list[int], out: str,
+                    pos: int | None = None) -> tuple[dict, bytes]:
+        header = {**meta, "sid": self.sid, "start": hop.start, "end": hop.end, "chunks": chunks,
+                  "pos": self.pos if pos is None else pos, "out": out, "wire": self.client.wire,
+                  "input": "tokens" if meta["dtype"] == "int64" else "hidden", "capacity": self.capacity}
+        try:
+            rh, rp = await self.client.host.call(hop.server.peer_id, STEP, header, raw,
+                                                 timeout=self.client.step_timeout)
+        except RemoteError as e:
+            raise _remote(e) from e
+        return {"dtype": rh.get("dtype"), "shape": rh.get("shape")}, bytes(rp)
+
+    async def _repair(self, i: int, error: Exception) -> None:
+        """Replace hop i by a chain over the other servers, rebuilding its KV caches by replay."""
+        failed = self.route[i]
+        bad = failed.server.peer_id
+        while True:
+            self.excluded.add(bad)
+            self.client.forget(bad)
+            self.failovers += 1
+            if self.failovers > self.client.max_failovers:
+                raise ServingError(f"giving up after {self.failovers - 1} failovers; last error: {error}") from error
+            servers, cost = await self.client.candidates(self.model, self.excluded)
+            hist, new = failed.history, []
+            try:
+                for s, a, b in plan_route(servers, failed.start, failed.end, cost):
+                    new.append(Hop(s, a, b, list(hist)))
+                    if hist:
+                        hist = await self._replay(new[-1], hist)
+            except _FAILURES as e:
+                bad, error = new[-1].server.peer_id, e
+                continue
+            self.route[i:i + 1] = new
+            return
+
+    async def _replay(self, hop: Hop, hist: list[tuple[dict, bytes, int]]) -> list[tuple[dict, bytes, int]]:
+        """Send a hop all its past inputs in one call (run chunk by chunk, from position 0);
+        returns its outputs split the same way (the next hop's history)."""
+        chunks = [t for _, _, t in hist]
+        shape = list(hist[0][0]["shape"])
+        shape[1] = sum(chunks)
+        meta = {"dtype": hist[0][0]["dtype"], "shape": shape}
+        out = "none" if hop.end == self.n_layers else "hidden"
+        rh, rp = await self._call(hop, meta, b"".join(raw for _, raw, _ in hist), chunks, out, pos=0)
+        if out == "none":
+            return []
+        per_token = len(rp) // sum(chunks)
+        split, off = [], 0
+        for t in chunks:
+            split.append(({"dtype": rh["dtype"], "shape": [1, t, *rh["shape"][2:]]}, rp[off:off + per_token * t], t))
+            off += per_token * t
+        return split
+
+    async def close(self) -> None:
+        """Free the servers' KV caches now (they would also expire, or go with our connection)."""
+        calls = [self.client.host.call(h.server.peer_id, CLOSE, {"sid": self.sid}, timeout=5.0) for h in self.route]
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
+class InferenceClient:
+    """Client of the serving swarm behind ``coordinator_url``.
+
+    ``generate``/``stream`` are blocking (they run an event loop in a background thread);
+    ``agenerate``/``astream`` are their coroutine twins for callers with their own loop. One
+    client is used either way, not both. ``wire``: activation dtype between servers ("fp32"
+    default, exact; "fp16"/"bf16" halve the bytes).
+    """
+
+    def __init__(self, coordinator_url: str, token: str, *, wire: str = "fp32", step_timeout: float = 120.0,
+                 max_failovers: int = 8, identity: Identity | None = None):
+        if wire not in WIRE_DTYPES:
+            raise ValueError(f"wire must be one of {sorted(WIRE_DTYPES)}, got {wire!r}")
+        if not token:
+            raise ValueError("a swarm token is required to talk to servers")
+        self.url, self.token, self.wire = coordinator_url, token, wire
+        self.step_timeout, self.max_failovers = step_timeout, max_failovers
+        self.identity = identity or Identity.generate()
+        self._host: PeerHost | None = None
+        self._coord: CoordinatorClient | None = None
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._rtt: dict[str, float] = {}
+        self._peers: list | None = None  # the coordinator's last answer
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.active: dict[str, _Session] = {}  # sessions now generating, by session id
+        self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the latest session
+        self.last_failovers = 0
+
+    # -- plumbing ----------------------------------------------------------------------------
+    @property
+    def host(self) -> PeerHost:
+        if self._host is None:
+            self._host = PeerHost(self.identity, self.token.encode("utf-8"), conns_per_peer=1)
+            self._coord = CoordinatorClient(self.url, self.token, None)
+        return self._host
+
+    async def servers(self, model: str | None = None) -> list[ServerInfo]:
+        """Live servers announced to the coordinator (of ``model`` if given)."""
+        _ = self.host
+        try:
+            self._peers = await self._coord.peers()
+        except CoordinatorUnavailable:
+            if self._peers is None:
+                raise
+            # DESIGN.md §1: with the coordinator down, keep serving from the last membership.
+        found = []
+        for p in self._peers:
+            info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None
+            if p.state not in ("active", "suspect") or not isinstance(info, dict) or info.get("serving") is False:
+                continue  # tensor-split shards and forming groups are not entry points
+            try:
+                s = ServerInfo(p.peer_id, p.address, str(info["model"]), int(info["blocks"][0]),
+                               int(info["blocks"][1]), int(info["n_layers"]), int(info["max_seq_len"]),
+                               int(info["vocab_size"]))
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue  # a malformed announcement is not a server we can use
+            if model is None or s.model == model:
+                found.append(s)
+        return found
+
+    async def models(self) -> dict[str, dict]:
+        """model name -> {n_layers, max_seq_len, servers, covered} over the live servers."""
+        out: dict[str, dict] = {}
+        for s in await self.servers():
+            m = out.setdefault(s.model, {"n_layers": s.n_layers, "max_seq_len": s.max_seq_len, "servers": 0,
+                                         "blocks": set()})
+            m["servers"] += 1
+            m["blocks"].update(range(s.start, s.end))
+        for m in out.values():
+            m["covered"] = len(m.pop("blocks")) == m["n_layers"]
+        return out
+
+    async def candidates(self, model: str, exclude: set[str] = frozenset()) -> tuple[list[ServerInfo], dict[str, float]]:
+        """Servers of ``model`` not excluded, and the per-hop cost of each reachable one."""
+        servers = [s for s in await self.servers(model) if s.peer_id not in exclude]
+        if not servers:
+            known = sorted({s.model for s in await self.servers()})
+            raise ModelNotFound(f"no live server announces model {model!r} (served now: {known or 'none'})"
+                                if not exclude else f"no server of {model!r} left after failures")
+        for s in servers:
+            self.host.add_route(s.peer_id, s.address)
+        await asyncio.gather(*(self._measure(s.peer_id) for s in servers if s.peer_id not in self._rtt))
+        # The transport's running RTT estimate (from real calls) supersedes the first ping.
+        cost = {s.peer_id: (self.host.link_stats(s.peer_id).rtt_s or self._rtt[s.peer_id]) + HOP_OVERHEAD_S
+                for s in servers if s.peer_id in self._rtt}
+        return servers, cost
+
+    async def _measure(self, peer_id: str) -> None:
+        try:
+            self._rtt[peer_id] = await self.host.ping(peer_id, timeout=5.0)
+        except (LowbandError, OSError):
+            pass  # unreachable: left out of this route
+
+    def forget(self, peer_id: str) -> None:
+        self._rtt.pop(peer_id, None)
+
+    async def tokenizer(self, model: str) -> Tokenizer:
+        """The model's tokenizer, fetched once from a server of block 0."""
+        if model not in self._tokenizers:
+            servers, cost = await self.candidates(model)
+            firsts = sorted((s for s in servers if s.start == 0 and s.peer_id in cost), key=lambda s: cost[s.peer_id])
+            if not firsts:
+                raise NoRoute(f"no reachable server of {model!r} holds block 0")
+            try:
+                h, payload = await self.host.call(firsts[0].peer_id, TOKENIZER, {}, timeout=30.0)
+            except RemoteError as e:
+                raise _remote(e) from e
+            self._tokenizers[model] = Tokenizer(_HFTokenizer.from_str(bytes(payload).decode("utf-8")),
+                                                eos_id=h["eos_id"], bos_id=h.get("bos_id"),
+                                                add_bos=bool(h.get("add_bos")), chat_template=h.get("chat_template"))
+        return self._tokenizers[model]
+
+    async def server_info(self, peer_id: str, address: str | None = None) -> dict:
+        """A server's live announcement (sessions count included); ``address`` to dial it when
+        it is not an entry point the client routed to (e.g. a tensor-split shard)."""
+        if address is not None:
+            self.host.add_route(peer_id, address)
+        h, _ = await self.host.call(peer_id, INFO, {}, timeout=10.0)
+        return h
+
+    # -- generation --------------------------------------------------------------------------
+    async def atokens(self, model: str, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> AsyncIterator[int]:
+        """Yield generated token ids (a stop id ends it and is not yielded)."""
+        sampler = Sampler(temperature, top_p, seed)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise BadRequest(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not prompt_ids:
+            raise BadRequest("the prompt has no tokens")
+        servers, _ = await self.candidates(model)
+        limit, vocab = servers[0].max_seq_len, servers[0].vocab_size
+        if len(prompt_ids) + max_new_tokens > limit:
+            raise ContextLimitExceeded(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds "
+                                       f"the context limit of {limit} of {model!r}")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise BadRequest(f"token ids must lie in [0, {vocab})")
+        session = _Session(self, model, servers, len(prompt_ids) + max_new_tokens)
+        await session.open()
+        self.active[session.sid] = session
+        try:
+            logits = await session.step(list(prompt_ids))
+            for step in range(max_new_tokens):
+                tok = int(sampler(logits)[0])
+                if tok in stop_ids:
+                    return
+                yield tok
+                if step == max_new_tokens - 1:
+                    return
+                logits = await session.step([tok])
+        finally:
+            self.active.pop(session.sid, None)
+            self.last_route = [(h.server.peer_id, h.start, h.end) for h in session.route]
+            self.last_failovers = session.failovers
+            await asyncio.shield(session.close())
+
+    async def alogits(self, model: str, prompt_ids: list[int]) -> Tensor:
+        """fp32 logits [vocab] of the position after ``prompt_ids`` (scoring; tests)."""
+        servers, _ = await self.candidates(model)
+        if not prompt_ids or len(prompt_ids) > servers[0].max_seq_len:
+            raise ContextLimitExceeded(f"need 1..{servers[0].max_seq_len} prompt tokens, got {len(prompt_ids)}")
+        session = _Session(self, model, servers, len(prompt_ids))
+        await session.open()
+        try:
+            return (await session.step(list(prompt_ids)))[0]
+        finally:
+            await asyncio.shield(session.close())
+
+    async def astream(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+                      usage: dict | None = None) -> AsyncIterator[str]:
+        """Yield text pieces of one completion (prompt: a str, or chat messages). ``usage``, when
+        given, is filled with prompt_tokens, completion_tokens and finish_reason ("stop" at the
+        end token, "length" at max_new_tokens)."""
+        tok = await self.tokenizer(model)
+        try:
+            ids = _prompt_ids(tok, prompt)
+        except (ValueError, TypeError) as e:
+            raise BadRequest(str(e)) from e
+        usage = {} if usage is None else usage
+        usage.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="stop")
+        out: list[int] = []
+        sent = ""
+        async for t in self.atokens(model, ids, max_new_tokens, temperature, top_p, seed,
+                                    (tok.eos_id,) if stop_at_eos else ()):
+            out.append(t)
+            usage["completion_tokens"] = len(out)
+            if len(out) == max_new_tokens:
+                usage["finish_reason"] = "length"
+            text = tok.decode(out)
+            # Hold back a partial UTF-8 character (decoded as U+FFFD) until its last byte arrives.
+            if not text.endswith("\ufffd") and len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        text = tok.decode(out)
+        if len(text) > len(sent):
+            yield text[len(sent):]
+
+    async def agenerate(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
+        return "".join([p async for p in self.astream(model, prompt, max_new_tokens, temperature, top_p, seed,
+                                                      stop_at_eos)])
+
+    async def aclose(self) -> None:
+        if self._host is not None:
+            await self._host.close()
+            await self._coord.close()
+            self._host = None
+
+    # -- blocking API ------------------------------------------------------------------------
+    def _run(self, coro, timeout: float | None = None):
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="lowband-client", daemon=True)
+            self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def generate(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
+        return self._run(self.agenerate(model, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos))
+
+    def stream(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Iterator[str]:
+        agen = self.astream(model, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    def call(self, coro_fn, *args, **kwargs):
+        """Run one of the async methods (``servers``, ``server_info``, ...) from blocking code."""
+        return self._run(coro_fn(*args, **kwargs))
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._run(self.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+            self._loop = None
+        elif self._host is not None:
+            raise RuntimeError("this client runs on the caller's event loop: use 'await client.aclose()'")
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

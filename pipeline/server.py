@@ -1,0 +1,519 @@
+"""Stage server: serves a span of a model's blocks to InferenceClients over the peer mesh, and
+the ``serve`` role plug-in behind ``peer join --serve MODEL [--blocks A:B]``.
+
+Sessions (Petals-style, Borzunov et al. 2023): a client opens a session per server span; the
+server keeps its KV cache, bounded in count and tokens, expired when idle, and freed on a close
+message or when the client's connections are lost. Every step names the position it expects
+(``pos``), so replays after a failover land exactly where they should.
+
+Batching: one worker runs all forwards, one at a time, in a thread (the event loop keeps
+heartbeats and I/O going). Each time it is free it takes every queued step; single-token steps
+of different sessions over the same blocks run as one batched forward (each row attends to its
+own session's cache through a padded, masked view), anything else runs alone. So concurrent
+sessions batch whenever they arrive while the worker is busy, at no added latency for a lone
+session (which runs exactly the single-process code path, hence bit-identical greedy output).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.loading import ModelLoadError, gguf_config, hf_config, load_model, open_gguf, reference_model_path
+from pipeline.model import LayerKV, Llama, LlamaConfig, StepContext
+from pipeline.protocol import (CLOSE, INFO, INPUTS, OUTPUTS, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
+                               ContextLimitExceeded, ModelNotFound, SessionError, Span, least_covered_span,
+                               pack_tensor, parse_serve_argument, unpack_tensor)
+from pipeline.tokenizer import Tokenizer
+
+log = logging.getLogger("lowband.pipeline.server")
+
+REFERENCE_MODELS = {"smollm2-135m": reference_model_path}
+
+
+def resolve_model(name: str) -> Path:
+    """A model name ("smollm2-135m") or a GGUF file / HF folder path -> the local path."""
+    if name in REFERENCE_MODELS:
+        try:
+            return REFERENCE_MODELS[name]()
+        except ModelLoadError as e:
+            raise ModelNotFound(str(e)) from e
+    path = Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(REFERENCE_MODELS))
+        raise ModelNotFound(f"unknown model {name!r}: not a known name ({known}) nor an existing GGUF file "
+                            f"or HF folder")
+    return path
+
+
+def model_config(path: Path) -> LlamaConfig:
+    return hf_config(path) if path.is_dir() else gguf_config(open_gguf(path))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    return Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
+
+
+@dataclass
+class ServeConfig:
+    max_sessions: int = 64
+    max_total_tokens: int = 1 << 16     # KV slots reserved over all sessions
+    idle_timeout_s: float = 300.0       # a session untouched this long is freed
+    max_batch: int = 16                 # rows of one batched decode forward
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if min(self.max_sessions, self.max_total_tokens, self.max_batch) < 1 or self.idle_timeout_s <= 0:
+            raise ValueError("serve limits must be positive")
+
+
+@dataclass
+class Session:
+    start: int
+    end: int
+    capacity: int
+    cache: Any                          # KVCache of blocks [start, end) (or a shard's cache)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return self.cache.layers[self.start].length
+
+
+@dataclass
+class StepRequest:
+    sid: str
+    start: int
+    end: int
+    pos: int
+    chunks: list[int]
+    input: str
+    out: str
+    wire: str
+    capacity: int
+    x: Tensor                           # [1, T] ids or [1, T, dim] hidden states
+
+
+@dataclass
+class _Job:
+    peer_id: str
+    req: StepRequest
+    session: Session
+    future: asyncio.Future
+
+
+class _StackedKV:
+    """Duck-types ``LayerKV.append`` for a batch whose rows are different sessions' caches:
+    appends each row to its own cache and returns keys/values zero-padded to the longest row
+    (the batch mask hides the padding)."""
+
+    def __init__(self, rows: list[LayerKV]):
+        self.rows = rows
+
+    def append(self, k: Tensor, v: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
+        got = [row.append(k[r:r + 1], v[r:r + 1], max_len) for r, row in enumerate(self.rows)]
+        width = max(kk.shape[2] for kk, _ in got)
+        pad = [(0, 0, 0, width - kk.shape[2]) for kk, _ in got]
+        return (torch.cat([F.pad(kk, p) for (kk, _), p in zip(got, pad)]),
+                torch.cat([F.pad(vv, p) for (_, vv), p in zip(got, pad)]))
+
+
+def _run_blocks(model: Llama, h: Tensor, start: int, end: int, cache, positions: Tensor | None = None,
+                ctx: StepContext | None = None, kv_of: Callable[[int], Any] | None = None,
+                all_reduce=None) -> Tensor:
+    """``Llama.run_blocks`` with two extension points: a ready-made context and per-layer KV
+    objects (batched decode), and an all-reduce between shards (tensor split)."""
+    if ctx is None and all_reduce is None:
+        return model.run_blocks(h, start, end, cache, positions)
+    if ctx is None:
+        ctx = model.context(h, positions, cache, cache.layers[start].length)
+    for i in range(start, end):
+        kv = kv_of(i) if kv_of is not None else cache.layers[i]
+        h = model.blocks[str(i)](h, ctx, kv, all_reduce=all_reduce)
+    return h
+
+
+class StageServer:
+    """Serves blocks ``span`` of ``model`` (a ``Llama`` holding them) on ``host``.
+
+    ``model`` may also be a tensor-split shard (``pipeline.tensor_split``): the group's leader
+    sets ``split`` (which runs each step across the group) and the other shards use
+    ``make_job`` / ``compute_one`` / ``free`` directly.
+    """
+
+    def __init__(self, host, name: str, model: Llama, span: Span, model_path: Path | None,
+                 config: ServeConfig | None = None, extra_info: dict | None = None,
+                 on_change: Callable[[dict], None] | None = None):
+        self.host, self.name, self.model, self.span = host, name, model, span
+        self.cfg = model.cfg
+        self.model_path = model_path    # where the tokenizer is read from, on first request
+        self.tokenizer: Tokenizer | None = None
+        self.config = config or ServeConfig()
+        self.extra_info = extra_info or {}
+        self.on_change = on_change
+        self.sessions: dict[tuple[str, str, int], Session] = {}
+        self.split: Any = None          # TensorSplitLeader of a tensor-split group's leader
+        self.split_pending = False      # a leader whose group is not formed yet refuses steps
+        self.on_free: Callable[[str, str | None], None] | None = None  # (owner, sid or None = all)
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._tokens = 0
+        self._busy_s = 0.0
+        self.batches = 0                # forwards that batched >1 session (observability, tests)
+        self.params = sum(p.numel() for p in model.parameters())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, client_facing: bool = True) -> None:
+        """Register the handlers and start the worker; a tensor-split follower is not
+        client-facing (it takes steps from its leader only)."""
+        if client_facing:
+            self.host.handle(STEP, self._on_step)
+            self.host.handle(CLOSE, self._on_close)
+            self.host.handle(TOKENIZER, self._on_tokenizer)
+        self.host.handle(INFO, self._on_info)
+        self.host.on_peer_lost(self._on_peer_lost)
+        self._tasks = [asyncio.create_task(self._worker()), asyncio.create_task(self._expiry())]
+        self._changed()
+
+    def spawn(self, coro) -> None:
+        """Run a background coroutine owned by this server (cancelled on stop; errors logged)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %s", task.exception())
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(SessionError("server stopping"))
+        self.sessions.clear()
+
+    def announcement(self) -> dict:
+        """What heartbeats carry in stats["serve"] (clients route on it; status pages map coverage)."""
+        return {"model": self.name, "blocks": [self.span.start, self.span.end], "n_layers": self.cfg.n_layers,
+                "max_seq_len": self.cfg.max_seq_len, "vocab_size": self.cfg.vocab_size,
+                "sessions": len({(p, s) for p, s, _ in self.sessions}),
+                "tokens_per_s": round(self._tokens / self._busy_s, 2) if self._busy_s else None,
+                "wire": sorted(WIRE_DTYPES), "batches": self.batches, "params": self.params, **self.extra_info}
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.announcement())
+
+    # -- handlers ----------------------------------------------------------------------------
+    async def _on_info(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        return self.announcement(), b""
+
+    async def _on_tokenizer(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        if self.tokenizer is None:
+            if self.model_path is None:
+                raise ModelNotFound(f"this server of {self.name} has no tokenizer")
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.model_path)
+        tok = self.tokenizer
+        return ({"eos_id": tok.eos_id, "bos_id": tok.bos_id, "add_bos": tok.add_bos,
+                 "chat_template": tok.chat_template or ""}, tok._tk.to_str().encode("utf-8"))
+
+    async def _on_close(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        sid = header.get("sid")
+        if not isinstance(sid, str):
+            raise BadRequest("close needs a session id 'sid'")
+        return {"freed": self.free(peer_id, sid)}, b""
+
+    def free(self, owner: str, sid: str | None) -> int:
+        """Drop ``owner``'s session ``sid`` (every span of it), or all its sessions when None."""
+        gone = [k for k in self.sessions if k[0] == owner and (sid is None or k[1] == sid)]
+        for k in gone:
+            del self.sessions[k]
+        if self.on_free is not None:
+            self.on_free(owner, sid)
+        if gone:
+            self._changed()
+        return len(gone)
+
+    def _on_peer_lost(self, peer_id: str) -> None:
+        n = self.free(peer_id, None)
+        if n:
+            log.info("freed %d sessions of lost client %s", n, peer_id[:12])
+
+    async def _on_step(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        if self.split_pending and self.split is None:
+            raise SessionError("this tensor-split group is still forming")
+        job = self.make_job(peer_id, self.parse_step(header, payload))
+        await self._queue.put(job)
+        return await job.future
+
+    def make_job(self, owner: str, req: StepRequest) -> _Job:
+        return _Job(owner, req, self._session(owner, req), asyncio.get_running_loop().create_future())
+
+    # -- requests and sessions ---------------------------------------------------------------
+    def parse_step(self, h: dict, payload: bytes) -> StepRequest:
+        """Validate a step header + payload against this server; BadRequest / ContextLimitExceeded."""
+        def num(key: str, lo: int = 0) -> int:
+            v = h.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise BadRequest(f"step header {key!r} must be an int >= {lo}, got {v!r}")
+            return v
+
+        sid = h.get("sid")
+        if not isinstance(sid, str) or not 0 < len(sid) <= 64:
+            raise BadRequest("step header 'sid' must be a non-empty string of <= 64 chars")
+        start, end, pos, capacity = num("start"), num("end", 1), num("pos"), num("capacity", 1)
+        if not (self.span.start <= start < end <= self.span.end):
+            raise BadRequest(f"blocks {start}:{end} are not inside this server's span {self.span}")
+        chunks = h.get("chunks")
+        if not (isinstance(chunks, list) and chunks and all(isinstance(c, int) and c > 0 for c in chunks)):
+            raise BadRequest("step header 'chunks' must be a non-empty list of positive ints")
+        kind, out, wire = h.get("input"), h.get("out"), h.get("wire", "fp32")
+        if kind not in INPUTS or out not in OUTPUTS or not isinstance(wire, str) or wire not in WIRE_DTYPES:
+            raise BadRequest(f"step needs input in {INPUTS}, out in {OUTPUTS}, wire in {sorted(WIRE_DTYPES)}")
+        if out == "logits" and end != self.cfg.n_layers:
+            raise BadRequest("logits come from the last block's server")
+        x = unpack_tensor(h, payload)
+        t = sum(chunks)
+        if kind == "tokens":
+            if start != 0 or not self.model.with_embed:
+                raise BadRequest("token ids go to the server of block 0 (it holds the embedding)")
+            if x.dtype != torch.int64 or tuple(x.shape) != (1, t):
+                raise BadRequest(f"token input must be int64 [1, {t}], got {x.dtype} {list(x.shape)}")
+            if t and not (0 <= int(x.min()) and int(x.max()) < self.cfg.vocab_size):
+                raise BadRequest(f"token ids must lie in [0, {self.cfg.vocab_size})")
+        elif x.dtype == torch.int64 or tuple(x.shape) != (1, t, self.cfg.dim):
+            raise BadRequest(f"hidden input must be float [1, {t}, {self.cfg.dim}], got {x.dtype} {list(x.shape)}")
+        if pos + t > self.cfg.max_seq_len or capacity > self.cfg.max_seq_len:
+            raise ContextLimitExceeded(f"{pos + t} tokens exceed the context limit of {self.cfg.max_seq_len}")
+        return StepRequest(sid, start, end, pos, chunks, kind, out, wire, capacity,
+                           x.to(self.config.device))
+
+    def _session(self, peer_id: str, req: StepRequest) -> Session:
+        key = (peer_id, req.sid, req.start)
+        s = self.sessions.get(key)
+        if req.pos == 0:
+            if s is not None:  # a client restarting its session from scratch
+                del self.sessions[key]
+            reserved = sum(x.capacity for x in self.sessions.values())
+            if len(self.sessions) >= self.config.max_sessions or \
+                    reserved + req.capacity > self.config.max_total_tokens:
+                raise SessionError(f"server full ({len(self.sessions)} sessions, {reserved} KV slots reserved)")
+            s = Session(req.start, req.end, req.capacity, self.new_cache(req))
+            self.sessions[key] = s
+            self._changed()
+        elif s is None:
+            raise SessionError(f"unknown session {req.sid!r} (expired, closed or never opened)")
+        elif s.end != req.end or s.length != req.pos:
+            raise SessionError(f"session {req.sid!r} holds blocks {s.start}:{s.end} at position {s.length}, "
+                               f"step asks for {req.start}:{req.end} at {req.pos}")
+        s.last_used = time.monotonic()
+        return s
+
+    def new_cache(self, req: StepRequest):
+        cache = self.model.new_cache(1, capacity=req.capacity)
+        cache.layers = {i: cache.layers[i] for i in range(req.start, req.end)}
+        return cache
+
+    async def _expiry(self) -> None:
+        period = min(self.config.idle_timeout_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            old = [k for k, s in self.sessions.items() if now - s.last_used > self.config.idle_timeout_s]
+            for k in old:
+                del self.sessions[k]
+            if old:
+                log.info("expired %d idle sessions", len(old))
+            self._changed()
+
+    # -- compute -----------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            while not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            for group in self._groups(jobs):
+                t0 = time.perf_counter()
+                try:
+                    results = [await self.split.run(group[0])] if self.split is not None else \
+                        await asyncio.to_thread(self._compute, group)
+                except Exception as e:  # reported to each caller as RemoteError with the type name
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(e)
+                    continue
+                self._busy_s += time.perf_counter() - t0
+                self._tokens += sum(sum(j.req.chunks) for j in group)
+                for job, res in zip(group, results):
+                    job.session.last_used = time.monotonic()
+                    if not job.future.done():
+                        job.future.set_result(res)
+
+    def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Single-token steps with the same shape of work batch together (different sessions)."""
+        groups: dict[tuple, list[_Job]] = {}
+        singles: list[list[_Job]] = []
+        for job in jobs:
+            r = job.req
+            if r.chunks == [1] and self.split is None:
+                key = (r.start, r.end, r.input, r.out, r.wire)
+                group = groups.setdefault(key, [])
+                if len(group) < self.config.max_batch and all(j.session is not job.session for j in group):
+                    group.append(job)
+                    continue
+            singles.append([job])
+        return [*groups.values(), *singles]
+
+    @torch.inference_mode()
+    def _compute(self, group: list[_Job]) -> list[tuple[dict, bytes]]:
+        if len(group) == 1:
+            return [self.compute_one(group[0])]
+        self.batches += 1
+        return self._compute_batch(group)
+
+    @torch.inference_mode()
+    def compute_one(self, job: _Job, all_reduce=None, x: Tensor | None = None) -> tuple[dict, bytes]:
+        """Run one step's chunks in order; ``x`` replaces the input (a tensor-split leader passes
+        the embedded tokens), ``all_reduce`` sums shard partials."""
+        r, m = job.req, self.model
+        x = r.x if x is None else x
+        outs, off = [], 0
+        for t in r.chunks:
+            part = x[:, off:off + t]
+            off += t
+            h = m.embed(part) if part.dtype == torch.int64 else part.to(m.rope_cos.dtype)
+            outs.append(_run_blocks(m, h, r.start, r.end, job.session.cache, all_reduce=all_reduce))
+        return self._reply(r, torch.cat(outs, dim=1), job.session.length)
+
+    def _compute_batch(self, group: list[_Job]) -> list[tuple[dict, bytes]]:
+        m, r0 = self.model, group[0].req
+        x = torch.cat([j.req.x for j in group])
+        h = m.embed(x) if r0.input == "tokens" else x.to(m.rope_cos.dtype)
+        caches = [j.session.cache for j in group]
+        slots = [c.layers[r0.start].length for c in caches]
+        positions = torch.tensor(slots, device=h.device)[:, None]
+        for c, p in zip(caches, positions):
+            c.context(int(p), p[None])  # records each row's position in its own cache
+        width = max(slots) + 1
+        mask = torch.arange(width, device=h.device)[None, :] <= positions  # [B, width]
+        cos = m.rope_cos[positions].unsqueeze(1).to(h.dtype)
+        sin = m.rope_sin[positions].unsqueeze(1).to(h.dtype)
+        ctx = StepContext(cos, sin, mask[:, None, None, :], False)
+        h = _run_blocks(m, h, r0.start, r0.end, None, ctx=ctx,
+                        kv_of=lambda i: _StackedKV([c.layers[i] for c in caches]))
+        return [self._reply(j.req, h[row:row + 1], j.session.length) for row, j in enumerate(group)]
+
+    def _reply(self, r: StepRequest, h: Tensor, length: int) -> tuple[dict, bytes]:
+        if r.out == "none":
+            return {"length": length}, b""
+        if r.out == "logits":
+            meta, raw = pack_tensor(self.model.head(h[:, -1]).float())
+        else:
+            meta, raw = pack_tensor(h, WIRE_DTYPES[r.wire])
+        return {**meta, "length": length}, raw
+
+
+# ---------------------------------------------------------------------------------- the role
+class ServeRole:
+    """``peer join --serve MODEL[,tp=GROUP:RANK/K][@A:B|@N]``: load blocks A..B-1 (or N blocks
+    where the swarm has the least coverage; default: every block) and serve them; announce the
+    span, session count and measured tokens/s in heartbeat stats["serve"]. With ``tp=``, this
+    peer is shard RANK of a K-way tensor-split group serving the span as one stage: rank 0
+    faces clients once it has found the other K-1 shards' announcements."""
+
+    def __init__(self, argument: str, config: ServeConfig | None = None):
+        self.spec = parse_serve_argument(argument)
+        self.config = config
+        self.server: StageServer | None = None
+
+    async def start(self, daemon) -> None:
+        spec = self.spec
+        path = resolve_model(spec.model)
+        # An explicit span loads at once (opening a GGUF costs seconds); otherwise read the
+        # shape first to place the span.
+        span = spec.blocks if isinstance(spec.blocks, Span) else \
+            await self._choose_span(daemon, await asyncio.to_thread(model_config, path))
+        config = self.config or ServeConfig(device=daemon.device)
+        try:
+            if spec.tp is None:
+                model = await asyncio.to_thread(load_model, path, range(span.start, span.end), device=config.device)
+            else:
+                from pipeline.tensor_split import load_shard
+                model = await asyncio.to_thread(load_shard, path, span, spec.tp, config.device)
+        except ValueError as e:  # blocks outside the model, K not dividing the heads
+            raise BadRequest(f"cannot serve blocks {span} of {spec.model}: {e}") from e
+        extra = {} if spec.tp is None else {"tp": {"group": spec.tp.group, "rank": spec.tp.rank, "k": spec.tp.k},
+                                            "serving": False}
+        self.server = StageServer(daemon.host, spec.model, model, span, path, config, extra,
+                                  on_change=lambda info: daemon.report(STATS_KEY, info))
+        if spec.tp is None:
+            await self.server.start()
+        elif spec.tp.rank == 0:
+            self.server.split_pending = True
+            await self.server.start()
+            self.server.spawn(self._form_group(daemon))
+        else:
+            from pipeline.tensor_split import TensorSplitFollower
+            TensorSplitFollower(self.server).install()
+            await self.server.start(client_facing=False)
+        log.info("serving %s blocks %s%s", spec.model, span, f" as tensor shard {spec.tp}" if spec.tp else "")
+
+    async def _form_group(self, daemon) -> None:
+        """Leader: wait for the group's other shards to announce the same model and span."""
+        from pipeline.tensor_split import TensorSplitLeader
+
+        tp, server = self.spec.tp, self.server
+        while True:
+            found: dict[int, str] = {}
+            try:
+                for p in await daemon.client.peers():
+                    info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None
+                    t = info.get("tp") if isinstance(info, dict) else None
+                    if isinstance(t, dict) and t.get("group") == tp.group and t.get("k") == tp.k \
+                            and info.get("model") == self.spec.model and p.state == "active" \
+                            and info.get("blocks") == [server.span.start, server.span.end]:
+                        found[t.get("rank")] = p.peer_id
+                        daemon.host.add_route(p.peer_id, p.address)
+            except Exception as e:  # coordinator away: keep waiting
+                log.debug("tensor-split discovery: %s", e)
+            followers = [found.get(r) for r in range(1, tp.k)]
+            if all(followers):
+                server.split = TensorSplitLeader(server, followers)
+                server.extra_info["serving"] = True
+                server.extra_info["tp"]["members"] = server.split.members
+                server._changed()
+                log.info("tensor-split group %s formed: %s", tp.group, [m[:12] for m in server.split.members])
+                return
+            await asyncio.sleep(0.5)
+
+    async def _choose_span(self, daemon, cfg: LlamaConfig) -> Span:
+        length = cfg.n_layers if self.spec.blocks is None else self.spec.blocks
+        coverage = [0] * cfg.n_layers
+        try:
+            peers = await daemon.client.peers()
+        except Exception as e:  # no coverage map: still serve, from block 0
+            log.warning("cannot read coverage from the coordinator (%s); placing blocks at 0", e)
+            peers = []
+        for p in peers:
+            info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None
+            if p.peer_id != daemon.peer_id and isinstance(info, dict) and info.get("model") == self.spec.model:
+                a, b = info.get("blocks", [0, 0])
+                for i in range(max(0, a), min(b, cfg.n_layers)):
+                    coverage[i] += 1
+        return least_covered_span(coverage, length)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()

@@ -1,0 +1,154 @@
+"""Tensor split of a stage over K peers (Megatron-LM, Shoeybi et al. 2019; TPI-LLM, Li et al. 2024).
+
+Each peer of a group holds shard ``rank`` of K of every block in the stage's span: whole GQA
+groups of attention heads and a slice of the MLP's intermediate columns (column-parallel q/k/v,
+gate/up; row-parallel o, down — ``pipeline.model.shard_block_weights``), so about 1/K of the
+weights. Per block, two all-reduces of the hidden-state update (after attention, after the MLP)
+use ``collectives.star_all_reduce`` rooted at the leader: two one-way hops, latency-optimal for
+these small tensors, exact (raw fp32) and bit-identical on every member.
+
+The group is one pipeline stage: rank 0 (the leader) is an ordinary ``StageServer`` that faces
+clients (it also holds the embedding / head when the span has them); for every step it embeds
+the input if needed and hands it to the other shards (``serve.tp_step``), then all K compute
+their shard with the same all-reduce tags. The other shards are ``StageServer``s too (same
+session table, limits and expiry) that only take steps from their leader. A member failure
+fails the step (a partial sum would be wrong), so the client fails over to another route.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from collectives import Group, star_all_reduce
+from pipeline.loading import load_model
+from pipeline.model import Llama, shard_block_weights
+from pipeline.protocol import TP_CLOSE, TP_STEP, BadRequest, Span, TensorSplitSpec, pack_tensor
+
+log = logging.getLogger("lowband.pipeline.tensor_split")
+
+
+def shard_model(full: Llama, rank: int, k: int, keep_embed: bool, keep_head: bool) -> Llama:
+    """Shard ``rank`` of ``k`` of a model part (its blocks sliced, embedding/head kept only when
+    asked: the leader's job)."""
+    cfg = full.cfg
+    with torch.device("meta"):
+        part = Llama(cfg.shard(rank, k), full.block_ids, with_embed=keep_embed and full.with_embed,
+                     with_head=keep_head and full.with_head)
+    source = full.state_dict()
+    state = {}
+    for i in full.block_ids:
+        prefix = f"blocks.{i}."
+        block = {key[len(prefix):]: t for key, t in source.items() if key.startswith(prefix)}
+        state.update({prefix + key: t for key, t in shard_block_weights(block, cfg, rank, k).items()})
+    for key in part.state_dict():
+        if not key.startswith("blocks."):
+            state[key] = source[key]
+    return part.adopt(state).eval()
+
+
+def load_shard(path, span: Span, tp: TensorSplitSpec, device: str = "cpu") -> Llama:
+    full = load_model(path, range(span.start, span.end), device=device)
+    return shard_model(full, tp.rank, tp.k, keep_embed=tp.rank == 0, keep_head=tp.rank == 0)
+
+
+@dataclass
+class _Reducer:
+    """The all-reduce a shard's blocks call from the compute thread: runs ``star_all_reduce``
+    on the event loop; tags ``tp-NONCE-SEQ-N`` agree on every member because all run the same
+    layers in the same order."""
+    group: Group
+    loop: asyncio.AbstractEventLoop
+    prefix: str
+    timeout: float
+
+    def __post_init__(self) -> None:
+        self._n = itertools.count()
+
+    def __call__(self, t: Tensor) -> Tensor:
+        tag = f"{self.prefix}-{next(self._n)}"
+        coro = star_all_reduce(self.group, [t], tag=tag, op="sum", root=self.group.members[0],
+                               timeout=self.timeout)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout + 5)[0]
+
+
+def _group(host, members: list[str]) -> Group:
+    # Every shard is needed: no retry over survivors.
+    return Group(host, members, min_peers=len(members), max_attempts=1)
+
+
+class TensorSplitLeader:
+    """Runs a leader's steps across its group; installed as ``StageServer.split``."""
+
+    def __init__(self, server, followers: list[str], timeout: float = 60.0):
+        self.server, self.followers, self.timeout = server, followers, timeout
+        self.members = [server.host.peer_id, *followers]
+        self.nonce = secrets.token_hex(4)  # a restarted leader never reuses a tag
+        self._seq = itertools.count()
+        server.on_free = self._free
+
+    async def run(self, job) -> tuple[dict, bytes]:
+        r, host = job.req, self.server.host
+        x = r.x
+        if r.input == "tokens":
+            x = await asyncio.to_thread(_embed, self.server.model, x)
+        prefix = f"tp-{self.nonce}-{next(self._seq)}"
+        meta, raw = pack_tensor(x)
+        header = {**meta, "owner": job.peer_id, "sid": r.sid, "start": r.start, "end": r.end, "pos": r.pos,
+                  "chunks": r.chunks, "capacity": r.capacity, "input": "hidden", "out": "none",
+                  "members": self.members, "prefix": prefix}
+        reduce = _Reducer(_group(host, self.members), asyncio.get_running_loop(), prefix, self.timeout)
+        mine = asyncio.to_thread(self.server.compute_one, job, reduce, x)
+        calls = [host.call(f, TP_STEP, header, raw, timeout=self.timeout) for f in self.followers]
+        results = await asyncio.gather(mine, *calls, return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+        return results[0]
+
+    def _free(self, owner: str, sid: str | None) -> None:
+        for f in self.followers:
+            self.server.spawn(self.server.host.call(f, TP_CLOSE, {"owner": owner, "sid": sid}, timeout=10.0))
+
+
+def _embed(model: Llama, ids: Tensor) -> Tensor:
+    with torch.inference_mode():
+        return model.embed(ids)
+
+
+class TensorSplitFollower:
+    """A non-leader shard: takes steps and session releases from its group's leader only."""
+
+    def __init__(self, server, timeout: float = 60.0):
+        self.server, self.timeout = server, timeout
+        self.leader: str | None = None
+
+    def install(self) -> None:
+        self.server.host.handle(TP_STEP, self._on_step)
+        self.server.host.handle(TP_CLOSE, self._on_close)
+
+    async def _on_step(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        members = header.get("members")
+        prefix, owner = header.get("prefix"), header.get("owner")
+        host = self.server.host
+        if not (isinstance(members, list) and members and members[0] == peer_id and host.peer_id in members
+                and isinstance(prefix, str) and isinstance(owner, str)):
+            raise BadRequest("tensor-split steps come from the group's leader with members, prefix and owner")
+        if self.leader not in (None, peer_id):
+            raise BadRequest(f"this shard belongs to leader {self.leader[:12]}")
+        self.leader = peer_id
+        req = self.server.parse_step(header, payload)
+        job = self.server.make_job(owner, req)
+        reduce = _Reducer(_group(host, members), asyncio.get_running_loop(), prefix, self.timeout)
+        await asyncio.to_thread(self.server.compute_one, job, reduce)
+        return {"length": job.session.length}, b""
+
+    async def _on_close(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        if peer_id != self.leader:
+            raise BadRequest("only the group's leader releases its sessions")
+        return {"freed": self.server.free(header.get("owner"), header.get("sid"))}, b""

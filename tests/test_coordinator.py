@@ -1,0 +1,320 @@
+"""Coordinator: membership API, validation, failure detection, persistence, status page.
+
+API tests run the real aiohttp app on a real 127.0.0.1 socket in-process (fast); process-level
+behaviour (kill -9, restart, peers) is in test_join.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from coordinator.app import CoordinatorConfig, create_app
+from coordinator.membership import REGISTRY
+from coordinator.registry import MembershipRegistry, PeerMeta, Timing
+from coordinator.status import STATIC_DIR
+from coordinator.store import Store, StoreError
+from peer.identity import Identity
+from peer.membership import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
+                             CoordinatorUnavailable, NotRegistered, canonical_json, signing_bytes)
+from tests.harness import ROOT
+
+TOKEN = "test-swarm-token"
+META = {"device": "cpu", "memory": 1 << 30, "roles": ["train"], "throughput": 1e9, "zone": "a"}
+
+
+class Coord:
+    def __init__(self, server: TestServer, store: Store) -> None:
+        self.server, self.store = server, store
+        self.url = str(server.make_url("")).rstrip("/")
+
+    def client(self, identity: Identity | None = None, token: str | None = TOKEN) -> CoordinatorClient:
+        return CoordinatorClient(self.url, token, identity or Identity.generate(), timeout=5)
+
+    async def post(self, path: str, data: bytes | str, token: str | None = TOKEN,
+                   content_type: str = "application/json") -> tuple[int, dict]:
+        headers = {"Content-Type": content_type}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(self.url + path, data=data, headers=headers) as r:
+                return r.status, await r.json(content_type=None)
+
+
+async def start_coord(data_dir, **timing) -> Coord:
+    store = Store(data_dir)
+    store.open()
+    config = CoordinatorConfig(data_dir=data_dir, token=TOKEN, **timing)
+    server = TestServer(create_app(config, store), host="127.0.0.1")
+    await server.start_server()
+    return Coord(server, store)
+
+
+@pytest.fixture
+async def coord(tmp_path):
+    c = await start_coord(tmp_path, heartbeat_interval=0.1, peer_timeout=0.8)
+    yield c
+    await c.server.close()
+    c.store.close()
+
+
+def signed(identity: Identity, action: str, **fields) -> dict:
+    body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
+    body["signature"] = identity.sign(signing_bytes(action, body)).hex()
+    return body
+
+
+async def test_join_heartbeat_leave_lifecycle(coord):
+    ident = Identity.generate()
+    async with coord.client(ident) as c:
+        answer = await c.join("127.0.0.1:9001", META)
+        assert answer["state"] == "joining" and answer["peer_id"] == ident.peer_id
+        assert answer["heartbeat_interval"] == 0.1 and answer["peer_timeout"] == 0.8
+        assert [p["peer_id"] for p in answer["peers"]] == [ident.peer_id]
+
+        hb = await c.heartbeat({"throughput": 2.5e9, "links": {"ab" * 20: {"ping_rtt_s": 0.001}}})
+        assert hb["state"] == "active"
+        (info,) = await c.peers()
+        assert info.state == "active" and info.device == "cpu" and info.memory == 1 << 30
+        assert info.roles == ["train"] and info.throughput == 2.5e9 and info.meta == {"zone": "a"}
+        assert info.stats["links"]["ab" * 20]["ping_rtt_s"] == 0.001
+
+        await c.leave()
+        (info,) = await c.peers()
+        assert info.state == "left"
+        with pytest.raises(NotRegistered, match="left"):
+            await c.heartbeat({})
+        again = await c.join("127.0.0.1:9002", META)  # a left peer may come back
+        assert again["incarnation"] == 2
+        status = await c.status()
+    kinds = [e["kind"] for e in status["events"]]
+    assert kinds[:4] == ["rejoin", "leave", "active", "join"]
+    assert status["counts"]["joining"] == 1
+
+
+async def test_three_peers_see_each_other(coord):
+    idents = [Identity.generate() for _ in range(3)]
+    clients = [coord.client(i) for i in idents]
+    for n, c in enumerate(clients):
+        await c.join(f"127.0.0.1:{9100 + n}", META)
+    answers = [await c.heartbeat({}) for c in clients]
+    for a in answers:
+        assert {p["peer_id"] for p in a["peers"]} == {i.peer_id for i in idents}
+    for c in clients:
+        await c.close()
+
+
+async def test_token_required_and_checked(coord):
+    async with coord.client(token="wrong") as c:
+        with pytest.raises(CoordinatorAuthError, match="token"):
+            await c.join("127.0.0.1:9001", META)
+    async with coord.client(token=None) as c:
+        with pytest.raises(CoordinatorAuthError, match="missing swarm token"):
+            await c.join("127.0.0.1:9001", META)
+    status, body = await coord.post("/api/join", "{}", token="wrong")
+    assert status == 401 and body["error"] == "bad_token"
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"{not json", "malformed_json"),
+    (b"\xff\xfe", "malformed_json"),
+    (b"[1, 2]", "malformed_json"),
+    (b'{"timestamp": NaN}', "malformed_json"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, "malformed_json"),
+    (b"{}", "bad_request"),
+    (b'{"public_key": 5}', "bad_request"),
+    (b'{"public_key": "zz"}', "bad_request"),
+])
+async def test_malformed_join_bodies_are_400(coord, payload, code):
+    status, body = await coord.post("/api/join", payload)
+    assert status == 400, body
+    assert body["error"] == code and body["message"]
+
+
+async def test_join_field_validation(coord):
+    ident = Identity.generate()
+    pk = ident.public_bytes.hex()
+    cases = [
+        ({"address": "no-port", "meta": {}}, 400, "address"),
+        ({"address": "127.0.0.1:99999", "meta": {}}, 400, "port"),
+        ({"address": "127.0.0.1:1", "meta": []}, 400, "meta"),
+        ({"address": "127.0.0.1:1", "meta": {"memory": -1}}, 400, "memory"),
+        ({"address": "127.0.0.1:1", "meta": {"memory": True}}, 400, "memory"),
+        ({"address": "127.0.0.1:1", "meta": {"roles": ["Bad Role"]}}, 400, "roles"),
+        ({"address": "127.0.0.1:1", "meta": {"device": 3}}, 400, "device"),
+        ({"address": "127.0.0.1:1", "meta": {"x": "y" * 10_000}}, 413, "meta"),
+    ]
+    for fields, want_status, word in cases:
+        status, body = await coord.post("/api/join",
+                                        canonical_json(signed(ident, "join", public_key=pk, **fields)))
+        assert status == want_status and word in body["message"], (fields, body)
+
+
+async def test_identity_proof_on_join(coord):
+    ident, other = Identity.generate(), Identity.generate()
+    fields = {"address": "127.0.0.1:1", "meta": {}}
+    # public key of someone else: the id is not the hash of the key
+    body = signed(ident, "join", public_key=other.public_bytes.hex(), **fields)
+    status, answer = await coord.post("/api/join", canonical_json(body))
+    assert status == 403 and answer["error"] == "peer_id_mismatch"
+    # tampered after signing
+    body = signed(ident, "join", public_key=ident.public_bytes.hex(), **fields)
+    body["address"] = "127.0.0.1:2"
+    status, answer = await coord.post("/api/join", canonical_json(body))
+    assert status == 403 and answer["error"] == "bad_signature"
+    # a heartbeat signature replayed as a join
+    body = signed(ident, "heartbeat", public_key=ident.public_bytes.hex(), **fields)
+    status, answer = await coord.post("/api/join", canonical_json(body))
+    assert status == 403 and answer["error"] == "bad_signature"
+    # stale timestamp
+    body = {"peer_id": ident.peer_id, "timestamp": time.time() - 3600,
+            "public_key": ident.public_bytes.hex(), **fields}
+    body["signature"] = ident.sign(signing_bytes("join", body)).hex()
+    status, answer = await coord.post("/api/join", canonical_json(body))
+    assert status == 403 and answer["error"] == "clock_skew"
+
+
+async def test_heartbeat_checks(coord):
+    ident = Identity.generate()
+    async with coord.client(ident) as c:
+        with pytest.raises(NotRegistered, match="not registered"):
+            await c.heartbeat({})
+        await c.join("127.0.0.1:9001", {})
+    # someone with the token but not the key cannot heartbeat for this peer
+    intruder = Identity.generate()
+    body = signed(intruder, "heartbeat", stats={})
+    body["peer_id"] = ident.peer_id
+    status, answer = await coord.post("/api/heartbeat", canonical_json(body))
+    assert status == 403 and answer["error"] == "bad_signature"
+    status, answer = await coord.post("/api/heartbeat",
+                                      canonical_json(signed(ident, "heartbeat", stats=[1])))
+    assert status == 400 and "stats" in answer["message"]
+    big = signed(ident, "heartbeat", stats={"blob": "x" * 100_000})
+    status, answer = await coord.post("/api/heartbeat", canonical_json(big))
+    assert status == 413
+    status, answer = await coord.post("/api/heartbeat", b"x" * 300_000)
+    assert status == 413 and answer["error"] == "body_too_large"
+
+
+async def test_silent_peer_goes_suspect_then_dead_and_may_rejoin(tmp_path):
+    c = await start_coord(tmp_path, heartbeat_interval=0.1, peer_timeout=0.8)
+    c.server.app[REGISTRY].started_at -= 10  # past the restart grace period
+    ident = Identity.generate()
+    try:
+        async with c.client(ident) as client:
+            await client.join("127.0.0.1:9001", {})
+            await client.heartbeat({})
+            seen: list[str] = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "dead" not in seen:
+                (info,) = await client.peers()
+                if not seen or seen[-1] != info.state:
+                    seen.append(info.state)
+                await asyncio.sleep(0.05)
+            assert seen == ["active", "suspect", "dead"]
+            with pytest.raises(NotRegistered, match="dead") as err:
+                await client.heartbeat({})
+            assert err.value.status == 410
+            await client.join("127.0.0.1:9001", {})
+            assert (await client.heartbeat({}))["state"] == "active"
+    finally:
+        await c.server.close()
+        c.store.close()
+
+
+async def test_restart_grace_period(tmp_path):
+    """After a restart nobody is declared dead before one timeout has passed."""
+    store = Store(tmp_path)
+    store.open()
+    timing = Timing(heartbeat_interval=0.1, peer_timeout=1.0)
+    first = MembershipRegistry(store, timing)
+    ident = Identity.generate()
+    await first.join(ident.peer_id, ident.public_bytes, "127.0.0.1:1",
+                     PeerMeta(None, None, [], None, {}))
+    await first.heartbeat(ident.peer_id, {})
+    await asyncio.sleep(1.2)  # silent longer than the timeout while "the coordinator was down"
+    restarted = MembershipRegistry(store, timing)
+    assert await restarted.sweep() == [(ident.peer_id, "suspect")]
+    assert (await restarted.peers())[0]["state"] == "suspect"
+    assert await restarted.heartbeat(ident.peer_id, {}) == "active"  # came back within grace
+    await asyncio.sleep(1.2)
+    assert (ident.peer_id, "dead") in await restarted.sweep()
+    store.close()
+
+
+def test_store_survives_reopen_and_rejects_bad_dirs(tmp_path):
+    store = Store(tmp_path / "d")
+    store.open()
+    store.close()
+    store = Store(tmp_path / "d")
+    store.open()  # idempotent schema
+    store.close()
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="data dir"):
+        Store(tmp_path / "file").open()
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "coordinator.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="coordinator.sqlite3"):
+        Store(corrupt).open()
+
+    newer = tmp_path / "newer"
+    store = Store(newer)
+    store.open()
+    store.conn.execute("UPDATE schema_versions SET version = 99 WHERE component = 'events'")
+    store.close()
+    with pytest.raises(StoreError, match="schema v99"):
+        Store(newer).open()
+
+
+def test_cli_reports_unusable_data_dir(tmp_path):
+    bad = tmp_path / "occupied"
+    bad.write_text("not a dir")
+    out = subprocess.run([sys.executable, "-m", "coordinator", "start", "--port", "0",
+                          "--token", "t", "--data-dir", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert str(bad) in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_status_page_and_api(coord):
+    ident = Identity.generate()
+    async with coord.client(ident) as c:
+        await c.join("127.0.0.1:9001", META)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(coord.url + "/") as r:
+            html = await r.text()
+            assert r.status == 200 and '<script src="/static/status.js">' in html
+            assert "http" not in html.replace("http-equiv", "")  # no CDN
+        async with s.get(coord.url + "/static/status.js") as r:
+            assert r.status == 200 and "/api/status" in await r.text()
+        async with s.get(coord.url + "/api/status") as r:
+            status = await r.json()
+        async with s.get(coord.url + "/api/peers?state=bogus") as r:
+            assert r.status == 400
+        async with s.get(coord.url + "/api/nothing") as r:
+            assert r.status == 404 and (await r.json())["error"]
+    assert status["peers"][0]["peer_id"] == ident.peer_id
+    assert set(status["coordinator"]) >= {"heartbeat_interval", "peer_timeout", "uptime_s"}
+
+
+async def test_client_reports_unreachable_coordinator():
+    async with CoordinatorClient("http://127.0.0.1:9", TOKEN, Identity.generate(), timeout=2) as c:
+        with pytest.raises(CoordinatorUnavailable, match="unreachable"):
+            await c.status()
+    assert issubclass(CoordinatorUnavailable, CoordinatorError)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_status_page_script_parses():
+    out = subprocess.run(["node", "--check", str(STATIC_DIR / "status.js")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

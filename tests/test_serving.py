@@ -1,0 +1,186 @@
+"""Pipeline serving over real processes and real TCP: a coordinator, `peer join --serve` stage
+servers for SmolLM2-135M blocks 0:10, 10:20 (two replicas), 20:30, and InferenceClient in the
+test process. Greedy output must equal single-process ``pipeline.generate`` exactly, also when a
+stage server is SIGKILLed mid-generation."""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+
+from pipeline.client import InferenceClient, ServerInfo, plan_route
+from pipeline.protocol import (BadRequest, ContextLimitExceeded, ModelNotFound, NoRoute, ServeSpec, Span,
+                               TensorSplitSpec, least_covered_span, parse_serve_argument)
+from tests.harness import Procs
+
+TOKEN = "serving-test-token"
+MODEL = "smollm2-135m"
+NEW = 12
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+SPANS = {"s0": "0:10", "s1a": "10:20", "s1b": "10:20", "s2": "20:30"}
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    procs = Procs()
+    tmp = tmp_path_factory.mktemp("serving")
+    try:
+        coord = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
+                             "--data-dir", str(tmp / "coord"), "--token", TOKEN,
+                             "--heartbeat-interval", "0.5", "--peer-timeout", "10")
+        url = coord.ready["url"]
+        servers = {name: procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
+                                      "--listen", "127.0.0.1:0", "--key", str(tmp / f"{name}.key"),
+                                      "--device", "cpu", "--serve", MODEL, "--blocks", span,
+                                      wait_ready=False)
+                   for name, span in SPANS.items()}
+        yield url, servers, procs
+    finally:
+        procs.cleanup()
+
+
+@pytest.fixture(scope="module")
+def client(swarm, reference):
+    """Servers load while the reference is computed; then wait for them."""
+    url, servers, _ = swarm
+    for child in servers.values():
+        child.wait_for_line("READY ", timeout=240)
+    c = InferenceClient(url, TOKEN)
+    wait_until(lambda: len(c.call(c.servers, MODEL)) == len(servers), 60, "every server's announcement")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-process greedy completions (the oracle)."""
+    from pipeline.generate import generate
+    from pipeline.loading import load_model, reference_model_path
+    from pipeline.tokenizer import Tokenizer
+
+    path = reference_model_path()
+    model, tok = load_model(path), Tokenizer.from_gguf(path)
+    return {"chat": generate(model, tok, PROMPT, NEW), "text": generate(model, tok, "Once upon a time", NEW),
+            "long": generate(model, tok, "The three primary colors are", 40)}
+
+
+def peer_ids(swarm) -> dict[str, str]:
+    return {child.ready["peer_id"]: name for name, child in swarm[1].items()}
+
+
+def sessions(client: InferenceClient, swarm) -> dict[str, int]:
+    return {name: client.call(client.server_info, pid)["sessions"] for pid, name in peer_ids(swarm).items()
+            if swarm[1][name].proc.poll() is None}
+
+
+# ----------------------------------------------------------------------------------- unit parts
+def test_route_planning_and_span_choice():
+    """Routing is a cheapest path over block boundaries; new servers fill the least-covered span."""
+    s = [ServerInfo("a", "x:1", "m", 0, 10, 30, 64, 10), ServerInfo("b", "x:2", "m", 10, 30, 30, 64, 10),
+         ServerInfo("c", "x:3", "m", 0, 30, 30, 64, 10), ServerInfo("d", "x:4", "m", 5, 30, 30, 64, 10)]
+    assert [(h[0].peer_id, h[1], h[2]) for h in plan_route(s, 0, 30, {"a": .001, "b": .001, "c": .01})] == \
+        [("a", 0, 10), ("b", 10, 30)]
+    assert [h[0].peer_id for h in plan_route(s, 0, 30, {"a": .001, "b": .001, "c": .001})] == ["c"]
+    assert [(h[0].peer_id, h[1], h[2]) for h in plan_route(s, 10, 20, {"d": .001})] == [("d", 10, 20)]
+    with pytest.raises(NoRoute, match="blocks 10..29"):
+        plan_route(s, 0, 30, {"a": .001})
+    assert least_covered_span([2, 2, 1, 0, 0, 1], 2) == Span(3, 5)
+    assert parse_serve_argument("smollm2-135m") == ServeSpec("smollm2-135m")
+    assert parse_serve_argument("/m/x.gguf@3:9") == ServeSpec("/m/x.gguf", Span(3, 9))
+    assert parse_serve_argument("m@4") == ServeSpec("m", 4)
+    assert parse_serve_argument("m,tp=g-1:2/3@0:15") == ServeSpec("m", Span(0, 15), TensorSplitSpec("g-1", 2, 3))
+    for bad in ("m@9:3", "m@x", "@1:2", "m,tp=g:3/3"):
+        with pytest.raises(ValueError):
+            parse_serve_argument(bad)
+
+
+# ------------------------------------------------------------------------------- over the swarm
+def test_three_stage_pipeline_matches_single_process(client, reference, swarm):
+    t0 = time.monotonic()
+    assert client.generate(MODEL, PROMPT, NEW) == reference["chat"]
+    route = client.last_route
+    assert [(a, b) for _, a, b in route] == [(0, 10), (10, 20), (20, 30)]
+    assert client.last_failovers == 0
+    assert "".join(client.stream(MODEL, "Once upon a time", NEW)) == reference["text"]
+    print(f"pipeline generate+stream of {NEW} tokens: {time.monotonic() - t0:.1f}s")
+    wait_until(lambda: not any(sessions(client, swarm).values()), 10, "sessions to be closed")
+
+
+def test_announcements_in_heartbeats(client, swarm):
+    infos = {s.peer_id: s for s in client.call(client.servers, MODEL)}
+    for pid, name in peer_ids(swarm).items():
+        assert f"{infos[pid].start}:{infos[pid].end}" == SPANS[name]
+        assert infos[pid].n_layers == 30
+
+
+def test_clear_errors(client):
+    with pytest.raises(ModelNotFound, match="no-such-model"):
+        client.generate("no-such-model", "hi", 4)
+    with pytest.raises(ContextLimitExceeded, match="context limit"):
+        client.generate(MODEL, "hi", 9000)
+    with pytest.raises(BadRequest, match="max_new_tokens"):
+        client.generate(MODEL, "hi", 0)
+    with pytest.raises(ValueError, match="temperature"):
+        client.generate(MODEL, "hi", 4, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        client.generate(MODEL, "hi", 4, temperature=1.0, top_p=0.0)
+    with pytest.raises(BadRequest, match="prompt"):
+        client.generate(MODEL, 42, 4)
+
+
+def test_concurrent_sessions_batch_and_match(client, reference, swarm):
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda _: client.generate(MODEL, PROMPT, NEW), range(3)))
+    assert outs == [reference["chat"]] * 3
+    batched = sum(client.call(client.server_info, pid)["batches"] for pid in peer_ids(swarm))
+    print(f"batched forwards across servers: {batched}")
+    assert batched >= 1
+
+
+def test_sampling_is_reproducible_with_seed(client):
+    a = client.generate(MODEL, "Once upon a time", 8, temperature=0.8, top_p=0.9, seed=7)
+    b = client.generate(MODEL, "Once upon a time", 8, temperature=0.8, top_p=0.9, seed=7)
+    assert a == b and a
+
+
+def test_sessions_freed_when_client_process_dies(swarm, client):
+    url, _, procs = swarm
+    child = procs.python("tests/serving_child.py", "client", url, TOKEN, MODEL, wait_ready=False)
+    child.wait_for_line("STREAMING", timeout=120)
+    assert sum(sessions(client, swarm).values()) >= 3
+    child.kill()
+    wait_until(lambda: not any(sessions(client, swarm).values()), 30, "server sessions to be freed")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_generation_gives_identical_output(client, reference, swarm):
+    """Kill the serving replica of blocks 10:20 after a few tokens: the client re-routes to the
+    other replica, replays the history there and finishes with the same greedy text."""
+    by_id = peer_ids(swarm)
+    pieces, killed = [], None
+    for piece in client.stream(MODEL, "The three primary colors are", 40):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            (session,) = client.active.values()
+            victim = next(h.server.peer_id for h in session.route if h.start == 10)
+            killed = by_id[victim]
+            swarm[1][killed].kill()
+    assert killed in ("s1a", "s1b")
+    assert "".join(pieces) == reference["long"]
+    assert client.last_failovers == 1
+    assert [a for _, a, _ in client.last_route] == [0, 10, 20]
+    # With the other replica gone too, blocks 10..19 have no server: a clear error.
+    swarm[1]["s1b" if killed == "s1a" else "s1a"].kill()
+    with pytest.raises(NoRoute, match="10..19"):
+        client.generate(MODEL, PROMPT, NEW)

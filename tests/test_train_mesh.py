@@ -1,0 +1,187 @@
+"""`peer join --train RUN`: DiLoCo over the mesh, as real processes over real TCP on 127.0.0.1.
+
+A coordinator and peers (the `train` role plug-in) train the `micro` preset on a small generated
+corpus. The coordinator's reports are the oracle: every participant of a step must report the
+same global-state hash.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Child, Procs
+
+TOKEN = "train-mesh-token"
+RUN = "mesh"
+INTERVAL, TIMEOUT = 0.5, 3.0
+PEER_CMD = [sys.executable, "/tmp/lb/drive.py"]
+TRAIN_FLAGS = ["--preset", "micro", "--inner-steps", "5", "--seq-len", "32", "--batch-size", "4",
+               "--sync-timeout", "60"]
+
+
+def corpus(tmp_path: Path) -> Path:
+    """~120 KB of deterministic pseudo-text (words drawn with a fixed seed)."""
+    rng = random.Random(7)
+    words = ("the of and to in peer mesh train model outer inner step average ring chunk hash "
+             "state token shard loss gradient momentum codec quantize join leave checkpoint").split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(1500)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_coordinator(procs: Procs, data_dir: Path) -> Child:
+    return procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
+                        "--data-dir", str(data_dir), "--token", TOKEN,
+                        "--heartbeat-interval", str(INTERVAL), "--peer-timeout", str(TIMEOUT))
+
+
+def start_trainer(procs: Procs, url: str, key: Path, data: Path, *flags: str) -> Child:
+    return procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN,
+                        "--listen", "127.0.0.1:0", "--key", str(key), "--device", "cpu",
+                        "--ping-interval", "0.5", "--train", RUN, "--data", str(data), *flags],
+                       ready_timeout=120)
+
+
+def api(url: str, path: str) -> dict:
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def reports_by_step(url: str) -> dict[int, dict[str, dict]]:
+    out: dict[int, dict[str, dict]] = {}
+    for r in api(url, f"/api/runs/{RUN}/reports")["reports"]:
+        out.setdefault(r["step"], {})[r["peer_id"]] = r
+    return out
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def steps_reported_by(url: str, peers: set[str], n: int):
+    """Steps (sorted) that all of ``peers`` reported, once there are at least ``n`` of them."""
+    steps = sorted(s for s, rows in reports_by_step(url).items() if peers <= set(rows))
+    return steps if len(steps) >= n else None
+
+
+def assert_hashes_agree(url: str, steps) -> None:
+    by_step = reports_by_step(url)
+    for s in steps:
+        hashes = {r["state_hash"] for r in by_step[s].values()}
+        assert len(hashes) == 1, f"step {s}: peers disagree on the global state: {by_step[s]}"
+
+
+def test_three_peers_train_with_agreeing_state_hashes(procs, tmp_path):
+    t0 = time.monotonic()
+    url = start_coordinator(procs, tmp_path / "coord").ready["url"]
+    data = corpus(tmp_path)
+    peers = [start_trainer(procs, url, tmp_path / f"p{i}.key", data, *TRAIN_FLAGS,
+                           "--outer-steps", "4", "--min-peers", "3") for i in range(3)]
+    ids = {p.ready["peer_id"] for p in peers}
+    for p in peers:
+        p.wait_for_line(f"train {RUN}: done at step 4", timeout=120)
+    by_step = reports_by_step(url)
+    assert sorted(by_step) == [1, 2, 3, 4]
+    for step, rows in by_step.items():
+        assert set(rows) == ids, f"step {step} lacks reports: {sorted(rows)}"
+        assert len({r["state_hash"] for r in rows.values()}) == 1, f"step {step}: hashes differ"
+        for r in rows.values():
+            assert r["participants"] == 3 and r["bytes_sent"] > 0 and r["bytes_received"] > 0
+            assert r["inner_steps"] == 5 and r["tokens"] == 5 * 4 * 32 and r["loss"] > 0
+    first = sum(r["loss"] for r in by_step[1].values())
+    last = sum(r["loss"] for r in by_step[4].values())
+    assert last < first, f"loss did not go down: {first / 3:.3f} -> {last / 3:.3f}"
+    # The per-step progress line is printed locally too.
+    assert peers[0].wait_for_line(f"train {RUN}: step 4 loss", timeout=5)
+    summary = api(url, f"/api/runs/{RUN}")
+    assert summary["step"] == 4 and summary["config"]["inner_steps"] == 5
+    assert all(s["agree"] for s in summary["steps"])
+    # A peer asking for another H than the run's is refused before it starts (exit 2).
+    odd = procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN, "--listen",
+                       "127.0.0.1:0", "--key", str(tmp_path / "odd.key"), "--device", "cpu",
+                       "--train", RUN, "--inner-steps", "7"], wait_ready=False)
+    assert odd.wait(timeout=60) == 2
+    assert odd.wait_for_line("inner_steps: run has 5, you asked 7", timeout=5)
+    print(f"3 peers x 4 outer steps in {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_joiner_catches_up_and_run_survives_sigkill(procs, tmp_path):
+    url = start_coordinator(procs, tmp_path / "coord").ready["url"]
+    data = corpus(tmp_path)
+    first = [start_trainer(procs, url, tmp_path / f"p{i}.key", data, *TRAIN_FLAGS)
+             for i in range(2)]
+    first_ids = {p.ready["peer_id"] for p in first}
+    wait_until(lambda: steps_reported_by(url, first_ids, 2), 120, "two steps by the first peers")
+
+    joiner = start_trainer(procs, url, tmp_path / "p2.key", data)  # no flags: takes the run's config
+    jid = joiner.ready["peer_id"]
+    line = joiner.wait_for_line(f"train {RUN}: state from peer", timeout=60)
+    joined_at = int(line.split("step ")[1].split()[0])
+    everyone = first_ids | {jid}
+    steps = wait_until(lambda: steps_reported_by(url, everyone, 3), 120,
+                       "three steps reported by all three peers")
+    # Its first step (zero contribution) already ends in the same state as the others'.
+    assert steps[0] == joined_at + 1
+    assert_hashes_agree(url, steps)
+    by_step = reports_by_step(url)
+    later = by_step[steps[-1]][jid]
+    assert later["participants"] == 3 and later["inner_steps"] > 0 and later["bytes_sent"] > 0
+
+    victim, survivors = first[0], [first[1], joiner]
+    survivor_ids = {p.ready["peer_id"] for p in survivors}
+    # Kill it while it is in a rendezvous / all-reduce (the outer step is most of the step time
+    # here; whatever phase it dies in, the others must go on without it).
+    victim.wait_for_line(f"train {RUN}: step {steps[-1] + 1} loss", timeout=60)
+    victim.kill(signal.SIGKILL)
+    killed_after = steps[-1] + 1
+    after = wait_until(
+        lambda: [s for s in (steps_reported_by(url, survivor_ids, 1) or []) if s > killed_after + 1]
+        or None, 120, "survivors to complete two steps after the kill")
+    assert_hashes_agree(url, sorted(s for s in reports_by_step(url) if s > killed_after))
+    rows = reports_by_step(url)[after[0]]
+    assert set(rows) == survivor_ids and all(r["participants"] == 2 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_whole_run_resumes_from_checkpoint(procs, tmp_path):
+    url = start_coordinator(procs, tmp_path / "coord").ready["url"]
+    data = corpus(tmp_path)
+    # --min-peers 2 (kept in the run config): after the restart, the first rendezvous waits for
+    # both fresh peers, so both start from the checkpoint rather than one from the other.
+    peers = [start_trainer(procs, url, tmp_path / f"p{i}.key", data, *TRAIN_FLAGS,
+                           "--checkpoint-every", "2", "--min-peers", "2") for i in range(2)]
+    wait_until(lambda: (api(url, f"/api/runs/{RUN}/checkpoints")["latest"] or 0) >= 2, 120,
+               "a checkpoint at step 2")
+    for p in peers:
+        p.kill(signal.SIGKILL)
+    for p in peers:
+        p.wait(timeout=20)
+    manifest = api(url, f"/api/runs/{RUN}/checkpoints/latest")
+    saved_step, saved_hash = manifest["step"], manifest["meta"]["global_state_hash"]
+    assert manifest["meta"]["outer_step"] == saved_step
+
+    fresh = [start_trainer(procs, url, tmp_path / f"q{i}.key", data) for i in range(2)]
+    fresh_ids = {p.ready["peer_id"] for p in fresh}
+    for p in fresh:
+        line = p.wait_for_line(f"train {RUN}: state from checkpoint", timeout=60)
+        assert f"step {saved_step} hash {saved_hash}" in line, line
+    steps = wait_until(lambda: steps_reported_by(url, fresh_ids, 2), 120,
+                       "two steps after the restart")
+    assert steps[0] == saved_step + 1
+    assert_hashes_agree(url, steps)
