@@ -24,7 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: $(STAMP)
+# hivemind (an anchor) lives in its own venv: it needs numpy<2 for its 8-bit codecs.
+HIVEMIND := bench/.venv-hivemind/.hivemind-installed
+$(HIVEMIND): bench/hivemind_env.sh
+	sh bench/hivemind_env.sh $(PYTHON)
+
+bench: $(STAMP) $(HIVEMIND)
 	$(PY) bench/run_all.py
 
 clean:
