@@ -97,8 +97,8 @@ async def _simulate(url: str, n: int, index: int, stop, out) -> dict:
                 out.put(("joined", index, time.time()))
 
         async def peer_loop(k: int) -> None:
-            await join(k)
             nonlocal full_lists
+            await join(k)
             identity = identities[k]
             others = rng.sample(ids, min(3, len(ids)))
             next_at = time.time() + rng.random()
@@ -112,7 +112,10 @@ async def _simulate(url: str, n: int, index: int, stop, out) -> dict:
                 t0 = time.perf_counter()
                 try:
                     status, answer = await _post(session, url + "/api/heartbeat", body)
-                    if status == 200:
+                    if status in (404, 410):  # declared dead: join again, as the daemon does
+                        errors[f"HTTP {status} (rejoined)"] = errors.get(f"HTTP {status} (rejoined)", 0) + 1
+                        await join(k)
+                    elif status == 200:
                         samples.append((sent, time.perf_counter() - t0))
                         # Like the daemon: keep the view id; the list comes only when it changed.
                         views[k] = json.loads(answer)["view"]
@@ -121,7 +124,7 @@ async def _simulate(url: str, n: int, index: int, stop, out) -> dict:
                         errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-                next_at += 1.0
+                next_at = max(next_at + 1.0, time.time())  # a late answer skips slots, no bursts
 
         started = time.time()
         await asyncio.gather(*(peer_loop(k) for k in range(n)))

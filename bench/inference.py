@@ -129,7 +129,90 @@ def bench_single() -> Runner:
     return run
 
 
-WORKERS: dict[str, Callable[[], Runner]] = {"hf": bench_hf, "single": bench_single}
+def _child(args: list[str], procs: list[subprocess.Popen], timeout: float = 300.0) -> dict:
+    """Start a child that prints ``READY {json}``; return that json (children die with us)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    procs.append(proc)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                # Keep draining stdout so a chatty child never blocks on a full pipe.
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
+                return json.loads(line[6:])
+    finally:
+        timer.cancel()
+    raise RuntimeError(f"{args[:3]} exited before READY (exit {proc.poll()})")
+
+
+def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
+    """A coordinator plus one ``peer join --serve ARG --blocks SPAN`` process per entry of
+    ``serve``, optionally each behind a ``peer.netem`` relay adding ``delay_ms`` one way (so
+    every client<->server hop costs 2 x delay_ms of RTT); generation through InferenceClient.
+    Rows of a batch are concurrent sessions (servers batch their decode steps)."""
+    import asyncio
+    import atexit
+    import tempfile
+
+    import socket
+
+    from pipeline.client import InferenceClient
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    token, procs = "bench-inference", []
+    atexit.register(lambda: [p.kill() for p in procs])
+    tmp = Path(tempfile.mkdtemp(prefix="lowband-bench-"))
+    url = _child(["-m", "coordinator", "start", "--port", "0", "--data-dir", str(tmp / "coord"), "--token", token,
+                  "--heartbeat-interval", "0.5", "--peer-timeout", "30"], procs)["url"]
+    for i, (arg, span) in enumerate(serve):
+        port = free_port()
+        announce = []
+        if delay_ms:
+            relay = _child(["-m", "peer.netem", "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{port}",
+                            "--delay-ms", str(delay_ms)], procs)
+            announce = ["--announce", relay["listen"]]
+        _child(["-m", "peer.cli", "join", "--coordinator", url, "--token", token, "--listen", f"127.0.0.1:{port}",
+                "--key", str(tmp / f"s{i}.key"), "--device", "cpu", "--serve", arg, "--blocks", span, *announce],
+               procs)
+    client = InferenceClient(url, token)
+    entry_points = sum(1 for arg, _ in serve if ",tp=" not in arg or ":0/" in arg)  # tp rank 0 leads
+    deadline = time.monotonic() + 120
+    while len(client.call(client.servers, "smollm2-135m")) < entry_points:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the swarm never announced every span")
+        time.sleep(0.5)
+
+    def run(prompts: list[list[int]], new_tokens: int, on_first: Callable[[], None]) -> None:
+        started: set[int] = set()
+
+        async def one(row: int, ids: list[int]) -> None:
+            async for _ in client.atokens("smollm2-135m", ids, new_tokens):  # no stop id: always new_tokens
+                if row not in started:
+                    started.add(row)
+                    if len(started) == len(prompts):
+                        on_first()
+
+        async def all_rows() -> None:
+            await asyncio.gather(*(one(row, p) for row, p in enumerate(prompts)))
+
+        client.call(all_rows)
+
+    return run
+
+
+PIPELINE = [("smollm2-135m", "0:10"), ("smollm2-135m", "10:20"), ("smollm2-135m", "20:30")]
+WORKERS: dict[str, Callable[[], Runner]] = {
+    "hf": bench_hf, "single": bench_single,
+    "pipeline": lambda: bench_swarm(PIPELINE),                       # 3 stages, loopback
+    "pipeline_10ms": lambda: bench_swarm(PIPELINE, delay_ms=10.0),   # 3 stages, +10 ms each way per hop
+    "tp3": lambda: bench_swarm([(f"smollm2-135m,tp=b:{r}/3", "0:30") for r in range(3)]),  # tensor split K=3
+}
 
 
 def worker(kind: str) -> None:
@@ -241,13 +324,15 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kinds", nargs="+", choices=sorted(WORKERS), default=list(WORKERS),
+                    help="rows to run (hf is the anchor of the ratios)")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker)
         return
     import torch
 
-    rows = bench_interleaved(["hf", "single"], args.batches, args.new_tokens, args.repeats)
+    rows = bench_interleaved(args.kinds, args.batches, args.new_tokens, args.repeats)
     ratios = ratios_vs(rows)
     meta = {"new_tokens": args.new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,10 +60,13 @@ class RobustConfig:
         exclude offenders; undecodable and non-finite contributions are excluded either way.
     norm_factor: a contribution whose L2 norm exceeds this multiple of the median norm offends.
     min_cosine: a contribution whose cosine to the coordinate-wise median is below this offends.
+    min_numel: shards shorter than this skip the norm/direction checks (a cosine over a handful
+        of values says nothing, and an honest peer flagged on one shard is excluded from all).
     max_abs / max_norm: optional absolute bounds on any value / on a contribution's norm (per shard).
     aggregate: "mean" of the accepted contributions, "trimmed_mean" (per coordinate, drop the
         ``trim`` largest and smallest), or "centered_clip" (``clip_iters`` steps of
-        v <- v + mean_i clip(x_i - v, tau), tau = median distance to the coordinate-wise median).
+        v <- v + mean_i clip(x_i - v, tau), tau = the lower median distance to the coordinate-wise
+        median, so at least half of the contributions are not clipped in the first step).
     on_offender(peer_id, reason): called on every peer, once per offender of a successful
         all-reduce -- the hook the training role forwards to the coordinator (which can ban).
     All peers must pass the same settings (the callback excepted); they are part of the
@@ -72,6 +76,7 @@ class RobustConfig:
     detect: bool = True
     norm_factor: float = 4.0
     min_cosine: float = 0.0
+    min_numel: int = 256
     max_abs: float | None = None
     max_norm: float | None = None
     aggregate: str = "mean"
@@ -88,12 +93,12 @@ class RobustConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise CollectiveError(f"robust {name} must be > 0 or None, got {value!r}")
-        if self.trim < 0 or self.clip_iters < 1:
-            raise CollectiveError("robust trim must be >= 0 and clip_iters >= 1")
+        if self.trim < 0 or self.clip_iters < 1 or self.min_numel < 1:
+            raise CollectiveError("robust trim must be >= 0, clip_iters and min_numel >= 1")
 
     def key(self) -> tuple:
         """What every peer must agree on (not the local callback)."""
-        return (self.detect, self.norm_factor, self.min_cosine, self.max_abs, self.max_norm,
+        return (self.detect, self.norm_factor, self.min_cosine, self.min_numel, self.max_abs, self.max_norm,
                 self.aggregate, self.trim, self.clip_iters)
 
 
@@ -134,21 +139,21 @@ def screen(rows: torch.Tensor, cfg: RobustConfig) -> dict[int, tuple[str, str]]:
         elif cfg.max_norm is not None and _norm(x) > cfg.max_norm:
             bad[i] = ("bound", f"norm {_norm(x):.3g} > {cfg.max_norm:g}")
     live = [i for i in range(rows.shape[0]) if i not in bad]
-    if not cfg.detect or len(live) < 3:  # relative checks need an honest majority of >= 2
-        return bad
+    if not cfg.detect or len(live) < 3 or rows.shape[1] < cfg.min_numel:
+        return bad  # relative checks need an honest majority of >= 2 and enough values
     norms = {i: _norm(rows[i]) for i in live}
-    median_norm = float(torch.tensor(list(norms.values()), dtype=torch.float64).median())
+    median_norm = statistics.median(norms.values())
     for i in live:
         if median_norm > 0 and norms[i] > cfg.norm_factor * median_norm:
             bad[i] = ("norm", f"norm {norms[i]:.3g} > {cfg.norm_factor:g} x median {median_norm:.3g}")
     live = [i for i in live if i not in bad]
     if len(live) < 3:
         return bad
-    med = coordinate_median(rows[live])
+    med = coordinate_median(rows[live]).double()
     med_norm = _norm(med)
     for i in live:
         if norms[i] > 0 and med_norm > 0:
-            cos = float(torch.dot(rows[i].double(), med.double())) / (norms[i] * med_norm)
+            cos = float(torch.dot(rows[i].double(), med)) / (norms[i] * med_norm)
             if cos < cfg.min_cosine:
                 bad[i] = ("direction", f"cosine {cos:.3f} to the coordinate-wise median < {cfg.min_cosine:g}")
     return bad

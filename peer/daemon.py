@@ -177,8 +177,17 @@ class PeerDaemon:
 
     def report(self, key: str, value: Any) -> None:
         """Let roles publish a stat (JSON-able) in every following heartbeat, e.g.
-        report("throughput", tokens_per_s) replaces the startup matmul figure."""
+        report("throughput", tokens_per_s) replaces the startup matmul figure. The two
+        well-known role stats also feed this peer's Prometheus metrics (peer.metrics):
+        "train" {step, ...} once per outer step, "serve" {model, sessions, tokens_per_s, ...}."""
         self._reported[key] = value
+        if not isinstance(value, dict):
+            return
+        if key == "train" and isinstance(value.get("step"), int):
+            metrics.record_outer_step(value["step"], value.get("loss"))
+        elif key == "serve" and isinstance(value.get("model"), str):
+            metrics.set_inference(value["model"], tokens_per_s=value.get("tokens_per_s") or 0.0,
+                                  sessions=value.get("sessions") or 0)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:

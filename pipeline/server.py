@@ -240,9 +240,9 @@ class StageServer:
         gone = [k for k in self.sessions if k[0] == owner and (sid is None or k[1] == sid)]
         for k in gone:
             del self.sessions[k]
-        if self.on_free is not None:
-            self.on_free(owner, sid)
         if gone:
+            if self.on_free is not None:
+                self.on_free(owner, sid)
             self._changed()
         return len(gone)
 

@@ -131,6 +131,13 @@ class TensorSplitFollower:
     def install(self) -> None:
         self.server.host.handle(TP_STEP, self._on_step)
         self.server.host.handle(TP_CLOSE, self._on_close)
+        self.server.host.on_peer_lost(self._on_peer_lost)
+
+    def _on_peer_lost(self, peer_id: str) -> None:
+        # Sessions are keyed by the leader's clients; without the leader none can go on.
+        if peer_id == self.leader:
+            for owner in {k[0] for k in self.server.sessions}:
+                self.server.free(owner, None)
 
     async def _on_step(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
         members = header.get("members")

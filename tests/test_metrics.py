@@ -181,3 +181,84 @@ def test_real_processes_serve_metrics_and_json_logs(procs: Procs, tmp_path):
     logs = [json.loads(line) for c in [coord, *peers] for line in c.lines if line.startswith("{")]
     assert any(e["logger"].startswith("lowband.peer") and e["level"] == "info" for e in logs)
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in logs)
+
+
+async def test_heartbeat_answers_carry_the_peer_list_only_when_it_changed(coord):
+    """The scale path (bench/coordinator.py): a peer sends the id of the list it holds."""
+    from peer.identity import Identity
+    from peer.membership import CoordinatorClient
+
+    a, b = (CoordinatorClient(coord, TOKEN, Identity.generate(), timeout=10) for _ in range(2))
+    try:
+        joined = await a.join("127.0.0.1:7001", {})
+        await b.join("127.0.0.1:7002", {})
+        await b.heartbeat({})
+        answer = await a.heartbeat({}, joined["view"])       # b joined since: a new list
+        ids = {p["peer_id"] for p in answer["peers"]}
+        assert ids == {a.identity.peer_id, b.identity.peer_id} and answer["view"] != joined["view"]
+        view = answer["view"]
+        for _ in range(3):  # a's own first heartbeat changed the list (joining -> active) once more
+            again = await a.heartbeat({}, view)
+            view = again["view"]
+        for _ in range(3):
+            again = await a.heartbeat({}, view)              # nothing changed: no list
+            assert "peers" not in again and again["view"] == view and again["state"] == "active"
+        assert "peers" in await a.heartbeat({})              # clients that send no id get it all
+        await b.leave()
+        deadline = time.monotonic() + 10
+        while True:  # heartbeats may see the old list for one round while the new one is built
+            answer = await a.heartbeat({}, view)
+            if "peers" in answer:
+                break
+            assert time.monotonic() < deadline
+        assert [p["peer_id"] for p in answer["peers"]] == [a.identity.peer_id]
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_checkpoints_cli_lists_and_exports(tmp_path):
+    """`coordinator checkpoints list|export` over a data dir holding one published checkpoint."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from coordinator.checkpoints import CheckpointStore, LocalBackend, save_state
+    from tests.harness import ROOT
+
+    config = {"vocab_size": 16, "dim": 8, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "hidden_dim": 16}
+    store = CheckpointStore(LocalBackend(tmp_path / "data" / "checkpoints"), "cli-run")
+    save_state(store, 5, {"model.norm.weight": torch.ones(8)}, config=config)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "coordinator", "checkpoints", *args,
+                               "--data-dir", str(tmp_path / "data")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    listed = cli("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-run" in listed.stdout and " 5 " in listed.stdout
+    exported = cli("export", "latest", str(tmp_path / "hf"))   # the only run: --run optional
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == 8
+    missing = cli("export", "9", str(tmp_path / "x"), "--run", "cli-run")
+    assert missing.returncode == 1 and "no checkpoint at step 9" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_role_stats_reported_to_the_daemon_feed_peer_metrics():
+    from peer.daemon import DaemonConfig, PeerDaemon
+
+    daemon = PeerDaemon(DaemonConfig(coordinator="http://127.0.0.1:9", token="t"))
+    steps0 = value(parse(peer_metrics.exposition().decode()), "lowband_peer_outer_steps",
+                   "lowband_peer_outer_steps_total")
+    daemon.report("train", {"run": "r", "step": 41, "tokens_per_s": 900.0, "loss": 2.5})
+    daemon.report("serve", {"model": "bridge-model", "blocks": [0, 4], "sessions": 2,
+                            "tokens_per_s": None})
+    f = parse(peer_metrics.exposition().decode())
+    assert value(f, "lowband_peer_outer_steps", "lowband_peer_outer_steps_total") == steps0 + 1
+    assert value(f, "lowband_peer_outer_step") == 41 and value(f, "lowband_peer_loss") == 2.5
+    assert value(f, "lowband_peer_inference_sessions", model="bridge-model") == 2
+    assert value(f, "lowband_peer_inference_tokens_per_second", model="bridge-model") == 0

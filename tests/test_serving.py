@@ -4,14 +4,19 @@ test process. Greedy output must equal single-process ``pipeline.generate`` exac
 stage server is SIGKILLed mid-generation."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 
 import pytest
+import torch
 
 from pipeline.client import InferenceClient, ServerInfo, plan_route
 from pipeline.protocol import (BadRequest, ContextLimitExceeded, ModelNotFound, NoRoute, ServeSpec, Span,
                                TensorSplitSpec, least_covered_span, parse_serve_argument)
+from pipeline.model import Llama, LlamaConfig
+from pipeline.protocol import SessionError, pack_tensor, unpack_tensor
+from pipeline.server import ServeConfig, StageServer
 from tests.harness import Procs
 
 TOKEN = "serving-test-token"
@@ -105,6 +110,66 @@ def test_route_planning_and_span_choice():
             parse_serve_argument(bad)
 
 
+async def test_batched_decode_matches_one_by_one():
+    """Single-token steps of sessions at different positions run as one forward (each row on its
+    own KV cache) and give the logits of running each session alone."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig.tiny()
+    model = Llama(cfg).eval()
+    server = StageServer(None, "tiny", model, Span(0, cfg.n_layers), None)
+
+    def job(sid: str, pos: int, ids: list[int]):
+        meta, raw = pack_tensor(torch.tensor([ids]))
+        return server.make_job("client", server.parse_step(
+            {**meta, "sid": sid, "start": 0, "end": cfg.n_layers, "pos": pos, "chunks": [len(ids)],
+             "input": "tokens", "out": "logits", "capacity": 16}, raw))
+
+    prompts = {"a": [1, 2, 3], "b": [4, 5, 6, 7, 8], "c": [9]}
+    for sid, ids in prompts.items():
+        server.compute_one(job(sid, 0, ids))
+    jobs = [job(sid, len(ids), [10 + i]) for i, (sid, ids) in enumerate(prompts.items())]
+    (group,) = server._groups(jobs)
+    results = server._compute(group)
+    assert server.batches == 1
+    with torch.inference_mode():
+        for i, ((sid, ids), (hdr, raw)) in enumerate(zip(prompts.items(), results)):
+            cache = model.new_cache(1)
+            model.run_blocks(model.embed(torch.tensor([ids])), 0, cfg.n_layers, cache)
+            want = model.head(model.run_blocks(model.embed(torch.tensor([[10 + i]])), 0, cfg.n_layers, cache)[:, -1])
+            assert hdr["length"] == len(ids) + 1
+            assert torch.allclose(unpack_tensor(hdr, raw), want, atol=1e-5)
+    with pytest.raises(SessionError, match="position"):
+        job("a", 1, [1])
+    with pytest.raises(BadRequest, match="token ids"):
+        job("d", 0, [cfg.vocab_size])
+
+
+async def test_session_limits_and_idle_expiry():
+    cfg = LlamaConfig.tiny()
+    server = StageServer(None, "tiny", Llama(cfg).eval(), Span(0, cfg.n_layers), None,
+                         ServeConfig(max_sessions=2, idle_timeout_s=0.2))
+    meta, raw = pack_tensor(torch.tensor([[1, 2]]))
+
+    def open_session(sid: str):
+        return server.make_job("client", server.parse_step(
+            {**meta, "sid": sid, "start": 0, "end": cfg.n_layers, "pos": 0, "chunks": [2], "input": "tokens",
+             "out": "none", "capacity": 8}, raw))
+
+    open_session("a"), open_session("b")
+    with pytest.raises(SessionError, match="server full"):
+        open_session("c")
+    with pytest.raises(ContextLimitExceeded):
+        server.parse_step({**meta, "sid": "d", "start": 0, "end": cfg.n_layers, "pos": cfg.max_seq_len - 1,
+                           "chunks": [2], "input": "tokens", "out": "none", "capacity": 8}, raw)
+    expiry = asyncio.create_task(server._expiry())
+    try:
+        await asyncio.sleep(0.6)
+        assert not server.sessions
+    finally:
+        expiry.cancel()
+    assert server.free("client", None) == 0
+
+
 # ------------------------------------------------------------------------------- over the swarm
 def test_three_stage_pipeline_matches_single_process(client, reference, swarm):
     t0 = time.monotonic()
@@ -143,9 +208,10 @@ def test_concurrent_sessions_batch_and_match(client, reference, swarm):
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda _: client.generate(MODEL, PROMPT, NEW), range(3)))
     assert outs == [reference["chat"]] * 3
+    # Whether steps met in the queue depends on timing; test_batched_decode_matches_one_by_one
+    # checks the batched forward itself.
     batched = sum(client.call(client.server_info, pid)["batches"] for pid in peer_ids(swarm))
     print(f"batched forwards across servers: {batched}")
-    assert batched >= 1
 
 
 def test_sampling_is_reproducible_with_seed(client):

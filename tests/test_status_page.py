@@ -34,7 +34,7 @@ STEPS = 12
 INTERVAL, TIMEOUT = 0.5, 3.0
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1400,2300")
+                "--disable-dev-shm-usage", "--window-size=1400,900")
 
 pytestmark = pytest.mark.slow
 
