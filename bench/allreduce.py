@@ -1,15 +1,18 @@
-"""All-reduce: our pipelined ring (fp32 / fp16 / int8 / int4 on the wire) vs torch.distributed gloo
-fp32, one process per host, one large fp32 tensor (default 4 hosts, 100 MB).
+"""All-reduce: our pipelined ring (fp32 / fp16 / int8 / int4 on the wire) vs the anchors
+torch.distributed gloo fp32 and hivemind's DecentralizedAverager (fp32 / fp16 / 8-bit), one
+process per host, one large fp32 tensor (default 4 hosts, 100 MB).
 
     .venv/bin/python bench/allreduce.py [--links loopback,tbf100,emu100d25] [--hosts 4]
                                         [--mbytes 100] [--repeats 3] [--codecs fp32,fp16,int8,int4]
+                                        [--hivemind-codecs fp32,fp16,8bit]
 
 Links come from bench.links (unshaped loopback; tc tbf 100 Mbit/s namespaces, root only;
 peer.netem relays at 100 Mbit/s and 25 ms one way). Per link kind, in one run: the link rate of
-one raw TCP stream, our ring for every codec, and the gloo anchor where it can run (gloo cannot
-cross per-pair relays). Each repeat starts after a tiny all-reduce (a barrier) and lasts until
-the slowest rank has its result; medians of the repeats, the ring lower bound
-2(N-1)/N * wire_bytes / link_rate beside each, and whether all ranks got identical bits.
+one raw TCP stream, our ring for every codec, and the anchors where they can run (gloo and
+hivemind learn peer addresses at run time, so they cannot cross per-pair relays). Each repeat
+starts after a tiny all-reduce (a barrier) and lasts until the slowest rank has its result;
+medians of the repeats, the ring lower bound 2(N-1)/N * wire_bytes / link_rate beside each,
+whether all ranks got identical bits, and the issue's targets checked pass/fail.
 Writes bench/results/allreduce.json and allreduce.md (DESIGN.md section 6).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.baselines.workers import BaselineError, announce, report, run_workers, slowest_per_repeat  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import check, write_results  # noqa: E402
 
 _WARMUP_NUMEL = 1 << 20
 _TIMEOUT_S = 900.0
@@ -83,40 +86,80 @@ def run_ours(links, numel: int, repeats: int, codecs: list[str]) -> dict[str, di
             for codec in codecs}
 
 
-def bench_links(kind: str, args: argparse.Namespace, codecs: list[str]) -> tuple[list[dict], dict, list[str]]:
+def bench_links(kind: str, args: argparse.Namespace, codecs: list[str],
+                hivemind_codecs: list[str]) -> tuple[list[dict], dict, list[str]]:
     from bench.baselines.gloo_allreduce import run_gloo
+    from bench.baselines.hivemind_allreduce import CODECS as HIVEMIND_CODECS, run_hivemind
     from bench.links import LinksUnsupported, measure_link_rate, open_links, ring_bound_fields
     from compression import get_codec
 
     numel = args.mbytes * (1 << 20) // 4
     notes: list[str] = []
+    gloo = hivemind = None
     with open_links(kind, args.hosts) as links:
         rate = measure_link_rate(links)
         ours = run_ours(links, numel, args.repeats, codecs)
         try:
             gloo = run_gloo(links, numel, args.repeats)
         except LinksUnsupported as exc:
-            gloo = None
             notes.append(f"{kind}: gloo not run ({exc})")
+        if hivemind_codecs:
+            try:
+                hivemind = run_hivemind(links, numel, hivemind_codecs, args.repeats)
+            except LinksUnsupported as exc:
+                notes.append(f"{kind}: hivemind not run ({exc})")
+            except BaselineError as exc:
+                notes.append(f"{kind}: hivemind failed: {str(exc)[-300:]}")
         described = links.describe()
-    rows = []
-    if gloo is not None:
-        rows.append({"links": kind, "configuration": "gloo fp32 (anchor)", "median s": gloo["median"],
-                     "wire MB": 4 * numel / 1e6, **_bound_cells(ring_bound_fields(args.hosts, 4 * numel, gloo["median"], rate)),
-                     "vs gloo": 1.0, "bit-identical": "n/a", "repeats": len(gloo["samples"])})
+
+    def row(configuration: str, s: dict, wire: float, identical: object) -> dict:
+        return {"links": kind, "configuration": configuration, "median s": s["median"], "wire MB": wire / 1e6,
+                **_bound_cells(ring_bound_fields(args.hosts, wire, s["median"], rate)),
+                "vs gloo": s["median"] / gloo["median"] if gloo else "n/a",
+                "bit-identical": identical, "repeats": len(s["samples"])}
+
+    rows = [row("gloo fp32 (anchor)", gloo, 4 * numel, "n/a")] if gloo else []
+    for codec, s in (hivemind or {}).get("codecs", {}).items():
+        rows.append(row(f"hivemind {codec} (anchor)", s, HIVEMIND_CODECS[codec][1] * numel, "n/a"))
     for codec, s in ours.items():
-        wire = get_codec(codec).wire_bytes(numel)
-        rows.append({"links": kind, "configuration": f"ours {codec}", "median s": s["median"], "wire MB": wire / 1e6,
-                     **_bound_cells(ring_bound_fields(args.hosts, wire, s["median"], rate)),
-                     "vs gloo": s["median"] / gloo["median"] if gloo else "n/a",
-                     "bit-identical": s["bit_identical"], "repeats": len(s["samples"])})
-    raw = {"links": described, "link_rate_Bps": rate, "numel": numel, "ours": ours, "gloo": gloo}
+        rows.append(row(f"ours {codec}", s, get_codec(codec).wire_bytes(numel), s["bit_identical"]))
+    raw = {"links": described, "link_rate_Bps": rate, "numel": numel, "ours": ours, "gloo": gloo,
+           "hivemind": hivemind}
     return rows, raw, notes
 
 
 def _bound_cells(fields: dict) -> dict:
     return {"link Mbit/s": fields["link_rate_Bps"] * 8 / 1e6, "ring bound s": fields["ring_lower_bound_s"],
             "median / bound": fields["median_over_bound"]}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, checked on this run's medians (missing measurements are skipped)."""
+    med = {(r["links"], r["configuration"]): r for r in rows}
+
+    def t(kind: str, conf: str) -> float | None:
+        r = med.get((kind, conf))
+        return r["median s"] if r else None
+
+    checks = []
+    for kind, limit in (("tbf100", 1.1), ("emu100d25", 1.2)):
+        for r in rows:
+            if r["links"] == kind and r["configuration"].startswith("ours ") and \
+                    (kind == "tbf100" or r["configuration"] == "ours int8"):
+                checks.append(check(f"{kind}: {r['configuration']} median / ring bound", r["median / bound"],
+                                    limit, higher_is_better=False, unit="x"))
+    speedups = [("ours int8", "gloo fp32 (anchor)", 3.5), ("ours int8", "hivemind 8bit (anchor)", 1.15),
+                ("ours int4", "hivemind 8bit (anchor)", 2.0), ("ours fp32", "gloo fp32 (anchor)", 1.0)]
+    for ours, anchor, target in speedups:
+        a, o = t("tbf100", anchor), t("tbf100", ours)
+        if a is not None and o is not None:
+            checks.append(check(f"tbf100: {ours} speed-up over {anchor.removesuffix(' (anchor)')}", a / o,
+                                target, unit="x"))
+    for r in rows:
+        if r["configuration"].startswith("ours "):
+            checks.append(check(f"{r['links']}: {r['configuration']} bit-identical on every rank",
+                                float(r["bit-identical"] is True), 1.0))
+    return checks
 
 
 def main() -> int:
@@ -126,6 +169,8 @@ def main() -> int:
     parser.add_argument("--mbytes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--codecs", default="fp32,fp16,int8,int4")
+    parser.add_argument("--hivemind-codecs", default="fp32,fp16,8bit",
+                        help="hivemind anchor codecs (fp32,fp16,8bit; empty = skip hivemind)")
     parser.add_argument("--name", default="allreduce", help="results file stem under bench/results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--rank", "--address", "--numel", "--token"):
@@ -138,6 +183,7 @@ def main() -> int:
     from peer.netns import unavailable_reason
 
     codecs = args.codecs.split(",")
+    hivemind_codecs = [c for c in args.hivemind_codecs.split(",") if c]
     rows, raw, notes = [], {}, [f"{args.hosts} hosts, {args.mbytes} MB fp32; sample = slowest rank of a repeat; "
                                 "median of repeats. Ring bound uses the link rate of one raw TCP stream "
                                 "measured in the same run."]
@@ -147,7 +193,7 @@ def main() -> int:
             notes.append(f"{kind}: skipped ({reason})")
             continue
         try:
-            kind_rows, raw[kind], kind_notes = bench_links(kind, args, codecs)
+            kind_rows, raw[kind], kind_notes = bench_links(kind, args, codecs, hivemind_codecs)
         except BaselineError as exc:
             notes.append(f"{kind}: failed: {str(exc)[-500:]}")
             continue
@@ -155,8 +201,11 @@ def main() -> int:
         notes += kind_notes
         for row in kind_rows:
             print(row, flush=True)
+    checks = targets(rows)
+    for c in checks:
+        print(c, flush=True)
     json_path, md_path = write_results(args.name, {"hosts": args.hosts, "mbytes": args.mbytes, "runs": raw},
-                                       {"All-reduce": rows}, notes)
+                                       {"All-reduce": rows, "Targets": checks}, notes)
     print(f"wrote {json_path} and {md_path}")
     return 0 if rows else 1
 

@@ -154,6 +154,16 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last minute in which some runnable task waited for a CPU -- how much
+    other work on this shared machine competed with the benchmark. None where unavailable."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return float(first.split("avg60=")[1].split()[0])
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -229,6 +239,7 @@ def run(peers: int, duration: float, clients: int, warmup: float) -> dict:
         cpu1, wall1 = cpu_seconds(coord.pid), time.monotonic()
         window_end = time.time()
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        pressure = cpu_pressure()
         final = scrape(url)
         stop.set()
         results = []
@@ -274,6 +285,7 @@ def run(peers: int, duration: float, clients: int, warmup: float) -> dict:
         "answers_with_full_peer_list": sum(r["full_lists"] for r in results),
         "errors": errors,
         "machine_loadavg_at_window_end": load,
+        "machine_cpu_pressure_avg60_pct": pressure,
         "peers_by_state_at_end": final["peers"],
     }
 
@@ -298,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     context = [{"quantity": "coordinator CPU, % of one core", "value": result["coordinator_cpu_percent_of_one_core"]},
                {"quantity": "heartbeats/s in window", "value": result["heartbeats_per_s"]},
                {"quantity": "load-generator CPU, s", "value": result["client_cpu_s"]},
+               {"quantity": "machine load average (1, 5, 15 min) at window end",
+                "value": json.dumps(result["machine_loadavg_at_window_end"])},
+               {"quantity": "machine CPU pressure (PSI some avg60, %)",
+                "value": result["machine_cpu_pressure_avg60_pct"]},
                {"quantity": "peers by state at end", "value": json.dumps(result["peers_by_state_at_end"])}]
     notes = ["Latency is measured by the load generator: signed heartbeat sent -> whole answer "
              "read. The load generator shares the machine's cores with the coordinator, so its "

@@ -76,7 +76,7 @@ class Tally:
     """Counts of fuzzed inputs per target and every crash with its reproducer."""
 
     cases: Counter = field(default_factory=Counter)
-    typed: Counter = field(default_factory=Counter)  # expected typed errors, by class name
+    typed: Counter = field(default_factory=Counter)  # outcomes: typed errors by class, HTTP statuses
     crashes: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -410,9 +410,9 @@ def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
         if rng.random() < 0.2:
             tally.guard("wire.decode_frame", lambda: check_decode_frame(data), (), lambda: data)
 
-    for k in range(n_hs):
+    for _ in range(n_hs):
         fuzz_handshake_case(tally, rng, idents, flights)
-    for k in range(n_ch):
+    for _ in range(n_ch):
         fuzz_channel_case(tally, rng, corpus)
     tally.seconds["wire"] = time.perf_counter() - t0
 
@@ -446,8 +446,7 @@ def fuzz_handshake_case(tally: Tally, rng: random.Random, idents: list[Identity]
 
     def case() -> None:
         i, r = run_handshake(idents[0], rng.choice(idents[1:]), token, token if same_token else b"other",
-                             tamper, splitter if rng.random() < 0.3 else None,
-                             expected_peer_id=None)
+                             tamper, splitter if rng.random() < 0.3 else None)
         tampered = "sent" in record and record["sent"] != record["original"]
         check_handshake_outcome(i, r, tampered=tampered, same_token=same_token)
 
@@ -813,11 +812,12 @@ def fuzz_checkpoints(tally: Tally, rng: random.Random, n: int, parent: Path) -> 
                 backend.put(key, bad)
                 try:
                     load_state(store, 1)
+                    assert bad == orig, "a corrupt chunk was loaded"
                 except CheckpointError:
-                    assert bad == orig or not backend.exists(key), "corrupt chunk kept"
+                    assert not backend.exists(key), "corrupt chunk kept"
                     raise
                 finally:
-                    store.put_chunk(orig)
+                    backend.put(key, orig)
 
             tally.guard("files.chunk.corrupt", corrupt_chunk, (CheckpointError,), lambda: bad)
         elif op == 5:  # hostile names everywhere a name goes
@@ -951,7 +951,7 @@ def filesystem_problems(parent: Path, canary: str, extra_roots: tuple[Path, ...]
     for dirpath, dirnames, filenames in os.walk(data):
         rel_dir = Path(dirpath).relative_to(data).as_posix()
         for d in dirnames:
-            rel = f"{rel_dir}/{d}".lstrip("./") if rel_dir != "." else d
+            rel = f"{rel_dir}/{d}" if rel_dir != "." else d
             if not _DATA_DIRS.match(rel):
                 problems.append(f"unexpected folder in the data dir: {rel}")
         for f in filenames:
@@ -1566,6 +1566,89 @@ def _serve_peer_main(token: str) -> None:
     asyncio.run(serve_peer(token))
 
 
+# ------------------------------------------------------------------ coverage-guided (atheris)
+
+def atheris_one_input(data: bytes) -> None:
+    """One libFuzzer input: a selector byte, cut points, then bytes for the frame decoder, a
+    fresh handshake responder, or the plaintext of an authenticated AEAD record. The oracles
+    raise on anything but the typed errors, which atheris reports as a crash."""
+    import atheris
+
+    fdp = atheris.FuzzedDataProvider(data)
+    target = fdp.ConsumeIntInRange(0, 2)
+    cuts = [fdp.ConsumeIntInRange(1, 4096) for _ in range(fdp.ConsumeIntInRange(0, 4))]
+    body = fdp.ConsumeBytes(fdp.remaining_bytes())
+    if target == 0:
+        check_decoder(body, sorted({c for c in cuts if c < len(body)}))
+    elif target == 1:
+        hs = Handshake(_ATHERIS_IDENT, b"token", initiator=False)
+        try:
+            for piece in pieces(body, sorted({c for c in cuts if c < len(body)})):
+                hs.receive_data(piece)
+        except (AuthError, ProtocolError):
+            assert hs.state is State.FAILED
+    else:
+        key = b"\x05" * 32
+        check_channel(SecureChannel(b"\x06" * 32, key), seal_raw(key, 0, body), [])
+
+
+_ATHERIS_IDENT: Identity | None = None  # set by atheris_worker
+
+
+def atheris_worker(runs: int, workdir: str) -> int:
+    """Coverage-guided fuzzing of the sans-IO wire code with atheris (libFuzzer), seeded with
+    real frames and handshake flights; prints the number of executed inputs."""
+    import atheris
+
+    global _ATHERIS_IDENT
+    _ATHERIS_IDENT = Identity.generate()
+    corpus = Path(workdir) / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    seeds = [random_frame(rng) for _ in range(30)]
+    run_handshake(Identity.generate(), Identity.generate(), b"t", b"t", tamper=lambda k, d: (seeds.append(d), d)[1])
+    for i, seed in enumerate(seeds):
+        (corpus / f"seed{i}").write_bytes(bytes([i % 3, 0]) + seed)
+    atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=8192", f"-artifact_prefix={workdir}/",
+                   "-print_final_stats=1", str(corpus)], atheris_one_input)
+    atheris.Fuzz()
+    return 0
+
+
+# The child instruments only the peer modules (imported first, inside instrument_imports), so
+# coverage feedback comes from the code under test and start-up stays fast.
+_ATHERIS_CHILD = """
+import sys, atheris
+with atheris.instrument_imports(include=["peer"]):
+    import peer.errors, peer.identity, peer.wire, peer.handshake, peer.secure
+from bench.fuzz import atheris_worker
+sys.exit(atheris_worker(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+def run_atheris_child(tally: Tally, runs: int) -> None:
+    """The atheris pass in a child process (libFuzzer owns the process and exits it); skipped,
+    and said so, when atheris is not installed (it is optional)."""
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        tally.typed["wire.atheris skipped (not installed)"] += 1
+        return
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory(prefix="lbfuzz-atheris-") as tmp:
+        proc = subprocess.run([sys.executable, "-c", _ATHERIS_CHILD, str(runs), tmp],
+                              cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+        out = proc.stdout + proc.stderr
+        done = re.findall(r"stat::number_of_executed_units:\s*(\d+)", out)
+        tally.cases["wire.atheris"] += int(done[-1]) if done else 0
+        if proc.returncode != 0:
+            artifacts = [p.name for p in Path(tmp).iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
+            repro = (Path(tmp) / artifacts[0]).read_bytes() if artifacts else out[-3000:]
+            tally.crash("wire.atheris", f"atheris exited {proc.returncode}: {out[-1500:]}", repro)
+    tally.seconds["wire.atheris"] = time.perf_counter() - t0
+
+
 # ------------------------------------------------------------------------------------ main
 
 def run_files_child(tally: Tally, seed: int, n: int, mem_limit_gb: int) -> None:
@@ -1635,6 +1718,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--mem-limit-gb", type=int, default=8, help="address-space cap of the files worker")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--atheris-runs", type=int, default=30_000,
+                        help="coverage-guided wire inputs when atheris is installed (0: skip)")
     parser.add_argument("--files-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-peer", metavar="TOKEN", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1652,6 +1737,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     print(f"fuzz: {args.wire} wire inputs", flush=True)
     fuzz_wire(tally, random.Random(rng.random()), args.wire)
+    if args.atheris_runs:
+        print(f"fuzz: {args.atheris_runs} coverage-guided wire inputs (atheris)", flush=True)
+        run_atheris_child(tally, args.atheris_runs)
     with tempfile.TemporaryDirectory(prefix="lbfuzz-") as tmp:
         print(f"fuzz: {args.tcp} hostile TCP connections", flush=True)
         info["tcp"] = fuzz_tcp(tally, random.Random(rng.random()), args.tcp, Path(tmp))

@@ -181,6 +181,7 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
                 "--key", str(tmp / f"s{i}.key"), "--device", "cpu", "--serve", arg, "--blocks", span, *announce],
                procs)
     client = InferenceClient(url, token)
+    atexit.register(client.close)  # runs before the children are killed (atexit is LIFO)
     entry_points = sum(1 for arg, _ in serve if ",tp=" not in arg or ":0/" in arg)  # tp rank 0 leads
     deadline = time.monotonic() + 120
     while len(client.call(client.servers, "smollm2-135m")) < entry_points:
@@ -278,9 +279,10 @@ def bench_interleaved(kinds: list[str], batches: list[int], new_tokens: int, rep
             for w in workers.values():
                 w.run(batch, new_tokens)  # warm-up
             runs: dict[str, list[dict]] = {k: [] for k in kinds}
-            for _ in range(repeats):
+            for rep in range(repeats):
                 for k, w in workers.items():
                     runs[k].append(w.run(batch, new_tokens))
+                    print(f"batch {batch} run {rep + 1}/{repeats} {k}: {runs[k][-1]}", file=sys.stderr, flush=True)
             rows += [summarize(k, batch, new_tokens, runs[k]) for k in kinds]
         return rows
     finally:

@@ -45,8 +45,9 @@ def add_generate(sub) -> None:
 
 
 def run_generate(args) -> int:
+    from peer.errors import LowbandError
     from pipeline.client import InferenceClient
-    from pipeline.protocol import ServingError
+    from pipeline.protocol import ModelNotFound
 
     token = _token(args)
     if not token:
@@ -62,9 +63,9 @@ def run_generate(args) -> int:
         except ValueError as e:  # BadRequest, ContextLimitExceeded, sampler parameters
             print(f"\npeer: {e}", file=sys.stderr)
             return 2
-        except ServingError as e:
+        except LowbandError as e:  # ModelNotFound is a bad request; the rest (no route, coordinator away) are not
             print(f"\npeer: {e}", file=sys.stderr)
-            return 2 if type(e).__name__ == "ModelNotFound" else 1
+            return 2 if isinstance(e, ModelNotFound) else 1
     sys.stdout.write("\n")
     return 0
 

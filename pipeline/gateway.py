@@ -4,7 +4,7 @@
 answers with server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``). Requests are
 validated up front; errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 bad parameters / prompt over the context limit, 404 unknown model, 503 when the swarm cannot
-serve (a span without a server), 401 with a wrong API key. A client that disconnects mid-stream
+serve (a span without a server, coordinator unreachable), 401 with a wrong API key. A client that disconnects mid-stream
 ends the generation, which frees the servers' sessions.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
+from peer.errors import LowbandError
 from pipeline.client import InferenceClient
-from pipeline.protocol import ContextLimitExceeded, ModelNotFound, ServingError
+from pipeline.protocol import ContextLimitExceeded, ModelNotFound
 
 log = logging.getLogger("lowband.pipeline.gateway")
 
@@ -91,7 +92,7 @@ def _prompt(body: dict, chat: bool):
 async def _models(request: web.Request) -> web.Response:
     try:
         models = await request.app[CLIENT].models()
-    except ServingError as e:
+    except LowbandError as e:  # coordinator unreachable
         return _error(503, str(e), "server_error")
     return web.json_response({"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "lowband", "context_length": m["max_seq_len"],
@@ -155,7 +156,7 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         return _error(404, str(e), "invalid_request_error", "model", "model_not_found")
     except (ValueError, ContextLimitExceeded) as e:  # BadRequest, context limit, sampler parameters
         return _error(400, str(e), "invalid_request_error")
-    except ServingError as e:
+    except LowbandError as e:  # no route, servers gone, coordinator unreachable
         if response is not None:  # mid-stream: the status is sent; end the event stream with an error
             await response.write(f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
                                  .encode())

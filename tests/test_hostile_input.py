@@ -12,9 +12,9 @@ import asyncio
 import http.client
 import json
 import math
+import random
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from bench.fuzz import (TOKEN, check_channel, check_decoder, check_handshake_outcome, check_roundtrip,
                         filesystem_problems, hostile_session_frames, legit_check, run_handshake, seal_raw,
-                        signed_body, start_coordinator, write_tiny_gguf, write_tiny_hf)
+                        signed_body, start_coordinator, tcp_case, write_tiny_gguf, write_tiny_hf)
 from peer.errors import AuthError, ProtocolError
 from peer.handshake import Handshake, State
 from peer.identity import Identity
@@ -420,9 +420,6 @@ class _maybe_raises:
 # ------------------------------------------------------------------------------ PeerHost TCP
 
 def test_peer_host_drops_garbage_and_keeps_serving(procs):
-    from bench.fuzz import tcp_case
-    import random
-
     from peer.transport import PeerHost
 
     server = procs.python(str(ROOT / "bench" / "fuzz.py"), "--serve-peer", TOKEN)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.poison import install_payload_poisoner  # noqa: E402
 from collectives import CollectiveError, Group, RobustConfig, all_reduce  # noqa: E402
-from collectives.robust import aggregate, coordinate_median, screen  # noqa: E402
+from collectives.robust import aggregate, coordinate_median, screen, sorted_rows  # noqa: E402
 from tests import collective_child  # noqa: E402
 from tests.test_collectives import _config  # noqa: E402
 
@@ -122,6 +122,12 @@ def test_robust_aggregators_bound_an_outlier():
         assert float((est - honest_mean).norm()) < spread, agg
     assert torch.equal(coordinate_median(torch.tensor([[1.0, 5.0], [3.0, -1.0], [2.0, 0.0], [9.0, 1.0]])),
                        torch.tensor([2.5, 0.5]))
+
+
+def test_sorting_network_matches_torch_sort():
+    for k in (1, 2, 3, 4, 5, 8, 17):
+        x = torch.randn(k, 300, generator=torch.Generator().manual_seed(k))
+        assert torch.equal(torch.stack(sorted_rows(x)), x.sort(dim=0).values), k
 
 
 def test_config_errors_are_typed():

@@ -214,6 +214,21 @@ def test_concurrent_sessions_batch_and_match(client, reference, swarm):
     print(f"batched forwards across servers: {batched}")
 
 
+@pytest.mark.parametrize("wire", ["fp16", "bf16"])
+def test_half_precision_wire_is_close(client, swarm, wire):
+    """fp16/bf16 activations between stages: half the bytes, logits close to the fp32 run's."""
+    ids = client.call(client.tokenizer, MODEL).encode("The capital of France is")
+    exact = client.call(client.alogits, MODEL, ids)
+    half = InferenceClient(swarm[0], TOKEN, wire=wire)
+    try:
+        approx = half.call(half.alogits, MODEL, ids)
+    finally:
+        half.close()
+    diff = (approx - exact).abs().max().item()
+    print(f"{wire} wire: max |logit diff| {diff:.3g}")
+    assert 0 < diff < 1.0 and approx.argmax() == exact.argmax()
+
+
 def test_sampling_is_reproducible_with_seed(client):
     a = client.generate(MODEL, "Once upon a time", 8, temperature=0.8, top_p=0.9, seed=7)
     b = client.generate(MODEL, "Once upon a time", 8, temperature=0.8, top_p=0.9, seed=7)
