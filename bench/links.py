@@ -11,6 +11,8 @@ Kinds (DESIGN.md section 6; the all-reduce issue's setups):
   process that opened the links. Note the model differs from tbf100: each *pair* link has
   100 Mbit/s, not each host's access link, so a host talking to three peers at once has three
   links' capacity (ring all-reduce sends to one neighbour only, so rings see one link either way).
+* ``emu20d50``  -- the same relays at 20 Mbit/s and 50 ms one-way delay (a home uplink; the
+  DiLoCo benchmark's links).
 
 How an application reaches another host: host j's service binds ``links.address(j)`` on some
 port (0 = any, then reported back); the parent collects ``ports[j]`` and calls
@@ -47,7 +49,7 @@ from peer.netem import LinkEmulatorSet, LinkSpec
 from peer.netns import LinkShape, NetnsLab, NetnsUnavailable, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("loopback", "tbf100", "emu100d25")
+KINDS = ("loopback", "tbf100", "emu100d25", "emu20d50")
 _RATE_MBIT = 100.0
 _DELAY_MS = 25.0
 _TBF_BURST = 256 * 1024
@@ -325,7 +327,7 @@ class EmulatedLinks(LoopbackLinks):
         if key not in self._routes:
             if self._loop is None or self._relays is None:
                 raise LinksError("links are not open (use them in a with block)")
-            spec = LinkSpec.from_ms(_DELAY_MS, rate_mbit=_RATE_MBIT)
+            spec = LinkSpec.from_ms(self.one_way_delay_s * 1e3, rate_mbit=self.nominal_rate_Bps * 8 / 1e6)
             targets = {j: (self.address(j), ports[j]) for j in range(self.n)}
             relays: dict = self._call(self._relays.mesh(targets, spec), self._loop)
             self._routes[key] = [[None if i == j else relays[i, j].endpoint for j in range(self.n)]
@@ -338,6 +340,14 @@ class EmulatedLinks(LoopbackLinks):
         return future.result(_RELAY_CALL_TIMEOUT_S)
 
 
+class EmulatedLinks20d50(EmulatedLinks):
+    """The relay mesh at 20 Mbit/s and 50 ms one-way delay per direction of each pair link."""
+
+    kind = "emu20d50"
+    nominal_rate_Bps = 20e6 / 8
+    one_way_delay_s = 50e-3
+
+
 def _new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop  # optional: relays forward ~100 Mbit/s per pair in pure Python
@@ -348,7 +358,8 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 def open_links(kind: str, n: int) -> Links:
     """A Links of the given kind (not yet open: use it in a ``with`` block)."""
-    factories = {"loopback": LoopbackLinks, "tbf100": TbfLinks, "emu100d25": EmulatedLinks}
+    factories = {"loopback": LoopbackLinks, "tbf100": TbfLinks, "emu100d25": EmulatedLinks,
+                 "emu20d50": EmulatedLinks20d50}
     if kind not in factories:
         raise ValueError(f"link kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return factories[kind](n)

@@ -184,9 +184,18 @@ class RingRun:
         if not self.gather:
             return acc, None, None
         out_meta, out = self.codec.encode(acc)
-        # The owner keeps exactly what everyone else will decode from these bytes.
-        self.result[a:b] = self.codec.decode(out_meta, out, device=self.flat.device)
         return acc, out_meta, out
+
+    def _place(self, meta: dict, payload, a: int, b: int) -> None:
+        self.result[a:b] = self.codec.decode(meta, payload, device=self.flat.device)
+
+    async def _decoder(self, queue: asyncio.Queue) -> None:
+        """Decode all-gather chunks into the result in arrival order, off the forwarding path:
+        a chunk's bytes go on to the next peer as soon as they arrive, not after the decode of
+        the chunk before (on a loaded machine that decode can outlast the ring's slack)."""
+        while (item := await queue.get()) is not None:
+            meta, payload, a, b = item
+            await compute(lambda: self._place(meta, payload, a, b), b - a)
 
     async def run(self) -> torch.Tensor:
         sender = Sender(self.host, self.next, self.send_s)
@@ -221,25 +230,37 @@ class RingRun:
     async def _consume(self, sender: Sender) -> None:
         n, r = self.n, self.rank
         parts: list[torch.Tensor] = []
-        for s in range(n - 1):
-            for c, (a, b) in enumerate(self.plan.chunks((r - s - 1) % n)):
-                hdr, payload = await self._recv("rs", s, c, b - a)
-                if s < n - 2:
-                    meta, out = await compute(lambda: self.codec.encode(self._reduce(hdr["m"], payload, a, b)), b - a)
-                    sender.put((_RS, s + 1, c), self._tag("rs", s + 1, c), {**self.keys, "m": meta}, out)
-                    continue
-                acc, meta, out = await compute(lambda: self._finish(hdr["m"], payload, a, b), b - a)
-                if self.gather:
+        decodes: asyncio.Queue = asyncio.Queue()
+        decoder = asyncio.get_running_loop().create_task(self._decoder(decodes)) if self.gather else None
+        try:
+            for s in range(n - 1):
+                for c, (a, b) in enumerate(self.plan.chunks((r - s - 1) % n)):
+                    hdr, payload = await self._recv("rs", s, c, b - a)
+                    if s < n - 2:
+                        meta, out = await compute(lambda: self.codec.encode(self._reduce(hdr["m"], payload, a, b)),
+                                                  b - a)
+                        sender.put((_RS, s + 1, c), self._tag("rs", s + 1, c), {**self.keys, "m": meta}, out)
+                        continue
+                    acc, meta, out = await compute(lambda: self._finish(hdr["m"], payload, a, b), b - a)
+                    if decoder is None:
+                        parts.append(acc)
+                        continue
                     sender.put((_AG, 0, c), self._tag("ag", 0, c), {**self.keys, "m": meta}, out)
-                else:
-                    parts.append(acc)
-        if not self.gather:
-            self.shard = torch.cat(parts) if parts else self.flat.new_empty(0)
-            return
-        for s in range(n - 1):
-            for c, (a, b) in enumerate(self.plan.chunks((r - s) % n)):
-                hdr, payload = await self._recv("ag", s, c, b - a)
-                if s < n - 2:  # forward the owner's bytes verbatim before decoding them ourselves
-                    sender.put((_AG, s + 1, c), self._tag("ag", s + 1, c), hdr, payload)
-                decoded = await compute(lambda: self.codec.decode(hdr["m"], payload, device=self.flat.device), b - a)
-                self.result[a:b] = decoded
+                    # The owner keeps exactly what everyone else will decode from these bytes.
+                    decodes.put_nowait((meta, out, a, b))
+            if decoder is None:
+                self.shard = torch.cat(parts) if parts else self.flat.new_empty(0)
+                return
+            for s in range(n - 1):
+                for c, (a, b) in enumerate(self.plan.chunks((r - s) % n)):
+                    if decoder.done():
+                        decoder.result()  # a failed decode ends the attempt now
+                    hdr, payload = await self._recv("ag", s, c, b - a)
+                    if s < n - 2:  # forward the owner's bytes verbatim before decoding them ourselves
+                        sender.put((_AG, s + 1, c), self._tag("ag", s + 1, c), hdr, payload)
+                    decodes.put_nowait((hdr["m"], payload, a, b))
+            decodes.put_nowait(None)
+            await decoder
+        finally:
+            if decoder is not None and not decoder.done():
+                decoder.cancel()
