@@ -281,6 +281,10 @@ def run(peers: int, duration: float, clients: int, warmup: float) -> dict:
                                        else 1e3 * v) for q in ("p50", "p99")},
         "coordinator_handler_buckets": {str(k): v for k, v in sorted(coord_hist.items())},
         "coordinator_cpu_percent_of_one_core": None if cpu_pct is None else round(cpu_pct, 1),
+        # CPU the coordinator spent per heartbeat answered: what it costs regardless of how much
+        # of the machine it got (heartbeats are ~all of its work in the window).
+        "coordinator_cpu_ms_per_heartbeat": None if cpu_pct is None or not latencies else
+        round(10 * cpu_pct * duration / len(latencies), 3),
         "client_cpu_s": round(sum(r["cpu_s"] for r in results), 1),
         "answers_with_full_peer_list": sum(r["full_lists"] for r in results),
         "errors": errors,
@@ -308,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     latency_rows += [{"quantity": f"coordinator handler {q} (bucket upper bound)", "ms": v}
                      for q, v in result["coordinator_handler_ms"].items()]
     context = [{"quantity": "coordinator CPU, % of one core", "value": result["coordinator_cpu_percent_of_one_core"]},
+               {"quantity": "coordinator CPU per heartbeat, ms", "value": result["coordinator_cpu_ms_per_heartbeat"]},
                {"quantity": "heartbeats/s in window", "value": result["heartbeats_per_s"]},
                {"quantity": "load-generator CPU, s", "value": result["client_cpu_s"]},
                {"quantity": "machine load average (1, 5, 15 min) at window end",

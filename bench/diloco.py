@@ -413,7 +413,7 @@ def plot(summaries: dict[str, dict], path: Path, args: argparse.Namespace) -> No
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="T: inner steps per worker (DP: steps)")
+    ap.add_argument("--steps", type=int, default=1000, help="T: inner steps per worker (DP: steps)")
     ap.add_argument("--inner-steps", type=int, default=100, help="H")
     ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
     ap.add_argument("--seq-len", type=int, default=64)

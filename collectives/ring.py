@@ -1,17 +1,18 @@
 """Pipelined ring reduce-scatter + all-gather over one flat fp32 vector (DESIGN.md section 3).
 
 The vector is cut into one shard per member (balanced, aligned to the codec block) and each
-shard into chunks of about ``chunk_bytes`` on the wire. Ring position r sends shard r-s at
-reduce-scatter step s and receives shard r-s-1, so after n-1 steps it owns shard r+1, fully
-reduced. Per hop the running partial sum is decoded, accumulated in fp32 with the local values
+shard into chunks of at most ``chunk_bytes`` on the wire (see ``RingPlan.make``). Ring
+position r sends shard r-s at reduce-scatter step s and receives shard r-s-1, so after n-1
+steps it owns shard r+1, fully reduced. Per hop the running partial sum is decoded, accumulated in fp32 with the local values
 and re-quantized. In the all-gather the owner quantizes its shard once; every other peer
 forwards those bytes verbatim and the owner keeps decode(encode(x)), so every peer decodes the
 same bytes and ends bit-identical.
 
 Pipelining: every (phase, step, chunk) message is independent, so a chunk is forwarded as soon
 as it is reduced while the socket is still busy with earlier ones. A priority queue sends in
-the order the next peer consumes, a small window of sends keeps the transport's pooled
-connections busy, and heavy torch work runs in a thread so the event loop keeps pumping.
+the order the next peer consumes, on one connection so chunks arrive in that order, a small
+window of sends keeps it busy, heavy torch work runs in a thread so the event loop keeps
+pumping, and all-gather chunks are forwarded before (not after) they are decoded.
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from .deadline import DeadlinePolicy, observe_bandwidth
 from .errors import CollectiveAborted, CollectiveError
 from .layout import fingerprint
 
-DEFAULT_CHUNK_BYTES = 1 << 20
-MIN_SEND_WINDOW = 2             # concurrent sends per neighbour, at least (else one per pooled connection)
+DEFAULT_CHUNK_BYTES = 1 << 20  # largest chunk on the wire
+MIN_CHUNK_BYTES = 64 << 10      # smaller chunks only when the caller asks (per-message costs add up)
+CHUNKS_PER_SHARD = 16           # unless that makes chunks smaller than MIN_CHUNK_BYTES
+MIN_SEND_WINDOW = 2             # concurrent sends per neighbour, at least
 _INLINE_NUMEL = 1 << 15         # smaller work runs inline: a thread hop costs more than it saves
 _RS, _AG, _END = 0, 1, 2        # send-priority phases
 
@@ -61,14 +64,20 @@ class RingPlan:
 
     @classmethod
     def make(cls, numel: int, n: int, codec: Codec, chunk_bytes: int) -> "RingPlan":
+        """Chunks of at most ``chunk_bytes`` on the wire and at most 1/CHUNKS_PER_SHARD of a
+        shard: the pipeline fills and drains one chunk at a time, and a peer's slack before its
+        link idles is about one shard-time (only chunks it already reduced are ready to send),
+        so big chunks add a tail and let a short stall of one peer idle the ring. Small ones
+        cost per-message work, hence the floor."""
         if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise CollectiveError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         align = codec_align(codec)
         per = math.ceil(numel / n) if numel else 0
         if per > align:
             per = math.ceil(per / align) * align
+        target = min(chunk_bytes, max(MIN_CHUNK_BYTES, codec.wire_bytes(per) // CHUNKS_PER_SHARD))
         ref = 1 << 20
-        chunk = max(align, chunk_bytes * ref // max(1, codec.wire_bytes(ref)) // align * align)
+        chunk = max(align, target * ref // max(1, codec.wire_bytes(ref)) // align * align)
         bounds = tuple((min(j * per, numel), min((j + 1) * per, numel)) for j in range(n))
         return cls(bounds, chunk)
 
@@ -85,13 +94,16 @@ async def compute(fn: Callable[[], Any], numel: int) -> Any:
 
 
 def send_window(host) -> int:
-    """Messages in flight per neighbour: one per pooled connection, so a hop is striped over
-    all of them (long fat pipes need several TCP streams, DESIGN.md section 2)."""
+    """Messages in flight per neighbour: one per pooled connection of the host (a few sends
+    queued keep the one connection a ring uses busy while the next chunk is reduced)."""
     return max(MIN_SEND_WINDOW, int(getattr(host, "conns_per_peer", MIN_SEND_WINDOW)))
 
 
 class Sender:
-    """Sends queued messages to one peer, lowest (phase, step, chunk) first, a few at a time."""
+    """Sends queued messages to one peer, lowest (phase, step, chunk) first, a few at a time, all
+    on one pooled connection: they arrive one after another at the link's full rate, so the next
+    peer can forward each as early as possible (striped, a window of them would share the link
+    and arrive together, a window-time late)."""
 
     def __init__(self, host, peer: str, timeout_s: float) -> None:
         self.host, self.peer, self.timeout_s = host, peer, timeout_s
@@ -107,7 +119,7 @@ class Sender:
 
     async def _send(self, tag: str, header: dict, payload) -> None:
         try:
-            await asyncio.wait_for(self.host.send(self.peer, tag, header, payload), self.timeout_s)
+            await asyncio.wait_for(self.host.send(self.peer, tag, header, payload, lane=0), self.timeout_s)
         except asyncio.TimeoutError:
             raise TransportTimeout(f"send to {self.peer[:8]} stalled for {self.timeout_s:.1f}s") from None
 

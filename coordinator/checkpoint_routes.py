@@ -84,6 +84,8 @@ async def read_bytes(request: web.Request, max_bytes: int) -> bytes:
         return await asyncio.wait_for(read(), BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise ApiError(408, "body_timeout", f"body not received within {BODY_TIMEOUT_S:g}s") from None
+    except ConnectionError:  # the client went away mid-body: its fault, not a server error
+        raise ApiError(400, "incomplete_body", "connection lost while receiving the body") from None
 
 
 async def list_checkpoints(request: web.Request) -> web.Response:

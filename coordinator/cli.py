@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import sys
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a peer silent this long is dead, half as long suspect (default 10)")
     start.add_argument("--max-clock-skew", type=float, default=300.0,
                        help="accepted clock difference on signed peer requests, seconds (default 300)")
+    start.add_argument("--peer-rate", type=float, default=50.0, metavar="PER_S",
+                       help="signed requests per second per peer id, bursts of 4x that; more get "
+                            "HTTP 429 (default 50)")
+    start.add_argument("--address-rate", type=float, default=200.0, metavar="PER_S",
+                       help="other requests per second per remote address, bursts of 5x that "
+                            "(default 200)")
+    start.add_argument("--max-peers", type=int, default=10_000,
+                       help="live peers accepted; joins beyond it get HTTP 429 (default 10000)")
     add_logging_args(start)
     add_checkpoint_commands(sub)
     return parser
@@ -156,12 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "checkpoints":
         return run_checkpoints(args)
     setup_logging(args.log_format, args.log_level)
+    if args.log_level != "debug":
+        # aiohttp logs every malformed request (scanners, fuzzers) with a traceback at ERROR;
+        # it already answers 400, and handler errors are logged by the app's middleware.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     token, source = resolve_token(args, args.data_dir)
     try:
         config = CoordinatorConfig(data_dir=args.data_dir, token=token, host=args.host,
                                    port=args.port, heartbeat_interval=args.heartbeat_interval,
                                    peer_timeout=args.peer_timeout,
-                                   max_clock_skew=args.max_clock_skew)
+                                   max_clock_skew=args.max_clock_skew,
+                                   peer_rate_per_s=args.peer_rate,
+                                   peer_burst=max(1, round(4 * args.peer_rate)),
+                                   address_rate_per_s=args.address_rate,
+                                   address_burst=max(1, round(5 * args.address_rate)),
+                                   max_peers=args.max_peers)
     except ValueError as e:
         print(f"coordinator: {e}", file=sys.stderr)
         return 2

@@ -6,12 +6,13 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 
 from aiohttp import web
 
-from coordinator.registry import ALL_STATES, MembershipRegistry, PeerMeta
-from coordinator.validation import (PEER_ID_RE, ApiError, bad, check_signed, check_token,
-                                    get_address, get_object, get_public_key, get_str,
+from coordinator.registry import ALL_STATES, LIVE_STATES, MembershipRegistry, PeerMeta
+from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, check_signed_request,
+                                    check_token, get_address, get_object, get_public_key, get_str,
                                     read_json_object)
 
 log = logging.getLogger("lowband.coordinator.membership")
@@ -25,6 +26,8 @@ MAX_ROLES = 16
 REGISTRY = web.AppKey("membership_registry", MembershipRegistry)
 TOKEN = web.AppKey("swarm_token", str)
 MAX_SKEW = web.AppKey("max_clock_skew", float)
+MAX_PEERS = web.AppKey("max_peers", int)
+DEFAULT_MAX_PEERS = 10_000  # live peers; the scale target is 1,000
 
 
 def parse_meta(meta: dict) -> PeerMeta:
@@ -75,7 +78,7 @@ async def _signed_request(request: web.Request, action: str) -> tuple[dict, str]
     public_key = await request.app[REGISTRY].public_key(peer_id)
     if public_key is None:
         raise ApiError(404, "unknown_peer", "peer is not registered; join first")
-    check_signed(body, action, public_key, request.app[MAX_SKEW])
+    check_signed_request(request, body, action, public_key, request.app[MAX_SKEW])
     return body, peer_id
 
 
@@ -83,15 +86,25 @@ async def join(request: web.Request) -> web.Response:
     check_token(request, request.app[TOKEN])
     body = await read_json_object(request, MAX_BODY)
     public_key = get_public_key(body)
-    check_signed(body, "join", public_key, request.app[MAX_SKEW])
-    peer_id = body["peer_id"]
+    peer_id = check_signed_request(request, body, "join", public_key, request.app[MAX_SKEW])
     address = get_address(body)
     meta = parse_meta(get_object(body, "meta", max_bytes=MAX_META, default={}))
     registry = request.app[REGISTRY]
+    others = await registry.store.run(_count_live_others, peer_id)
+    if others >= request.app[MAX_PEERS]:
+        raise RateLimited(f"the swarm is full: {others} live peers (limit {request.app[MAX_PEERS]}); "
+                          "retry once some leave", registry.timing.peer_timeout, "too_many_peers")
     result = await registry.join(peer_id, public_key, address, meta)
     log.info("join %s at %s (incarnation %d)", peer_id[:12], address, result["incarnation"])
     return await _membership_answer(registry, peer_id, result["state"], fresh=True,
                                     incarnation=result["incarnation"])
+
+
+def _count_live_others(conn: sqlite3.Connection, peer_id: str) -> int:
+    """Live peers other than ``peer_id`` (a rejoin does not count against the peer cap)."""
+    marks = ",".join("?" * len(LIVE_STATES))
+    return conn.execute(f"SELECT COUNT(*) FROM peers WHERE state IN ({marks}) AND peer_id != ?",
+                        (*LIVE_STATES, peer_id)).fetchone()[0]
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -132,10 +145,11 @@ async def _failure_detector(registry: MembershipRegistry) -> None:
 
 
 def setup_membership(app: web.Application, registry: MembershipRegistry, token: str,
-                     max_clock_skew: float) -> None:
+                     max_clock_skew: float, max_peers: int = DEFAULT_MAX_PEERS) -> None:
     app[REGISTRY] = registry
     app[TOKEN] = token
     app[MAX_SKEW] = max_clock_skew
+    app[MAX_PEERS] = max_peers
     app.router.add_post("/api/join", join)
     app.router.add_post("/api/heartbeat", heartbeat)
     app.router.add_post("/api/leave", leave)

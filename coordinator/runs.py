@@ -49,8 +49,8 @@ from coordinator.checkpoints import Backend, CheckpointStore
 from coordinator.membership import MAX_SKEW, TOKEN
 from coordinator.registry import MembershipRegistry
 from coordinator.store import Store, add_event
-from coordinator.validation import (PEER_ID_RE, ApiError, bad, check_signed, check_token,
-                                    get_object, get_str, read_json_object)
+from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, check_signed_request,
+                                    check_token, get_object, get_str, read_json_object)
 from peer.blobs import InvalidName, check_run
 
 log = logging.getLogger("lowband.coordinator.runs")
@@ -134,6 +134,16 @@ RUNS = web.AppKey("runs_service", object)
 
 
 @dataclass(frozen=True)
+class RunLimits:
+    """Capacity limits of the run routes: long-polls held at once (each is a task and a socket;
+    one per training peer), runs (never deleted by the API) and reports kept per run (the oldest
+    steps' reports go first)."""
+    max_held_syncs: int = 4096
+    max_runs: int = 1000
+    max_reports_per_run: int = 100_000
+
+
+@dataclass(frozen=True)
 class WindowState:
     step: int
     generation: int
@@ -188,10 +198,13 @@ def _run_name(request: web.Request) -> str:
 class RunService:
     """Run state on the store plus the in-memory wake-ups of open rendezvous windows."""
 
-    def __init__(self, store: Store, registry: MembershipRegistry, backend: Backend) -> None:
+    def __init__(self, store: Store, registry: MembershipRegistry, backend: Backend,
+                 limits: RunLimits = RunLimits()) -> None:
         self.store = store
         self.registry = registry
         self.backend = backend
+        self.limits = limits
+        self._held = 0  # sync requests waiting for their window to close
         store.apply_schema("runs", RUNS_MIGRATIONS)
         self._closed: dict[tuple[str, int, int], asyncio.Event] = {}
         self._watchers: dict[tuple[str, int, int], asyncio.Task] = {}
@@ -214,7 +227,7 @@ class RunService:
         settings = _run_settings(config)
         live = await self.live(("joining", "active", "suspect"))
         answer = await self.store.run(_join_run, run, peer_id, config, settings["data_shards"],
-                                      set(live), time.time())
+                                      set(live), time.time(), self.limits.max_runs)
         stored = answer["config"]
         answer["conflicts"] = {k: {"stored": stored.get(k), "requested": config.get(k)}
                                for k in explicit if stored.get(k) != config.get(k)}
@@ -241,11 +254,17 @@ class RunService:
                 if key not in self._watchers:
                     self._watchers[key] = asyncio.create_task(self._watch(key))
         if info["state"] == "open":
+            if self._held >= self.limits.max_held_syncs:  # the arrival stands; asking again is idempotent
+                raise RateLimited(f"{self._held} sync requests are already waiting (limit "
+                                  f"{self.limits.max_held_syncs}); ask again", 1.0, "too_many_waiters")
+            self._held += 1
             try:
                 await asyncio.wait_for(event.wait(), HOLD_S)
             except asyncio.TimeoutError:
                 return {"run": run, "step": step, "generation": info["generation"],
                         "pending": True}
+            finally:
+                self._held -= 1
         return await self._answer(run, peer_id, info["generation"], step,
                                   late=info["state"] == "late")
 
@@ -293,7 +312,7 @@ class RunService:
     async def report(self, run: str, peer_id: str, step: int, state_hash: str,
                      metrics: dict, slot_position: int | None) -> dict:
         return await self.store.run(_report, run, peer_id, step, state_hash, metrics,
-                                    slot_position, time.time())
+                                    slot_position, time.time(), self.limits.max_reports_per_run)
 
 
 # -- SQL (runs on the store's writer thread inside a transaction) -------------------------------
@@ -316,9 +335,12 @@ def _member(conn: sqlite3.Connection, run: str, peer_id: str) -> sqlite3.Row:
 
 
 def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict, shards: int,
-              live: set[str], now: float) -> dict:
+              live: set[str], now: float, max_runs: int) -> dict:
     created = False
     if conn.execute("SELECT 1 FROM runs WHERE name = ?", (run,)).fetchone() is None:
+        if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= max_runs:
+            raise ApiError(409, "too_many_runs", f"the coordinator holds {max_runs} runs (its "
+                                                 f"limit); join an existing run")
         conn.execute("INSERT INTO runs (name, config, creator, created_at, updated_at) "
                      "VALUES (?, ?, ?, ?, ?)", (run, json.dumps(config), peer_id, now, now))
         conn.executemany("INSERT INTO run_slots (run, slot) VALUES (?, ?)",
@@ -477,7 +499,7 @@ def _leave_run(conn: sqlite3.Connection, run: str, peer_id: str, now: float) -> 
 
 
 def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_hash: str,
-            metrics: dict, slot_position: int | None, now: float) -> dict:
+            metrics: dict, slot_position: int | None, now: float, max_reports: int) -> dict:
     row = _run_row(conn, run)
     member = _member(conn, run, peer_id)
     generation = row["generation"]
@@ -490,9 +512,19 @@ def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_h
     hashes = Counter(r["state_hash"] for r in conn.execute(
         "SELECT state_hash FROM run_reports WHERE run = ? AND generation = ? AND step = ?",
         (run, generation, step)))
+    if sum(hashes.values()) == 1:  # first report of a step: enforce retention (once per step)
+        _prune_reports(conn, run, max_reports)
     top, count = hashes.most_common(1)[0]
     return {"run": run, "step": step, "generation": generation, "reports": sum(hashes.values()),
             "agree": state_hash == top and count > sum(hashes.values()) / 2}
+
+
+def _prune_reports(conn: sqlite3.Connection, run: str, max_reports: int) -> None:
+    """Keep the newest ``max_reports`` reports of ``run`` (by generation, step)."""
+    excess = conn.execute("SELECT COUNT(*) FROM run_reports WHERE run = ?", (run,)).fetchone()[0] - max_reports
+    if excess > 0:
+        conn.execute("DELETE FROM run_reports WHERE rowid IN (SELECT rowid FROM run_reports WHERE run = ? "
+                     "ORDER BY generation, step LIMIT ?)", (run, excess))
 
 
 def _summary(conn: sqlite3.Connection, run: str, live: set[str], limit: int) -> dict:
@@ -554,7 +586,7 @@ async def _signed(request: web.Request, action: str) -> tuple[dict, str]:
     public_key = await service.registry.public_key(peer_id)
     if public_key is None:
         raise ApiError(404, "unknown_peer", "peer is not registered; join first")
-    check_signed(body, action, public_key, request.app[MAX_SKEW])
+    check_signed_request(request, body, action, public_key, request.app[MAX_SKEW])
     return body, peer_id
 
 
@@ -648,9 +680,9 @@ def _query_int(request: web.Request, key: str, default: int, lo: int, hi: int) -
 
 
 def setup_runs(app: web.Application, store: Store, registry: MembershipRegistry,
-               backend: Backend) -> None:
+               backend: Backend, limits: RunLimits = RunLimits()) -> None:
     """Register the run routes (needs setup_membership first: it shares the token settings)."""
-    service = RunService(store, registry, backend)
+    service = RunService(store, registry, backend, limits)
     app[RUNS] = service
     app.router.add_get("/api/runs", list_runs)
     app.router.add_post("/api/runs/{run}", create_or_get)

@@ -30,6 +30,29 @@ class ApiError(Exception):
         self.message = message
 
 
+class RateLimited(ApiError):
+    """429 with a Retry-After: the client sent more requests than its token bucket allows
+    (``rate_limited``), or a capacity limit is reached for now (another ``code``)."""
+
+    def __init__(self, message: str, retry_after: float, code: str = "rate_limited") -> None:
+        super().__init__(429, code, message)
+        self.retry_after = retry_after
+
+
+# Request-rate buckets of the app (peer.ratelimit.RateLimiter): "peer" keyed by the peer id of
+# signed requests, "address" keyed by the remote address of every other request.
+RATE_LIMITERS = web.AppKey("rate_limiters", dict)
+
+
+def charge(request: web.Request, kind: str, key: str) -> None:
+    """Take one request token of ``key`` from the app's ``kind`` bucket; RateLimited if empty."""
+    limiter = request.app[RATE_LIMITERS][kind]
+    wait = limiter.acquire(key)
+    if wait:
+        raise RateLimited(f"too many requests from this {kind} (limit {limiter.rate:g}/s, burst "
+                          f"{limiter.burst}); retry after {wait:.2f}s", wait)
+
+
 def bad(message: str, code: str = "bad_request") -> ApiError:
     return ApiError(400, code, message)
 
@@ -138,3 +161,12 @@ def check_signed(body: dict, action: str, public_key: bytes, max_skew_s: float) 
         raise bad("field 'signature' must be 64 bytes of hex")
     if not verify_signature(public_key, bytes.fromhex(sig_hex), signing_bytes(action, body)):
         raise ApiError(403, "bad_signature", f"signature on {action} does not verify")
+
+
+def check_signed_request(request: web.Request, body: dict, action: str, public_key: bytes,
+                         max_skew_s: float) -> str:
+    """:func:`check_signed`, then charge the verified peer id's request-rate bucket (signed
+    requests are limited per peer, not per address: many peers may share one). -> peer id."""
+    check_signed(body, action, public_key, max_skew_s)
+    charge(request, "peer", body["peer_id"])
+    return body["peer_id"]

@@ -19,6 +19,7 @@ from peer.daemon import DEFAULT_KEY_PATH, DEFAULT_LISTEN, DaemonConfig, DaemonEr
 from peer.errors import LowbandError
 from peer.identity import Identity
 from peer.membership import CoordinatorClient, CoordinatorError, PeerInfo
+from peer.roles import add_role_arguments
 from peer.runtime import add_logging_args, read_token, setup_logging, wait_for_stop_signal
 from peer.transport import install_event_loop_policy
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="serve Prometheus GET /metrics on the --listen host at PORT (0: any free "
                            "port, shown in the READY line); default: no metrics server")
     add_logging_args(join)
+    parser.set_defaults(role_dests=add_role_arguments(join))
 
     status = sub.add_parser("status", help="print the coordinator's membership table",
                             description="Print every peer the coordinator knows: state, address, "
@@ -213,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             print("peer: --blocks needs --serve MODEL", file=sys.stderr)
             return 2
         roles["serve"] += "@" + args.blocks
+    role_options = {name: {dest: getattr(args, dest) for dest in args.role_dests[name]}
+                    for name in roles if name in args.role_dests}
     try:
         config = DaemonConfig(coordinator=args.coordinator,
                               token=read_token(args.token, args.token_file) or "",
                               listen=args.listen, announce=args.announce, key_path=args.key,
                               device=args.device, roles=roles, ping_interval=args.ping_interval,
+                              role_options=role_options,
                               metrics_port=args.metrics_port)
     except DaemonError as e:
         print(f"peer: {e}", file=sys.stderr)

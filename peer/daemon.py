@@ -60,6 +60,7 @@ class DaemonConfig:
     key_path: Path = DEFAULT_KEY_PATH
     device: str = "auto"                  # auto | cpu | cuda
     roles: dict[str, str] = field(default_factory=dict)  # role name -> its argument
+    role_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> its options
     ping_interval: float = 2.0
     request_timeout: float = 5.0          # per coordinator request and per ping
     max_backoff: float = 5.0              # cap of the reconnect backoff, seconds
@@ -193,7 +194,8 @@ class PeerDaemon:
     async def start(self) -> None:
         cfg = self.config
         # Roles resolve first so a missing plug-in fails before anything listens or joins.
-        self.roles = {name: load_role(name, arg) for name, arg in cfg.roles.items()}
+        self.roles = {name: load_role(name, arg, cfg.role_options.get(name))
+                      for name, arg in cfg.roles.items()}
         try:
             self.identity = Identity.load_or_create(cfg.key_path)
         except (OSError, ValueError) as e:

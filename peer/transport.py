@@ -34,6 +34,7 @@ from peer.errors import (AuthError, LowbandError, PeerUnavailable, ProtocolError
                          TransportTimeout)
 from peer.handshake import MAX_HANDSHAKE_FRAME, Handshake
 from peer.identity import Identity
+from peer.ratelimit import RateLimiter
 from peer.secure import RECORD_HEADER_SIZE, SecureChannel
 from peer.wire import FrameType
 
@@ -63,6 +64,30 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"address must be HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+@dataclass
+class HostLimits:
+    """Per-peer resource limits of a PeerHost (exceeding one costs the offender, not the host).
+
+    - ``rpc_rate_per_s`` / ``rpc_burst``: incoming RPC requests per peer (token bucket); excess
+      ones get a RemoteError "rate limited" reply without running the handler.
+    - ``max_handlers_per_peer``: RPC handlers running at once for one peer; excess requests get
+      an immediate "busy" RemoteError reply.
+    - ``max_mailbox_bytes_per_peer``: completed, not yet received ``send`` payloads buffered for
+      one peer. A message that would exceed it (unless nothing of that peer is buffered, so any
+      message within ``max_message_bytes`` can be delivered) drops the peer's connections with a
+      warning. 1 GiB: a 100 MB all-reduce buffers at most a few of its ~100 MB/n chunks per peer.
+    - ``max_inbound_connections`` / ``max_inbound_per_address``: accepted connections, handshaking
+      ones included, in total and per remote IP; excess ones are closed at once. Several peers on
+      one host share an IP and each opens ``conns_per_peer`` connections, hence 256 per address.
+    """
+    rpc_rate_per_s: float = 1000.0
+    rpc_burst: int = 2000
+    max_handlers_per_peer: int = 64
+    max_mailbox_bytes_per_peer: int = 1 << 30
+    max_inbound_connections: int = 1024
+    max_inbound_per_address: int = 256
 
 
 @dataclass
@@ -152,6 +177,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         self._ring: list[list] = []  # [record buffer, stream position of its end] for large records
         self._written = 0  # bytes handed to the transport so far
+        self.inbound_ip: str | None = None  # remote IP while counted against the inbound limits
 
     # ---------------------------------------------------------------- asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -159,6 +185,10 @@ class _Conn(asyncio.BufferedProtocol):
         if not self.hs.initiator:
             peer = transport.get_extra_info("peername")
             self.where = f"{peer[0]}:{peer[1]}" if peer else self.where
+            if not self.host._admit_inbound(self, peer[0] if peer else "?"):
+                self.closed = True
+                transport.abort()
+                return
         self.host._live.add(self)
         transport.set_write_buffer_limits(high=self.host.write_buffer_bytes)
         self._timer = asyncio.get_running_loop().call_later(self.host.handshake_timeout, self._handshake_timeout)
@@ -196,6 +226,9 @@ class _Conn(asyncio.BufferedProtocol):
         self._can_write.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.inbound_ip is not None:
+            self.host._release_inbound(self.inbound_ip)
+            self.inbound_ip = None
         self.closed = True
         self._can_write.set()  # wake writers; they see ``closed``
         self.host._live.discard(self)
@@ -326,9 +359,15 @@ class PeerHost:
                  max_pending_bytes_per_peer: int = 1 << 32,
                  connect_timeout: float = 10.0, handshake_timeout: float = 10.0,
                  write_buffer_bytes: int = 4 << 20, max_partials_per_peer: int = 4096,
-                 keepalive_s: float = 10.0, dead_after_s: float = 60.0) -> None:
+                 keepalive_s: float = 10.0, dead_after_s: float = 60.0,
+                 limits: HostLimits | None = None) -> None:
         if conns_per_peer < 1:
             raise ValueError("conns_per_peer must be >= 1")
+        self.limits = limits or HostLimits()
+        self._rpc_rate = RateLimiter(self.limits.rpc_rate_per_s, self.limits.rpc_burst)
+        self._serving: dict[str, int] = defaultdict(int)  # peer id -> RPC handlers running
+        self._mail_bytes: dict[str, int] = defaultdict(int)  # peer id -> completed, unread bytes
+        self._inbound: dict[str, int] = defaultdict(int)  # remote IP -> open inbound connections
         self.identity = identity
         self.peer_id = identity.peer_id
         self.conns_per_peer = conns_per_peer
@@ -448,6 +487,26 @@ class PeerHost:
     def _on_inbound(self) -> _Conn:
         return _Conn(self, Handshake(self.identity, self._token, initiator=False), "inbound peer")
 
+    def _admit_inbound(self, conn: _Conn, ip: str) -> bool:
+        """Count an accepted connection against the inbound limits; False: over a limit."""
+        lim = self.limits
+        total = sum(self._inbound.values())
+        if total >= lim.max_inbound_connections or self._inbound[ip] >= lim.max_inbound_per_address:
+            log.warning("refused inbound connection from %s: %d open in total (limit %d), %d from "
+                        "this address (limit %d)", conn.where, total, lim.max_inbound_connections,
+                        self._inbound[ip], lim.max_inbound_per_address)
+            if not self._inbound[ip]:
+                del self._inbound[ip]
+            return False
+        self._inbound[ip] += 1
+        conn.inbound_ip = ip
+        return True
+
+    def _release_inbound(self, ip: str) -> None:
+        self._inbound[ip] -= 1
+        if self._inbound[ip] <= 0:
+            del self._inbound[ip]
+
     def _register(self, conn: _Conn) -> bool:
         if self._closing:
             return False
@@ -533,12 +592,20 @@ class PeerHost:
         else:
             await asyncio.gather(*(pump(k) for k in range(lanes)))
 
-    async def send(self, peer_id: str, tag: str, header: dict, payload: bytes | memoryview = b"") -> None:
-        """One-way message into the peer's mailbox under ``tag``; returns once written to the sockets."""
+    async def send(self, peer_id: str, tag: str, header: dict, payload: bytes | memoryview = b"", *,
+                   lane: int | None = None) -> None:
+        """One-way message into the peer's mailbox under ``tag``; returns once written to the sockets.
+
+        ``lane``: carry the message on pooled connection ``lane % pool size`` only (no striping):
+        messages on one lane arrive in the order sent, each at the path's full rate, where
+        striped ones share the path and all arrive late together (a pipeline wants the former)."""
         conns = list(await self._pool(peer_id))
-        k = self._rr[peer_id] % len(conns)  # rotate the starting lane between messages
-        self._rr[peer_id] += 1
-        conns = conns[k:] + conns[:k]
+        if lane is not None:
+            conns = [conns[lane % len(conns)]]
+        else:
+            k = self._rr[peer_id] % len(conns)  # rotate the starting lane between messages
+            self._rr[peer_id] += 1
+            conns = conns[k:] + conns[:k]
         t0 = time.perf_counter()
         nbytes = memoryview(payload).nbytes
         await self._send_message(conns, {"k": "m", "t": tag, "h": header}, payload, striped=len(conns) > 1)
@@ -595,6 +662,7 @@ class PeerHost:
             msg = box.popleft()
             if not box:
                 del self._mail[key]
+            self._unbuffer(peer_id, len(msg[1]))
             return msg
         if peer_id in self._lost or self._closing:
             raise PeerUnavailable(f"peer {peer_id} is not connected")
@@ -616,7 +684,9 @@ class PeerHost:
         """Drop buffered and partially received messages whose tag starts with ``tag``."""
         dropped = 0
         for key in [k for k in self._mail if k[1].startswith(tag)]:
-            dropped += len(self._mail.pop(key))
+            box = self._mail.pop(key)
+            dropped += len(box)
+            self._unbuffer(key[0], sum(len(payload) for _, payload in box))
         for partials in self._partials.values():
             for mid in [m for m, p in partials.items() if p.meta and str(p.meta.get("t", "")).startswith(tag)]:
                 del partials[mid]
@@ -631,7 +701,24 @@ class PeerHost:
             if not fut.done():
                 fut.set_result(msg)
                 return
+        buffered, size, limit = self._mail_bytes[peer_id], len(msg[1]), self.limits.max_mailbox_bytes_per_peer
+        if buffered and buffered + size > limit:
+            # nobody reads what this peer sends: cut it off rather than buffer without bound
+            log.warning("dropping connections to %s: %d unread bytes buffered, a %d-byte message "
+                        "under %r would exceed the %d-byte mailbox limit", peer_id[:12], buffered,
+                        size, tag, limit)
+            for conn in list(self._conns.get(peer_id, ())):
+                conn.close(f"mailbox limit of {limit} unread bytes exceeded", abort=True)
+            return
+        self._mail_bytes[peer_id] = buffered + size
         self._mail[key].append(msg)
+
+    def _unbuffer(self, peer_id: str, size: int) -> None:
+        left = self._mail_bytes.get(peer_id, 0) - size
+        if left > 0:
+            self._mail_bytes[peer_id] = left
+        else:
+            self._mail_bytes.pop(peer_id, None)
 
     # ------------------------------------------------------------------ messages in
     def _on_frame(self, conn: _Conn, frame) -> None:
@@ -696,6 +783,11 @@ class PeerHost:
             method, call_id, header = meta.get("m"), meta.get("c"), meta.get("h")
             if not isinstance(method, str) or not isinstance(call_id, int) or not isinstance(header, dict):
                 raise ProtocolError("request needs str method, int call id, dict header")
+            refusal = self._refuse_rpc(conn.peer_id)
+            if refusal:
+                self._spawn(self._send_message([conn], {"k": "e", "c": call_id, "err": refusal}, b"", False))
+                return
+            self._serving[conn.peer_id] += 1
             self._spawn(self._serve(conn, call_id, method, header, payload))
         elif kind in ("r", "e"):
             call_id = meta.get("c")
@@ -713,7 +805,26 @@ class PeerHost:
         else:
             raise ProtocolError(f"unknown message kind {kind!r}")
 
+    def _refuse_rpc(self, peer_id: str) -> str | None:
+        """Why an incoming request from ``peer_id`` is refused (None: serve it)."""
+        lim = self.limits
+        if self._serving[peer_id] >= lim.max_handlers_per_peer:
+            return f"busy: {lim.max_handlers_per_peer} requests of this peer are already being handled"
+        wait = self._rpc_rate.acquire(peer_id)
+        if wait:
+            return (f"rate limited: more than {lim.rpc_rate_per_s:g} requests/s (burst {lim.rpc_burst}); "
+                    f"retry after {wait:.3f}s")
+        return None
+
     async def _serve(self, conn: _Conn, call_id: int, method: str, header: dict, payload: bytearray) -> None:
+        try:
+            await self._run_handler(conn, call_id, method, header, payload)
+        finally:
+            self._serving[conn.peer_id] -= 1
+            if self._serving[conn.peer_id] <= 0:
+                del self._serving[conn.peer_id]
+
+    async def _run_handler(self, conn: _Conn, call_id: int, method: str, header: dict, payload: bytearray) -> None:
         fn = self._handlers.get(method)
         t0 = time.perf_counter()
         if fn is None:

@@ -21,7 +21,7 @@ from tests.harness import Child, Procs
 TOKEN = "train-mesh-token"
 RUN = "mesh"
 INTERVAL, TIMEOUT = 0.5, 3.0
-PEER_CMD = [sys.executable, "/tmp/lb/drive.py"]
+PEER_CMD = [sys.executable, "-m", "peer.cli"]
 TRAIN_FLAGS = ["--preset", "micro", "--inner-steps", "5", "--seq-len", "32", "--batch-size", "4",
                "--sync-timeout", "60"]
 

@@ -1,0 +1,321 @@
+"""Limits everywhere: request rates per peer, concurrent handlers, unread mailbox bytes and inbound
+connections of a PeerHost; request rates per peer id / per address, the peer cap, held long-polls,
+runs and report retention of the coordinator; a client that disconnects mid-body and malformed HTTP
+requests cost the coordinator no 500 and no traceback in its log.
+
+PeerHosts talk over real TCP on 127.0.0.x in-process; the HTTP limits run against a real
+`coordinator start` process (run limits against the real app on a real socket, in-process).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from coordinator.app import CoordinatorConfig, create_app
+from coordinator.runs import RunLimits
+from coordinator.store import Store
+from diloco.run_client import RunClient
+from peer.errors import PeerUnavailable, RemoteError
+from peer.identity import Identity
+from peer.membership import CoordinatorError, signing_bytes
+from peer.ratelimit import RateLimiter
+from peer.transport import HostLimits, PeerHost
+
+TOKEN = "limits-token"
+H0 = "0" * 64
+
+
+async def wait_until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def echo(peer_id: str, header: dict, payload: bytearray):
+    return header, payload
+
+
+@pytest.fixture
+async def hosts():
+    """make(ip, limits) -> a started PeerHost; every host made is closed at teardown."""
+    made: list[PeerHost] = []
+
+    async def make(ip: str = "127.0.0.1", limits: HostLimits | None = None, **kw) -> PeerHost:
+        host = PeerHost(Identity.generate(), TOKEN.encode(), conns_per_peer=1, limits=limits, **kw)
+        made.append(host)
+        await host.start(ip, 0)
+        host.handle("echo", echo)
+        return host
+
+    yield make
+    for host in made:
+        await host.close()
+
+
+def test_token_bucket_refills_at_its_rate():
+    now = [0.0]
+    bucket = RateLimiter(2.0, 3, max_keys=2, clock=lambda: now[0])
+    assert [bucket.acquire("a") for _ in range(3)] == [0.0] * 3
+    assert bucket.acquire("a") == pytest.approx(0.5)  # empty: one token in 1/rate s
+    assert bucket.acquire("b") == 0.0  # keys are independent
+    now[0] = 0.5
+    assert bucket.acquire("a") == 0.0
+    bucket.acquire("c")  # a third key evicts the least recently used one ("b")
+    assert set(bucket._buckets) == {"a", "c"}
+    with pytest.raises(ValueError):
+        RateLimiter(0, 1)
+
+
+# ------------------------------------------------------------------------------- PeerHost
+
+async def test_rpc_rate_limit_per_peer(hosts):
+    server = await hosts("127.0.0.21", HostLimits(rpc_rate_per_s=2.0, rpc_burst=10))
+    client, other = await hosts(), await hosts()
+    sid = await client.connect(server.address)
+    results = await asyncio.gather(*(client.call(sid, "echo", {"n": i}, b"x") for i in range(30)),
+                                   return_exceptions=True)
+    ok = [r for r in results if isinstance(r, tuple)]
+    limited = [r for r in results if isinstance(r, RemoteError)]
+    assert 10 <= len(ok) <= 13 and len(ok) + len(limited) == 30
+    assert all("rate limited" in str(e) and "retry after" in str(e) for e in limited)
+    # another peer has its own bucket; the limited one is served again once tokens refill
+    assert (await other.call(await other.connect(server.address), "echo", {"k": 1}, b"y"))[0] == {"k": 1}
+    await asyncio.sleep(1.0)
+    assert (await client.call(sid, "echo", {"again": True}))[0] == {"again": True}
+
+
+async def test_concurrent_handlers_per_peer_are_capped(hosts):
+    server = await hosts("127.0.0.22", HostLimits(max_handlers_per_peer=4))
+    gate, running = asyncio.Event(), []
+
+    async def slow(peer_id: str, header: dict, payload: bytearray):
+        running.append(peer_id)
+        await gate.wait()
+        return {"i": header["i"]}, b""
+
+    server.handle("slow", slow)
+    client, other = await hosts(), await hosts()
+    sid = await client.connect(server.address)
+    calls = [asyncio.ensure_future(client.call(sid, "slow", {"i": i}, timeout=30)) for i in range(10)]
+    await wait_until(lambda: sum(c.done() for c in calls) == 6)  # refused at once, not queued
+    assert len(running) == 4
+    for c in calls:
+        if c.done():
+            with pytest.raises(RemoteError, match="busy: 4 requests"):
+                c.result()
+    extra = asyncio.ensure_future(other.call(await other.connect(server.address), "slow", {"i": 99}))
+    await wait_until(lambda: len(running) == 5)  # the cap is per peer
+    gate.set()
+    answers = await asyncio.gather(*[c for c in calls if not c.done()], extra)
+    assert sorted(a[0]["i"] for a in answers)[-1] == 99 and len(answers) == 5
+    assert (await client.call(sid, "slow", {"i": 7}))[0] == {"i": 7}  # slots are given back
+
+
+async def test_unread_mailbox_bytes_are_capped(hosts, caplog):
+    caplog.set_level(logging.WARNING, logger="lowband.transport")
+    server = await hosts("127.0.0.23", HostLimits(max_mailbox_bytes_per_peer=1_000_000))
+    client = await hosts()
+    sid = await client.connect(server.address)
+    block = b"m" * 400_000
+    for i in range(6):  # a receiver that keeps reading never hits the cap
+        await client.send(sid, f"read-{i}", {}, block)
+        assert (await server.recv(client.peer_id, f"read-{i}", timeout=10))[1] == block
+    await client.send(sid, "big", {}, b"b" * 1_500_000)  # alone in the mailbox: still delivered
+    assert len((await server.recv(client.peer_id, "big", timeout=10))[1]) == 1_500_000
+    for tag in ("a", "b", "c"):  # nobody reads: the third would make 1.2 MB unread
+        try:
+            await client.send(sid, tag, {}, block)
+        except PeerUnavailable:
+            pass  # the server may already have cut us off
+    await wait_until(lambda: not server.connected_peers())
+    assert "exceed the 1000000-byte mailbox limit" in caplog.text
+    assert (await server.recv(client.peer_id, "a", timeout=5))[1] == block  # what was buffered stays
+    assert (await server.recv(client.peer_id, "b", timeout=5))[1] == block
+    with pytest.raises(PeerUnavailable):
+        await server.recv(client.peer_id, "c", timeout=5)
+    await wait_until(lambda: not client.connected_peers())
+    await client.connect(server.address)  # read out, so the peer is welcome again
+    await client.send(sid, "d", {}, block)
+    assert (await server.recv(client.peer_id, "d", timeout=10))[1] == block
+
+
+async def test_inbound_connections_are_capped_in_total_and_per_address(hosts, caplog):
+    caplog.set_level(logging.WARNING, logger="lowband.transport")
+    server = await hosts("127.0.0.24", HostLimits(max_inbound_connections=5, max_inbound_per_address=3),
+                         handshake_timeout=30.0)
+    ip, port = server.address.rsplit(":", 1)
+
+    async def dial(src: str):
+        return await asyncio.open_connection(ip, int(port), local_addr=(src, 0))
+
+    async def is_open(reader: asyncio.StreamReader) -> bool:
+        try:  # an admitted connection waits for our handshake; a refused one is closed at once
+            return bool(await asyncio.wait_for(reader.read(1), 0.5))
+        except asyncio.TimeoutError:
+            return True
+        except ConnectionError:
+            return False
+
+    raw = [await dial("127.0.0.1") for _ in range(4)]  # never handshake, like a scanner
+    assert [await is_open(r) for r, _ in raw] == [True, True, True, False]  # 3 per address
+    raw += [await dial("127.0.0.2") for _ in range(3)]
+    assert [await is_open(r) for r, _ in raw[4:]] == [True, True, False]  # 5 in total
+    assert "refused inbound connection" in caplog.text
+    for _, w in raw[:3]:
+        w.close()
+    client = await hosts()
+    await wait_until(lambda: sum(server._inbound.values()) <= 3)
+    sid = await client.connect(server.address)  # freed slots admit a real peer
+    assert (await client.call(sid, "echo", {"ok": 1}))[0] == {"ok": 1}
+    for _, w in raw[3:]:
+        w.close()
+
+
+# ------------------------------------------------------------------------------- coordinator
+
+def signed(identity: Identity, action: str, **fields) -> dict:
+    body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
+    body["signature"] = identity.sign(signing_bytes(action, body)).hex()
+    return body
+
+
+def join_body(identity: Identity) -> dict:
+    return signed(identity, "join", public_key=identity.public_bytes.hex(), address="127.0.0.1:9000",
+                  meta={})
+
+
+def start_coordinator(procs, tmp_path, *flags: str):
+    child = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
+                         "--data-dir", str(tmp_path / "coord"), "--token", TOKEN,
+                         "--heartbeat-interval", "1", "--peer-timeout", "30", *flags)
+    return child, child.ready["url"]
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict, dict]:
+    async with s.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+async def test_coordinator_rate_limits_by_peer_id_and_by_address(procs, tmp_path):
+    _, url = start_coordinator(procs, tmp_path, "--peer-rate", "2", "--address-rate", "4",
+                               "--max-peers", "40")
+    async with aiohttp.ClientSession() as s:
+        # 30 peers behind one address (the scale bench, NAT): joins and heartbeats are signed and
+        # counted per peer id, so 90 requests pass although the address budget is 4/s, burst 20
+        peers = [Identity.generate() for _ in range(30)]
+        for p in peers:
+            assert (await post(s, url + "/api/join", join_body(p)))[0] == 200
+        for _ in range(2):
+            for p in peers:
+                assert (await post(s, url + "/api/heartbeat", signed(p, "heartbeat", stats={})))[0] == 200
+        # one peer over its own budget (2/s, burst 8) gets 429 with a Retry-After
+        answers = [await post(s, url + "/api/heartbeat", signed(peers[0], "heartbeat", stats={}))
+                   for _ in range(10)]
+        limited = [a for a in answers if a[0] == 429]
+        assert limited and all(a[0] in (200, 429) for a in answers)
+        status, body, headers = limited[0]
+        assert body["error"] == "rate_limited" and "too many requests" in body["message"]
+        assert 0 < body["retry_after"] <= 1.0 and int(headers["Retry-After"]) >= 1
+        assert (await post(s, url + "/api/heartbeat", signed(peers[1], "heartbeat", stats={})))[0] == 200
+        await asyncio.sleep(body["retry_after"] + 0.1)
+        assert (await post(s, url + "/api/heartbeat", signed(peers[0], "heartbeat", stats={})))[0] == 200
+        # unsigned requests are counted per address: burst 20, then 429
+        statuses = []
+        for _ in range(30):
+            async with s.get(url + "/api/peers") as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    last = await r.json()
+        assert statuses[:15] == [200] * 15 and 429 in statuses and last["error"] == "rate_limited"
+
+
+async def test_coordinator_caps_live_peers(procs, tmp_path):
+    _, url = start_coordinator(procs, tmp_path, "--max-peers", "3")
+    peers = [Identity.generate() for _ in range(4)]
+    async with aiohttp.ClientSession() as s:
+        for p in peers[:3]:
+            assert (await post(s, url + "/api/join", join_body(p)))[0] == 200
+        status, body, headers = await post(s, url + "/api/join", join_body(peers[3]))
+        assert status == 429 and body["error"] == "too_many_peers" and "Retry-After" in headers
+        assert "limit 3" in body["message"]
+        assert (await post(s, url + "/api/join", join_body(peers[0])))[0] == 200  # a rejoin is fine
+        assert (await post(s, url + "/api/leave", signed(peers[1], "leave")))[0] == 200
+        assert (await post(s, url + "/api/join", join_body(peers[3])))[0] == 200
+
+
+async def test_coordinator_survives_disconnects_mid_body_and_malformed_requests(procs, tmp_path):
+    child, url = start_coordinator(procs, tmp_path)
+    host, port = url.removeprefix("http://").split(":")
+    sha = "ab" * 32
+    head = (f"PUT /api/runs/r/chunks/{sha} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n").encode()
+    for _ in range(3):  # the client goes away after 1% of the chunk
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"z" * 10_000)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+    for garbage in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+                    b"POST /api/join HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                    b"GET /\x00\x01 HTTP/1.1\r\n\r\n"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(garbage)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer[:12] in (b"HTTP/1.1 400", b"HTTP/1.0 400"), answer[:100]
+        writer.close()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            metrics = await r.text()
+    chunk_lines = [line for line in metrics.splitlines() if line.startswith("lowband_coordinator_requests_total")
+                   and "chunks" in line and 'method="PUT"' in line]
+    assert chunk_lines and all('status="400"' in line for line in chunk_lines), chunk_lines
+    assert 'status="500"' not in metrics
+    log = "\n".join(child.lines)
+    assert "Traceback" not in log and "Error handling request" not in log and "unhandled" not in log
+
+
+async def test_run_limits_held_syncs_runs_and_report_retention(tmp_path):
+    store = Store(tmp_path / "coord")
+    store.open()
+    config = CoordinatorConfig(data_dir=tmp_path / "coord", token=TOKEN, heartbeat_interval=0.5,
+                               peer_timeout=5.0,
+                               run_limits=RunLimits(max_held_syncs=1, max_runs=2, max_reports_per_run=5))
+    server = TestServer(create_app(config, store), host="127.0.0.1")
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    clients = [RunClient(url, TOKEN, Identity.generate(), timeout=30) for _ in range(3)]
+    try:
+        run_config = {"sync_timeout_s": 30.0, "min_peers": 3}
+        for c in clients:
+            await c.join("127.0.0.1:9000", {"roles": ["train"]})
+            await c.join_run("r", run_config, [])
+        held = asyncio.ensure_future(clients[0].sync("r", 1, H0, deadline_s=30))
+        await asyncio.sleep(0.3)
+        with pytest.raises(CoordinatorError) as refused:  # the window waits for a third peer
+            await clients[1].sync("r", 1, H0, deadline_s=30)
+        assert refused.value.status == 429 and refused.value.code == "too_many_waiters"
+        held.cancel()
+        await clients[1].join_run("second", {}, [])
+        with pytest.raises(CoordinatorError) as full:
+            await clients[1].join_run("third", {}, [])
+        assert full.value.status == 409 and full.value.code == "too_many_runs"
+        await clients[1].join_run("second", {}, [])  # existing runs stay joinable
+        for step in range(1, 11):
+            await clients[2].report("r", step, H0, {"loss": float(step)})
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/api/runs/r/reports", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                reports = (await r.json())["reports"]
+        assert [r["step"] for r in reports] == [6, 7, 8, 9, 10]
+    finally:
+        for c in clients:
+            await c.close()
+        await server.close()
+        store.close()
