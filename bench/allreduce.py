@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import secrets
 import sys
 import time
@@ -45,6 +46,12 @@ async def _worker(args: argparse.Namespace) -> None:
     from peer.identity import Identity
     from peer.transport import PeerHost
 
+    import torch
+
+    # N "hosts" share this machine's few cores: one torch thread each, as each would have its
+    # own cores; idle OpenMP workers spinning on an oversubscribed machine steal the CPU the
+    # event loops need to keep the links busy.
+    torch.set_num_threads(1)
     host = PeerHost(Identity.generate(), bytes.fromhex(args.token))
     await host.start(args.address, 0)
     go = await asyncio.to_thread(announce, {"port": int(host.address.rsplit(":", 1)[1]), "peer_id": host.peer_id})
@@ -162,6 +169,10 @@ def targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--links", default="loopback,tbf100,emu100d25", help="comma-separated bench.links kinds")
@@ -186,7 +197,9 @@ def main() -> int:
     hivemind_codecs = [c for c in args.hivemind_codecs.split(",") if c]
     rows, raw, notes = [], {}, [f"{args.hosts} hosts, {args.mbytes} MB fp32; sample = slowest rank of a repeat; "
                                 "median of repeats. Ring bound uses the link rate of one raw TCP stream "
-                                "measured in the same run."]
+                                "measured in the same run.",
+                                f"load average (1, 5, 15 min) at start: {_load()}; the machine is shared, "
+                                "and ratios to the bound grow with its load"]
     for kind in args.links.split(","):
         reason = unavailable_reason() if kind == "tbf100" else None
         if reason:
@@ -201,6 +214,7 @@ def main() -> int:
         notes += kind_notes
         for row in kind_rows:
             print(row, flush=True)
+    notes.append(f"load average at end: {_load()}")
     checks = targets(rows)
     for c in checks:
         print(c, flush=True)

@@ -170,8 +170,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def scrape(url: str) -> dict:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    """The coordinator's heartbeat histogram buckets and peers per state, from its /metrics;
+    empty when it does not answer in time (a starved coordinator must not abort the run)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    except (OSError, TimeoutError):
+        return {"buckets": {}, "peers": {}}
     buckets = {}
     for s in families["lowband_coordinator_request_seconds"].samples:
         if (s.name.endswith("_bucket") and s.labels.get("route") == "/api/heartbeat"

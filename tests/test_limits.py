@@ -203,6 +203,10 @@ async def post(s: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dic
         return r.status, await r.json(content_type=None), dict(r.headers)
 
 
+async def beat(s: aiohttp.ClientSession, url: str, identity: Identity) -> tuple[int, dict, dict]:
+    return await post(s, url + "/api/heartbeat", signed(identity, "heartbeat", stats={}))
+
+
 async def test_coordinator_rate_limits_by_peer_id_and_by_address(procs, tmp_path):
     _, url = start_coordinator(procs, tmp_path, "--peer-rate", "2", "--address-rate", "4",
                                "--max-peers", "40")
@@ -214,18 +218,17 @@ async def test_coordinator_rate_limits_by_peer_id_and_by_address(procs, tmp_path
             assert (await post(s, url + "/api/join", join_body(p)))[0] == 200
         for _ in range(2):
             for p in peers:
-                assert (await post(s, url + "/api/heartbeat", signed(p, "heartbeat", stats={})))[0] == 200
+                assert (await beat(s, url, p))[0] == 200
         # one peer over its own budget (2/s, burst 8) gets 429 with a Retry-After
-        answers = [await post(s, url + "/api/heartbeat", signed(peers[0], "heartbeat", stats={}))
-                   for _ in range(10)]
+        answers = [await beat(s, url, peers[0]) for _ in range(10)]
         limited = [a for a in answers if a[0] == 429]
         assert limited and all(a[0] in (200, 429) for a in answers)
         status, body, headers = limited[0]
         assert body["error"] == "rate_limited" and "too many requests" in body["message"]
         assert 0 < body["retry_after"] <= 1.0 and int(headers["Retry-After"]) >= 1
-        assert (await post(s, url + "/api/heartbeat", signed(peers[1], "heartbeat", stats={})))[0] == 200
+        assert (await beat(s, url, peers[1]))[0] == 200
         await asyncio.sleep(body["retry_after"] + 0.1)
-        assert (await post(s, url + "/api/heartbeat", signed(peers[0], "heartbeat", stats={})))[0] == 200
+        assert (await beat(s, url, peers[0]))[0] == 200
         # unsigned requests are counted per address: burst 20, then 429
         statuses = []
         for _ in range(30):
@@ -274,8 +277,8 @@ async def test_coordinator_survives_disconnects_mid_body_and_malformed_requests(
     async with aiohttp.ClientSession() as s:
         async with s.get(url + "/metrics") as r:
             metrics = await r.text()
-    chunk_lines = [line for line in metrics.splitlines() if line.startswith("lowband_coordinator_requests_total")
-                   and "chunks" in line and 'method="PUT"' in line]
+    chunk_lines = [line for line in metrics.splitlines()
+                   if line.startswith("lowband_coordinator_requests_total{") and 'method="PUT"' in line]
     assert chunk_lines and all('status="400"' in line for line in chunk_lines), chunk_lines
     assert 'status="500"' not in metrics
     log = "\n".join(child.lines)
@@ -299,9 +302,11 @@ async def test_run_limits_held_syncs_runs_and_report_retention(tmp_path):
             await c.join_run("r", run_config, [])
         held = asyncio.ensure_future(clients[0].sync("r", 1, H0, deadline_s=30))
         await asyncio.sleep(0.3)
-        with pytest.raises(CoordinatorError) as refused:  # the window waits for a third peer
-            await clients[1].sync("r", 1, H0, deadline_s=30)
-        assert refused.value.status == 429 and refused.value.code == "too_many_waiters"
+        async with aiohttp.ClientSession() as s:  # the window waits for a third peer
+            status, body, headers = await post(s, url + "/api/runs/r/sync", signed(
+                clients[1].identity, "run_sync", step=1, base_hash=H0))
+        assert status == 429 and body["error"] == "too_many_waiters" and "Retry-After" in headers
+        assert "limit 1" in body["message"]
         held.cancel()
         await clients[1].join_run("second", {}, [])
         with pytest.raises(CoordinatorError) as full:
@@ -310,8 +315,8 @@ async def test_run_limits_held_syncs_runs_and_report_retention(tmp_path):
         await clients[1].join_run("second", {}, [])  # existing runs stay joinable
         for step in range(1, 11):
             await clients[2].report("r", step, H0, {"loss": float(step)})
-        async with aiohttp.ClientSession() as s:
-            async with s.get(url + "/api/runs/r/reports", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as s:
+            async with s.get(url + "/api/runs/r/reports") as r:
                 reports = (await r.json())["reports"]
         assert [r["step"] for r in reports] == [6, 7, 8, 9, 10]
     finally:

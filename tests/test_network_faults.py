@@ -29,9 +29,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collectives import CollectiveError, Group, all_reduce, ring_deadline_s  # noqa: E402
+from compression import get_codec  # noqa: E402
+from peer.identity import Identity  # noqa: E402
+from peer.netns import LinkShape, NetnsLab, unavailable_reason  # noqa: E402
+from peer.transport import PeerHost  # noqa: E402
+from tests.harness import Procs  # noqa: E402
 
 PORT = 7411
 NUMEL = 1 << 20              # 1 Mi fp32 values: ~1.5 MB of int8 on each peer's wire per all-reduce
@@ -50,11 +58,6 @@ def make_input(round_no: int, index: int, numel: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- peer side
 async def _peer_main(work: Path, index: int) -> None:
-    from collectives import CollectiveError, Group, all_reduce, ring_deadline_s
-    from compression import get_codec
-    from peer.identity import Identity
-    from peer.transport import PeerHost
-
     cfg = json.loads((work / "lab.json").read_text())
     host = PeerHost(Identity.load_or_create(work / f"id{index}.key"), bytes.fromhex(cfg["token"]))
     await host.start(cfg["addresses"][index], PORT)
@@ -103,198 +106,207 @@ async def _peer_main(work: Path, index: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ test side
-if __name__ != "__main__":
-    import pytest
+_REASON = unavailable_reason()
+pytestmark = [pytest.mark.root, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-    from peer.netns import LinkShape, NetnsLab, unavailable_reason
-    from tests.harness import Procs
+N = 4
+BASE = LinkShape(rate_mbit=10)
 
-    _REASON = unavailable_reason()
-    pytestmark = [pytest.mark.root, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-    N = 4
-    BASE = LinkShape(rate_mbit=10)
+def partition(lab: NetnsLab, i: int) -> None:
+    """Drop every packet into and out of peer i (a full partition, both directions)."""
+    script = (f"table inet {_PARTITION_TABLE} {{\n"
+              f" chain input {{ type filter hook input priority -10; policy accept; iifname \"eth0\" drop; }}\n"
+              f" chain output {{ type filter hook output priority -10; policy accept; oifname \"eth0\" drop; }}\n"
+              f"}}\n")
+    done = subprocess.run(lab.exec_args(i, ["nft", "-f", "-"]), input=script, capture_output=True,
+                          text=True, timeout=15)
+    assert done.returncode == 0, done.stderr
 
-    def partition(lab: NetnsLab, i: int) -> None:
-        """Drop every packet into and out of peer i (a full partition, both directions)."""
-        script = (f"table inet {_PARTITION_TABLE} {{\n"
-                  f" chain input {{ type filter hook input priority -10; policy accept; iifname \"eth0\" drop; }}\n"
-                  f" chain output {{ type filter hook output priority -10; policy accept; oifname \"eth0\" drop; }}\n"
-                  f"}}\n")
-        done = subprocess.run(lab.exec_args(i, ["nft", "-f", "-"]), input=script, capture_output=True,
-                              text=True, timeout=15)
-        assert done.returncode == 0, done.stderr
 
-    def heal(lab: NetnsLab, i: int) -> None:
-        subprocess.run(lab.exec_args(i, ["nft", "delete", "table", "inet", _PARTITION_TABLE]),
-                       capture_output=True, text=True, timeout=15)
+def heal(lab: NetnsLab, i: int) -> None:
+    subprocess.run(lab.exec_args(i, ["nft", "delete", "table", "inet", _PARTITION_TABLE]),
+                   capture_output=True, text=True, timeout=15)
 
-    class Swarm:
-        def __init__(self, lab: NetnsLab, work: Path, procs: Procs) -> None:
-            self.lab, self.work, self.procs = lab, work, procs
-            self.children = [procs.spawn(lab.exec_args(i, [sys.executable, __file__, str(work), str(i)]),
-                                         ready_timeout=60) for i in range(N)]
-            self.ids = [c.ready["peer_id"] for c in self.children]
-            self.k = 0
-            self.log: list[dict] = []
 
-        def logs(self) -> str:
-            return "\n".join(f"--- peer {i}:\n" + "\n".join(c.lines[-25:]) for i, c in enumerate(self.children))
+class Swarm:
+    def __init__(self, lab: NetnsLab, work: Path, procs: Procs) -> None:
+        self.lab, self.work, self.procs = lab, work, procs
+        self.children = [procs.spawn(lab.exec_args(i, [sys.executable, __file__, str(work), str(i)]),
+                                     ready_timeout=60) for i in range(N)]
+        self.ids = [c.ready["peer_id"] for c in self.children]
+        self.k = 0
+        self.log: list[dict] = []
 
-        def round(self, members: list[int], *, numel: int = NUMEL, during=None,
-                  timeout: float = TIMEOUT_S) -> dict[int, dict]:
-            """Run one all-reduce over ``members``; ``during(lab)`` runs once every member has
-            started it. Returns {index: result}; a member that does not report in time is a hang."""
-            k, self.k = self.k, self.k + 1
-            spec = {"members": members, "ids": self.ids, "numel": numel, "timeout": timeout}
-            tmp = self.work / f"round-{k}.json.tmp"
-            tmp.write_text(json.dumps(spec))
-            tmp.rename(self.work / f"round-{k}.json")
-            hard = time.monotonic() + timeout + HANG_SLACK_S + 30
-            if during is not None:
-                while not all((self.work / f"{k}-{i}.start").exists() for i in members):
-                    assert time.monotonic() < hard, f"round {k} never started\n{self.logs()}"
-                    time.sleep(0.01)
-                during(self.lab)
-            results: dict[int, dict] = {}
-            while len(results) < len(members):
-                for i in members:
-                    p = self.work / f"{k}-{i}.json"
-                    if i not in results and p.exists():
-                        results[i] = json.loads(p.read_text())
-                if time.monotonic() > hard:
-                    missing = sorted(set(members) - set(results))
-                    raise AssertionError(f"round {k}: peers {missing} hung (no result after "
-                                         f"{timeout + HANG_SLACK_S + 30:.0f}s)\n{self.logs()}")
-                time.sleep(0.02)
-            self.log.append({"round": k, "members": members, "results": results})
-            print(f"round {k} members={members}: " + "; ".join(
-                f"{i}: " + (f"ok {r['members']} x{r['attempts']} {r['elapsed']:.1f}s" if r["ok"]
-                            else f"{r['error_type']} {r['elapsed']:.1f}s") for i, r in sorted(results.items())))
-            check_clean(k, results, timeout, self.logs)
-            return results
+    def logs(self) -> str:
+        return "\n".join(f"--- peer {i}:\n" + "\n".join(c.lines[-25:]) for i, c in enumerate(self.children))
 
-        def result_slice(self, k: int, i: int) -> torch.Tensor:
-            return torch.load(self.work / f"{k}-{i}.pt")
+    def round(self, members: list[int], *, numel: int = NUMEL, during=None,
+              timeout: float = TIMEOUT_S) -> dict[int, dict]:
+        """Run one all-reduce over ``members``; ``during(lab)`` runs once every member has
+        started it. Returns {index: result}; a member that does not report in time is a hang."""
+        k, self.k = self.k, self.k + 1
+        spec = {"members": members, "ids": self.ids, "numel": numel, "timeout": timeout}
+        tmp = self.work / f"round-{k}.json.tmp"
+        tmp.write_text(json.dumps(spec))
+        tmp.rename(self.work / f"round-{k}.json")
+        hard = time.monotonic() + timeout + HANG_SLACK_S + 30
+        if during is not None:
+            while not all((self.work / f"{k}-{i}.start").exists() for i in members):
+                assert time.monotonic() < hard, f"round {k} never started\n{self.logs()}"
+                time.sleep(0.01)
+            during(self.lab)
+        results: dict[int, dict] = {}
+        while len(results) < len(members):
+            for i in members:
+                p = self.work / f"{k}-{i}.json"
+                if i not in results and p.exists():
+                    results[i] = json.loads(p.read_text())
+            if time.monotonic() > hard:
+                missing = sorted(set(members) - set(results))
+                raise AssertionError(f"round {k}: peers {missing} hung (no result after "
+                                     f"{timeout + HANG_SLACK_S + 30:.0f}s)\n{self.logs()}")
+            time.sleep(0.02)
+        self.log.append({"round": k, "members": members, "results": results})
+        print(f"round {k} members={members}: " + "; ".join(
+            f"{i}: " + (f"ok {r['members']} x{r['attempts']} {r['elapsed']:.1f}s" if r["ok"]
+                        else f"{r['error_type']} {r['elapsed']:.1f}s") for i, r in sorted(results.items())))
+        for i, child in enumerate(self.children):  # why attempts were aborted (fault.py logs it)
+            for line in child.lines:
+                if f"collective round-{k} attempt" in line:
+                    print(f"  peer {i}: {line[line.index('collective'):][:300]}")
+        check_clean(k, results, timeout, self.logs)
+        return results
 
-        def stop(self) -> None:
-            (self.work / f"round-{self.k}.json").write_text(json.dumps({"stop": True}))
+    def result_slice(self, k: int, i: int) -> torch.Tensor:
+        return torch.load(self.work / f"{k}-{i}.pt")
 
-    def check_clean(k: int, results: dict[int, dict], timeout: float, logs) -> None:
-        """Within its deadline, a result or a typed CollectiveError; same members -> same bits."""
-        by_members: dict[tuple, set[str]] = {}
-        for i, r in results.items():
-            assert not r.get("unclean"), f"round {k} peer {i}: untyped error {r['error']}\n{logs()}"
-            # The timeout caps the attempts; after the last one the agreement takes at most
-            # three agreement rounds (x1, then twice for x2).
-            limit = timeout + 3 * r["agree"] + 5
-            assert r["elapsed"] <= limit, f"round {k} peer {i}: {r['elapsed']:.1f}s > {limit:.1f}s"
-            if r["ok"]:
-                assert i in r["members"]
-                by_members.setdefault(tuple(r["members"]), set()).add(r["hash"])
-        for members, hashes in by_members.items():
-            assert len(hashes) == 1, f"round {k}: peers over {members} disagree: {hashes}\n{logs()}"
+    def stop(self) -> None:
+        (self.work / f"round-{self.k}.json").write_text(json.dumps({"stop": True}))
 
-    def check_average(swarm: Swarm, k: int, results: dict[int, dict], contributors: list[int]) -> None:
-        ref = torch.stack([make_input(k, j, NUMEL)[:SLICE] for j in contributors]).mean(0)
-        for i, r in results.items():
-            if r["ok"] and r["members"] == contributors:
-                err = float((swarm.result_slice(k, i) - ref).abs().mean())
-                assert err < 0.05, f"round {k} peer {i}: mean error {err} vs the average of {contributors}"
 
-    def all_agree(swarm: Swarm, results: dict[int, dict]) -> None:
-        assert all(r["ok"] for r in results.values()), f"{results}\n{swarm.logs()}"
-        assert {r["hash"] for r in results.values()} == {results[0]["hash"]}
-        assert all(r["members"] == list(range(N)) for r in results.values())
+def check_clean(k: int, results: dict[int, dict], timeout: float, logs) -> None:
+    """Within its deadline, a result or a typed CollectiveError; same members -> same bits."""
+    by_members: dict[tuple, set[str]] = {}
+    for i, r in results.items():
+        assert not r.get("unclean"), f"round {k} peer {i}: untyped error {r['error']}\n{logs()}"
+        # The timeout caps the attempts; after the last one the agreement takes at most
+        # three agreement rounds (x1, then twice for x2).
+        limit = timeout + 3 * r["agree"] + 5
+        assert r["elapsed"] <= limit, f"round {k} peer {i}: {r['elapsed']:.1f}s > {limit:.1f}s"
+        if r["ok"]:
+            assert i in r["members"]
+            by_members.setdefault(tuple(r["members"]), set()).add(r["hash"])
+    for members, hashes in by_members.items():
+        assert len(hashes) == 1, f"round {k}: peers over {members} disagree: {hashes}\n{logs()}"
 
-    @pytest.fixture(scope="module")
-    def swarm(tmp_path_factory):
-        work = tmp_path_factory.mktemp("netfaults")
-        procs = Procs()
-        with NetnsLab(N, BASE) as lab:
-            (work / "lab.json").write_text(json.dumps({"token": os.urandom(16).hex(), "addresses": lab.addresses}))
-            try:
-                s = Swarm(lab, work, procs)
-                warm = s.round(list(range(N)))  # measures the links the deadlines are derived from
-                all_agree(s, warm)
-                check_average(s, s.k - 1, warm, list(range(N)))
-                yield s
-                s.stop()
-            finally:
-                procs.cleanup()
 
-    @pytest.fixture
-    def clean_after(swarm):
-        """Whatever a test did to the links, restore them and prove all four peers agree again."""
-        yield
-        for i in range(N):
-            heal(swarm.lab, i)
-            swarm.lab.set_shape(i, BASE)
-        for _ in range(3):  # a link back from a long outage may cost one aborted round (TCP backoff)
-            res = swarm.round(list(range(N)))
-            if all(r["ok"] and r["members"] == list(range(N)) for r in res.values()):
-                break
+def check_average(swarm: Swarm, k: int, results: dict[int, dict], contributors: list[int]) -> None:
+    ref = torch.stack([make_input(k, j, NUMEL)[:SLICE] for j in contributors]).mean(0)
+    for i, r in results.items():
+        if r["ok"] and r["members"] == contributors:
+            err = float((swarm.result_slice(k, i) - ref).abs().mean())
+            assert err < 0.05, f"round {k} peer {i}: mean error {err} vs the average of {contributors}"
+
+
+def all_agree(swarm: Swarm, results: dict[int, dict]) -> None:
+    assert all(r["ok"] for r in results.values()), f"{results}\n{swarm.logs()}"
+    assert {r["hash"] for r in results.values()} == {results[0]["hash"]}
+    assert all(r["members"] == list(range(N)) for r in results.values())
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    work = tmp_path_factory.mktemp("netfaults")
+    procs = Procs()
+    with NetnsLab(N, BASE) as lab:
+        (work / "lab.json").write_text(json.dumps({"token": os.urandom(16).hex(), "addresses": lab.addresses}))
+        try:
+            s = Swarm(lab, work, procs)
+            warm = s.round(list(range(N)))  # measures the links the deadlines are derived from
+            all_agree(s, warm)
+            check_average(s, s.k - 1, warm, list(range(N)))
+            yield s
+            s.stop()
+        finally:
+            procs.cleanup()
+
+
+@pytest.fixture
+def clean_after(swarm):
+    """Whatever a test did to the links, restore them and prove all four peers agree again."""
+    yield
+    for i in range(N):
+        heal(swarm.lab, i)
+        swarm.lab.set_shape(i, BASE)
+    for _ in range(3):  # a link back from a long outage may cost one aborted round (TCP backoff)
+        res = swarm.round(list(range(N)))
+        if all(r["ok"] and r["members"] == list(range(N)) for r in res.values()):
+            break
+    all_agree(swarm, res)
+
+
+@pytest.mark.slow
+def test_partition_mid_all_reduce_then_rejoin(swarm, clean_after):
+    victim = 3
+    survivors = [i for i in range(N) if i != victim]
+
+    def cut(lab):
+        time.sleep(0.4)  # well inside the ~1.3 s the all-reduce needs at 10 Mbit/s
+        partition(lab, victim)
+
+    t0 = time.monotonic()
+    res = swarm.round(list(range(N)), during=cut)
+    k = swarm.k - 1
+    assert not res[victim]["ok"], f"a partitioned peer cannot have a result: {res[victim]}"
+    for i in survivors:
+        assert res[i]["ok"] and res[i]["members"] == survivors and res[i]["attempts"] >= 2, res[i]
+    check_average(swarm, k, res, survivors)
+    # Still partitioned: the three others go on without it.
+    all3 = swarm.round(survivors)
+    assert all(r["ok"] and r["members"] == survivors for r in all3.values())
+    heal(swarm.lab, victim)
+    print(f"partition: {time.monotonic() - t0:.1f}s from cut to heal")
+    # Healed: it takes part again (allow one round for TCP's retransmission backoff).
+    for _ in range(3):
+        back = swarm.round(list(range(N)))
+        if all(r["ok"] and r["members"] == list(range(N)) for r in back.values()):
+            break
+    all_agree(swarm, back)
+    check_average(swarm, swarm.k - 1, back, list(range(N)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_pct", [1.0, 5.0])
+def test_packet_loss(swarm, clean_after, loss_pct):
+    for i in range(N):
+        swarm.lab.set_shape(i, LinkShape(rate_mbit=10, loss_pct=loss_pct))
+    for _ in range(2):
+        res = swarm.round(list(range(N)))
+        # TCP retransmits: lossy links are slower, but nobody is dropped and nothing diverges.
         all_agree(swarm, res)
+        check_average(swarm, swarm.k - 1, res, list(range(N)))
 
-    @pytest.mark.slow
-    def test_partition_mid_all_reduce_then_rejoin(swarm, clean_after):
-        victim = 3
-        survivors = [i for i in range(N) if i != victim]
 
-        def cut(lab):
-            time.sleep(0.4)  # well inside the ~1.3 s the all-reduce needs at 10 Mbit/s
-            partition(lab, victim)
+@pytest.mark.slow
+def test_rate_cut_mid_transfer(swarm, clean_after):
+    fast = LinkShape(rate_mbit=50)
+    for i in range(N):
+        swarm.lab.set_shape(i, fast)
+    swarm.round(list(range(N)), numel=4 * NUMEL)  # measure the fast links first
+    victim = 1
 
-        t0 = time.monotonic()
-        res = swarm.round(list(range(N)), during=cut)
-        k = swarm.k - 1
-        assert not res[victim]["ok"], f"a partitioned peer cannot have a result: {res[victim]}"
-        for i in survivors:
-            assert res[i]["ok"] and res[i]["members"] == survivors and res[i]["attempts"] >= 2, res[i]
-        check_average(swarm, k, res, survivors)
-        # Still partitioned: the three others go on without it.
-        all3 = swarm.round(survivors)
-        assert all(r["ok"] and r["members"] == survivors for r in all3.values())
-        heal(swarm.lab, victim)
-        print(f"partition: {time.monotonic() - t0:.1f}s from cut to heal")
-        # Healed: it takes part again (allow one round for TCP's retransmission backoff).
-        for attempt in range(3):
-            back = swarm.round(list(range(N)))
-            if all(r["ok"] and r["members"] == list(range(N)) for r in back.values()):
-                break
-        all_agree(swarm, back)
-        check_average(swarm, swarm.k - 1, back, list(range(N)))
+    def cut(lab):
+        time.sleep(0.3)
+        lab.set_shape(victim, LinkShape(rate_mbit=5))
 
-    @pytest.mark.slow
-    @pytest.mark.parametrize("loss_pct", [1.0, 5.0])
-    def test_packet_loss(swarm, clean_after, loss_pct):
-        for i in range(N):
-            swarm.lab.set_shape(i, LinkShape(rate_mbit=10, loss_pct=loss_pct))
-        for _ in range(2):
-            res = swarm.round(list(range(N)))
-            # TCP retransmits: lossy links are slower, but nobody is dropped and nothing diverges.
-            all_agree(swarm, res)
-            check_average(swarm, swarm.k - 1, res, list(range(N)))
-
-    @pytest.mark.slow
-    def test_rate_cut_mid_transfer(swarm, clean_after):
-        fast = LinkShape(rate_mbit=50)
-        for i in range(N):
-            swarm.lab.set_shape(i, fast)
-        swarm.round(list(range(N)), numel=4 * NUMEL)  # measure the fast links first
-        victim = 1
-
-        def cut(lab):
-            time.sleep(0.3)
-            lab.set_shape(victim, LinkShape(rate_mbit=5))
-
-        res = swarm.round(list(range(N)), numel=4 * NUMEL, during=cut)
-        # Either outcome is clean: all four finish on the slower link, or the slow peer is
-        # dropped at the deadline and the others retry without it (check_clean ran already).
-        oks = [r for r in res.values() if r["ok"]]
-        assert len(oks) >= N - 1, res
-        if not all(r["ok"] for r in res.values()):
-            assert not res[victim]["ok"] and all(r["members"] == [0, 2, 3] for r in oks), res
+    res = swarm.round(list(range(N)), numel=4 * NUMEL, during=cut)
+    # Either outcome is clean: all four finish on the slower link, or the slow peer is
+    # dropped at the deadline and the others retry without it (check_clean ran already).
+    oks = [r for r in res.values() if r["ok"]]
+    assert len(oks) >= N - 1, res
+    if not all(r["ok"] for r in res.values()):
+        assert not res[victim]["ok"] and all(r["members"] == [0, 2, 3] for r in oks), res
 
 
 if __name__ == "__main__":

@@ -164,8 +164,11 @@ def test_status_page_in_headless_chromium(procs: Procs, tmp_path, monkeypatch):
             assert swarm_feed.RUN in ckpt and str(STEPS) in ckpt
 
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(1400, max(900, min(int(height) + 40, 4000)))
+            # The whole page in one image: a viewport as tall as the content (window sizes are
+            # clamped to the headless screen, the emulated viewport is not).
+            height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": 1400, "height": min(height, 4000), "deviceScaleFactor": 1, "mobile": False})
             assert driver.save_screenshot(str(SCREENSHOT))
             assert SCREENSHOT.stat().st_size > 10_000
         finally:

@@ -43,11 +43,16 @@ def start_coordinator(procs: Procs, data_dir: Path) -> Child:
                         "--heartbeat-interval", str(INTERVAL), "--peer-timeout", str(TIMEOUT))
 
 
-def start_trainer(procs: Procs, url: str, key: Path, data: Path, *flags: str) -> Child:
-    return procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN,
-                        "--listen", "127.0.0.1:0", "--key", str(key), "--device", "cpu",
-                        "--ping-interval", "0.5", "--train", RUN, "--data", str(data), *flags],
-                       ready_timeout=120)
+def start_trainers(procs: Procs, url: str, keys: list[Path], data: Path, *flags: str) -> list[Child]:
+    """Start one peer per key at once (their imports overlap), then wait for every READY."""
+    children = [procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN,
+                             "--listen", "127.0.0.1:0", "--key", str(key), "--device", "cpu",
+                             "--ping-interval", "0.5", "--train", RUN, "--data", str(data),
+                             *flags], wait_ready=False) for key in keys]
+    for child in children:
+        wait_until(lambda: child.ready or child.proc.poll() is not None, 180, "READY")
+        assert child.ready, "\n".join(child.lines[-40:])
+    return children
 
 
 def api(url: str, path: str) -> dict:
@@ -90,8 +95,12 @@ def test_three_peers_train_with_agreeing_state_hashes(procs, tmp_path):
     t0 = time.monotonic()
     url = start_coordinator(procs, tmp_path / "coord").ready["url"]
     data = corpus(tmp_path)
-    peers = [start_trainer(procs, url, tmp_path / f"p{i}.key", data, *TRAIN_FLAGS,
-                           "--outer-steps", "4", "--min-peers", "3") for i in range(3)]
+    peers = start_trainers(procs, url, [tmp_path / f"p{i}.key" for i in range(3)], data,
+                           *TRAIN_FLAGS, "--outer-steps", "4", "--min-peers", "3")
+    # A peer asking for another H than the run's is refused before it starts (exit 2).
+    odd = procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN, "--listen",
+                       "127.0.0.1:0", "--key", str(tmp_path / "odd.key"), "--device", "cpu",
+                       "--train", RUN, "--inner-steps", "7"], wait_ready=False)
     ids = {p.ready["peer_id"] for p in peers}
     for p in peers:
         p.wait_for_line(f"train {RUN}: done at step 4", timeout=120)
@@ -111,10 +120,6 @@ def test_three_peers_train_with_agreeing_state_hashes(procs, tmp_path):
     summary = api(url, f"/api/runs/{RUN}")
     assert summary["step"] == 4 and summary["config"]["inner_steps"] == 5
     assert all(s["agree"] for s in summary["steps"])
-    # A peer asking for another H than the run's is refused before it starts (exit 2).
-    odd = procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN, "--listen",
-                       "127.0.0.1:0", "--key", str(tmp_path / "odd.key"), "--device", "cpu",
-                       "--train", RUN, "--inner-steps", "7"], wait_ready=False)
     assert odd.wait(timeout=60) == 2
     assert odd.wait_for_line("inner_steps: run has 5, you asked 7", timeout=5)
     print(f"3 peers x 4 outer steps in {time.monotonic() - t0:.1f}s")
@@ -124,12 +129,12 @@ def test_three_peers_train_with_agreeing_state_hashes(procs, tmp_path):
 def test_joiner_catches_up_and_run_survives_sigkill(procs, tmp_path):
     url = start_coordinator(procs, tmp_path / "coord").ready["url"]
     data = corpus(tmp_path)
-    first = [start_trainer(procs, url, tmp_path / f"p{i}.key", data, *TRAIN_FLAGS)
-             for i in range(2)]
+    first = start_trainers(procs, url, [tmp_path / f"p{i}.key" for i in range(2)], data,
+                           *TRAIN_FLAGS)
     first_ids = {p.ready["peer_id"] for p in first}
     wait_until(lambda: steps_reported_by(url, first_ids, 2), 120, "two steps by the first peers")
 
-    joiner = start_trainer(procs, url, tmp_path / "p2.key", data)  # no flags: takes the run's config
+    joiner, = start_trainers(procs, url, [tmp_path / "p2.key"], data)  # no flags: the run's config
     jid = joiner.ready["peer_id"]
     line = joiner.wait_for_line(f"train {RUN}: state from peer", timeout=60)
     joined_at = int(line.split("step ")[1].split()[0])
@@ -164,8 +169,8 @@ def test_whole_run_resumes_from_checkpoint(procs, tmp_path):
     data = corpus(tmp_path)
     # --min-peers 2 (kept in the run config): after the restart, the first rendezvous waits for
     # both fresh peers, so both start from the checkpoint rather than one from the other.
-    peers = [start_trainer(procs, url, tmp_path / f"p{i}.key", data, *TRAIN_FLAGS,
-                           "--checkpoint-every", "2", "--min-peers", "2") for i in range(2)]
+    peers = start_trainers(procs, url, [tmp_path / f"p{i}.key" for i in range(2)], data,
+                           *TRAIN_FLAGS, "--checkpoint-every", "2", "--min-peers", "2")
     wait_until(lambda: (api(url, f"/api/runs/{RUN}/checkpoints")["latest"] or 0) >= 2, 120,
                "a checkpoint at step 2")
     for p in peers:
@@ -176,7 +181,7 @@ def test_whole_run_resumes_from_checkpoint(procs, tmp_path):
     saved_step, saved_hash = manifest["step"], manifest["meta"]["global_state_hash"]
     assert manifest["meta"]["outer_step"] == saved_step
 
-    fresh = [start_trainer(procs, url, tmp_path / f"q{i}.key", data) for i in range(2)]
+    fresh = start_trainers(procs, url, [tmp_path / f"q{i}.key" for i in range(2)], data)
     fresh_ids = {p.ready["peer_id"] for p in fresh}
     for p in fresh:
         line = p.wait_for_line(f"train {RUN}: state from checkpoint", timeout=60)
