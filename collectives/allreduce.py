@@ -19,7 +19,7 @@ from .fault import run_resilient
 from .group import Group
 from .layout import Layout, flatten, fingerprint, layout_of, unflatten
 from .ring import DEFAULT_CHUNK_BYTES, RingPlan, RingRun, resolve_codec
-from .robust import Offense, RobustConfig, RobustRun, report_offenses, robust_deadline_s
+from .robust import Offense, RobustConfig, RobustRun, first_per_peer, report_offenses, robust_deadline_s
 
 _OPS = ("mean", "sum")
 
@@ -27,11 +27,14 @@ _OPS = ("mean", "sum")
 class Reduced(list):
     """The result tensors (a plain list) plus who contributed: ``members`` (the membership of
     the attempt that succeeded) and ``attempts`` (1 = no retry). The robust all-reduce also
-    sets ``offenders`` (who was excluded and why, the same list on every peer; empty otherwise)."""
+    sets ``offenders`` (who was excluded and why, one per peer) and ``findings`` (every shard
+    owner's verdicts: ``members[o.shard]`` caught ``o.peer``, so a peer can tell what it witnessed
+    itself); both the same on every peer, empty otherwise."""
 
     members: list[str]
     attempts: int
     offenders: list[Offense] = []
+    findings: list[Offense] = []
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: st
         if robust is not None:
             run = RobustRun(group.host, members, prefix, cod, flat, plan, robust, deadline=deadline,
                             policy=policy, layout_key=layout_key)
-            return await run.run(), members, attempts, run.offenses
+            return await run.run(), members, attempts, run.findings
         run = RingRun(group.host, members, prefix, cod, flat, plan, mean=op == "mean", gather=gather,
                       deadline=deadline, policy=policy, layout_key=layout_key)
         out = await run.run()
@@ -112,7 +115,7 @@ async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: st
 
     result = await run_resilient(group, kind, tag, body, deadline_s, timeout)
     if robust is not None:
-        report_offenses(result[3], robust)
+        report_offenses(first_per_peer(result[3]), robust)
     return result
 
 
@@ -131,12 +134,13 @@ async def all_reduce(group: Group, tensors: list[torch.Tensor], *, tag: str, cod
     ``Reduced.offenders`` and to ``robust.on_offender``; op must be "mean").
     Raises ``CollectiveError`` when no result can be produced.
     """
-    out, members, attempts, offenders = await _ring(
+    out, members, attempts, findings = await _ring(
         group, tensors, kind="ar" if robust is None else "rar", tag=tag, codec=codec, op=op,
         timeout=timeout, chunk_bytes=chunk_bytes, gather=True, codec_options=codec_options, robust=robust)
     layout = layout_of(tensors, floating=True)
     result = Reduced([t.detach().clone() for t in tensors] if out is None else _unflatten_owned(out, layout))
-    result.members, result.attempts, result.offenders = members, attempts, offenders
+    result.members, result.attempts = members, attempts
+    result.offenders, result.findings = first_per_peer(findings), findings
     return result
 
 

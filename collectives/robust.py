@@ -236,7 +236,8 @@ class RobustRun:
         self.others = [m for m in members if m != host.peer_id]
         self.keys = {"g": fingerprint(members), "l": layout_key}
         self.result = torch.empty_like(flat)
-        self.offenses: list[Offense] = []
+        self.findings: list[Offense] = []  # every owner's verdicts, in member then shard order
+        self.offenses: list[Offense] = []  # one per excluded peer
         self.agreed = asyncio.Event()  # set once the verdicts of every owner are in
         self.chunk_wire = codec.wire_bytes(plan.chunk)
         self.abstain = not bool(torch.isfinite(flat).all())
@@ -331,16 +332,14 @@ class RobustRun:
         for j, owner in enumerate(self.members):
             if j != self.rank:
                 offenses += await self._verdict(owner, j)
-        first: dict[str, Offense] = {}
-        for o in sorted(offenses, key=lambda o: (self.members.index(o.peer), o.shard)):
-            first.setdefault(o.peer, o)
-        self.offenses = list(first.values())
+        self.findings = sorted(offenses, key=lambda o: (self.members.index(o.peer), o.shard))
+        self.offenses = first_per_peer(self.findings)
         self.agreed.set()
-        accepted = [i for i, m in enumerate(self.members) if m not in first]
+        excluded = sorted(o.peer for o in self.offenses)
+        accepted = [i for i, m in enumerate(self.members) if m not in excluded]
         if not accepted:
             raise CollectiveError(f"every contribution was rejected: {[o.reason() for o in self.offenses]}")
         agg = await compute(lambda: aggregate(contributions[accepted], self.cfg), len(accepted) * (b0 - a0))
-        excluded = sorted(first)
         for c, (a, b) in enumerate(self.plan.chunks(self.rank)):
             def encode(a=a, b=b):
                 meta, out = self.codec.encode(agg[a - a0:b - a0])
@@ -380,6 +379,14 @@ class RobustRun:
                     lambda: self.codec.decode(meta, payload, device=self.flat.device), b - a)
             except CodecError as exc:
                 raise CollectiveError(f"shard owner {owner[:8]} sent an undecodable shard: {exc}") from exc
+
+
+def first_per_peer(findings: list[Offense]) -> list[Offense]:
+    """One offense per excluded peer: its first finding (``findings`` in member, shard order)."""
+    first: dict[str, Offense] = {}
+    for o in findings:
+        first.setdefault(o.peer, o)
+    return list(first.values())
 
 
 def report_offenses(offenses: list[Offense], cfg: RobustConfig) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from coordinator.checkpoint_routes import setup_checkpoint_routes
-from coordinator.checkpoints import open_backend
+from coordinator.checkpoint_routes import RetentionPolicy, setup_checkpoint_routes
+from coordinator.checkpoints import Backend, open_backend
 from coordinator.membership import setup_membership
 from coordinator.metrics import setup_metrics
+from coordinator.offenses import DEFAULT_BAN_AFTER, setup_offenses
 from coordinator.registry import MembershipRegistry, Timing
 from coordinator.runs import RunLimits, setup_runs
 from coordinator.status import setup_status
@@ -42,7 +43,11 @@ class CoordinatorConfig:
     address_rate_per_s: float = 200.0
     address_burst: int = 1000
     max_peers: int = 10_000  # live peers (joins beyond it: 429 too_many_peers)
+    ban_after: int = DEFAULT_BAN_AFTER  # distinct reporters of poisoned updates that ban a peer (0: never)
     run_limits: RunLimits = field(default_factory=RunLimits)
+    checkpoint_store: str | None = None  # s3://bucket[/prefix]; None: <data_dir>/checkpoints
+    s3_endpoint_url: str | None = None   # MinIO, moto, ...; None: AWS
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.peer_timeout <= 0:
@@ -57,6 +62,10 @@ class CoordinatorConfig:
             raise ValueError("request rates must be positive and bursts at least 1")
         if self.max_peers < 1:
             raise ValueError("max_peers must be at least 1")
+        if self.ban_after < 0:
+            raise ValueError("ban_after must be >= 0 (0 = never ban automatically)")
+        if self.s3_endpoint_url and not self.checkpoint_store:
+            raise ValueError("an S3 endpoint URL needs an s3:// checkpoint store")
 
 
 @web.middleware
@@ -84,7 +93,8 @@ async def json_errors(request: web.Request, handler):
 # Routes whose handlers verify a peer signature and charge the peer id's bucket themselves
 # (validation.check_signed_request); every other request is charged to its remote address.
 SIGNED_ROUTES = frozenset({"/api/join", "/api/heartbeat", "/api/leave", "/api/runs/{run}",
-                           "/api/runs/{run}/sync", "/api/runs/{run}/report", "/api/runs/{run}/leave"})
+                           "/api/runs/{run}/sync", "/api/runs/{run}/report", "/api/runs/{run}/leave",
+                           "/api/runs/{run}/offenses"})
 
 
 @web.middleware
@@ -95,8 +105,10 @@ async def rate_limit(request: web.Request, handler):
     return await handler(request)
 
 
-def create_app(config: CoordinatorConfig, store: Store) -> web.Application:
-    """Build the app on an opened store (the caller owns the store's lifecycle)."""
+def create_app(config: CoordinatorConfig, store: Store,
+               backend: Backend | None = None) -> web.Application:
+    """Build the app on an opened store (the caller owns the store's lifecycle). ``backend``:
+    the checkpoint store, already opened and checked; by default opened from the config."""
     # json_errors is outermost, so refusals by rate_limit get the JSON answer too
     app = web.Application(middlewares=[json_errors, rate_limit],
                           client_max_size=config.max_request_bytes)
@@ -105,8 +117,10 @@ def create_app(config: CoordinatorConfig, store: Store) -> web.Application:
     registry = MembershipRegistry(store, Timing(config.heartbeat_interval, config.peer_timeout))
     setup_membership(app, registry, config.token, config.max_clock_skew, config.max_peers)
     setup_status(app, store, registry)
-    backend = open_backend(config.data_dir)  # <data-dir>/checkpoints
+    if backend is None:
+        backend = open_backend(config.data_dir, config.checkpoint_store, config.s3_endpoint_url)
     setup_runs(app, store, registry, backend, config.run_limits)
-    setup_checkpoint_routes(app, backend)
+    setup_offenses(app, config.ban_after)
+    setup_checkpoint_routes(app, backend, retention=config.retention)
     setup_metrics(app)
     return app

@@ -119,6 +119,7 @@ class Backend(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...  # idempotent
     def list(self, prefix: str) -> list[BlobInfo]: ...  # every key starting with prefix + "/"
+    def check(self) -> None: ...  # raises BackendError when the store is unusable (start-up probe)
 
 
 def _check_key(key: str) -> list[str]:
@@ -136,6 +137,13 @@ class LocalBackend:
         self.root = Path(root).resolve()
         self._tmp = self.root / ".tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def check(self) -> None:
+        if not os.access(self._tmp, os.W_OK | os.X_OK):
+            raise BackendError(f"checkpoint directory {self.root} is not writable")
 
     def _path(self, key: str) -> Path:
         path = self.root.joinpath(*_check_key(key))
@@ -229,6 +237,16 @@ class S3Backend:
         self.client = client
         self.bucket = bucket
         self.prefix = "/".join(_check_key(prefix.strip("/"))) + "/" if prefix.strip("/") else ""
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def check(self) -> None:
+        """One cheap list call: fails on a missing bucket, bad credentials or no list permission."""
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except Exception as e:
+            raise BackendError(f"s3://{self.bucket}/{self.prefix}: {e}") from e
 
     def _key(self, key: str) -> str:
         return self.prefix + "/".join(_check_key(key))
@@ -431,16 +449,20 @@ class CheckpointStore:
         self.backend.delete(self._manifest_key(check_step(step)))
 
     # retention -----------------------------------------------------------------------------
-    def gc(self, grace_s: float = DEFAULT_GRACE_S) -> int:
+    def gc(self, grace_s: float = DEFAULT_GRACE_S,
+           protect: Callable[[str], bool] | None = None) -> int:
         """Delete chunks no manifest references and older than ``grace_s`` (younger ones may
-        belong to an upload whose manifest is not published yet). Returns how many."""
+        belong to an upload whose manifest is not published yet). ``protect(sha)``, asked just
+        before each deletion, spares more: e.g. old chunks an uploader was just told it may
+        skip (dedup). Returns how many were deleted."""
         referenced: set[str] = set()
         for step in self.list():
             referenced.update(self.load_manifest(step).chunk_shas())  # unreadable => raise, keep all
         cutoff = time.time() - grace_s
         removed = 0
         for info in self.backend.list(f"{self._base}/chunks"):
-            if info.key.rsplit("/", 1)[1] not in referenced and info.mtime <= cutoff:
+            sha = info.key.rsplit("/", 1)[1]
+            if sha not in referenced and info.mtime <= cutoff and not (protect and protect(sha)):
                 self.backend.delete(info.key)
                 removed += 1
         sweep = getattr(self.backend, "sweep_temp", None)  # backends that stage writes
@@ -449,21 +471,23 @@ class CheckpointStore:
         return removed
 
     def prune(self, keep_last: int, keep_every: int | None = None,
-              grace_s: float = DEFAULT_GRACE_S) -> PruneResult:
-        """Retention: keep the ``keep_last`` newest steps and every step divisible by
-        ``keep_every``; delete the other manifests, then garbage-collect chunks."""
+              grace_s: float = DEFAULT_GRACE_S, *, keep_steps: Iterable[int] = (),
+              protect: Callable[[str], bool] | None = None) -> PruneResult:
+        """Retention: keep the ``keep_last`` newest steps, every step divisible by
+        ``keep_every`` and ``keep_steps`` (e.g. the one just committed, even when a restarted
+        run committed it below newer steps); delete the other manifests, then ``gc``."""
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
         if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
             raise ValueError(f"keep_every must be None or an int >= 1, got {keep_every!r}")
         steps = self.list()
-        keep = set(steps[-keep_last:])
+        keep = set(steps[-keep_last:]) | set(keep_steps)
         if keep_every is not None:
             keep.update(s for s in steps if s % keep_every == 0)
         doomed = [s for s in steps if s not in keep]
         for s in doomed:
             self.delete(s)
-        return PruneResult(doomed, self.gc(grace_s))
+        return PruneResult(doomed, self.gc(grace_s, protect))
 
 
 # ------------------------------------------------------------------------------ tensor state
@@ -654,10 +678,17 @@ def open_backend(data_dir: str | os.PathLike, s3_url: str | None = None,
     """The coordinator's backend: ``<data_dir>/checkpoints`` or ``s3://bucket/prefix``."""
     if s3_url is None:
         return LocalBackend(Path(data_dir) / CHECKPOINT_DIR)
-    if not s3_url.startswith("s3://") or len(s3_url) <= 5:
+    bucket, _, prefix = s3_url.removeprefix("s3://").partition("/")
+    if not s3_url.startswith("s3://") or not bucket:
         raise InvalidName(f"expected s3://bucket[/prefix], got {s3_url!r}")
-    bucket, _, prefix = s3_url[5:].partition("/")
-    return S3Backend(bucket, prefix, endpoint_url=endpoint_url)
+    try:
+        return S3Backend(bucket, prefix, endpoint_url=endpoint_url)
+    except ImportError:
+        raise CheckpointError("an S3 checkpoint store needs boto3: pip install 'lowband[s3]'") from None
+    except CheckpointError:  # InvalidName (a bad prefix) is a ValueError too
+        raise
+    except ValueError as e:  # botocore: "Invalid endpoint: ..."
+        raise BackendError(f"S3 endpoint {endpoint_url!r}: {e}") from None
 
 
 def list_runs(backend: Backend) -> list[str]:

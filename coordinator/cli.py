@@ -2,6 +2,10 @@
 
 Prints human-readable lines, then one machine-readable line ``READY {json}`` (url, host, port,
 data_dir, pid) once it is listening. SIGINT/SIGTERM stop it cleanly (exit 0).
+
+`coordinator ban PEER_ID` / `coordinator unban PEER_ID` write to the database under the data dir
+directly (the operator's access to that dir is the authority; every peer holds the swarm token,
+so no HTTP route may ban). A running coordinator reads bans on every request, so they hold at once.
 """
 from __future__ import annotations
 
@@ -12,13 +16,18 @@ import logging
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
 from coordinator.app import CoordinatorConfig, create_app
-from coordinator.checkpoints import CheckpointError, cli_export, cli_list, list_runs, open_backend
-from coordinator.store import Store, StoreError
+from coordinator.checkpoint_routes import RetentionPolicy
+from coordinator.checkpoints import (DEFAULT_GRACE_S, CheckpointError, cli_export, cli_list,
+                                     list_runs, open_backend)
+from coordinator.offenses import DEFAULT_BAN_AFTER, OFFENSES_MIGRATIONS, forget_reports
+from coordinator.registry import MEMBERSHIP_MIGRATIONS, ban_peer, unban_peer
+from coordinator.store import DB_NAME, Store, StoreError
 from peer.runtime import add_logging_args, read_token, setup_logging, wait_for_stop_signal
 from peer.transport import install_event_loop_policy
 
@@ -81,9 +90,85 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 200)")
     start.add_argument("--max-peers", type=int, default=10_000,
                        help="live peers accepted; joins beyond it get HTTP 429 (default 10000)")
+    start.add_argument("--ban-after", type=int, default=DEFAULT_BAN_AFTER, metavar="N",
+                       help="ban a peer once N distinct peers reported it for poisoned updates "
+                            f"(robust training runs); 0: only 'coordinator ban' (default {DEFAULT_BAN_AFTER})")
+    ckpt = start.add_argument_group("checkpoint store")
+    ckpt.add_argument("--checkpoint-store", metavar="s3://BUCKET[/PREFIX]",
+                      help="keep checkpoints in an S3-compatible bucket (needs the 's3' extra; "
+                           "credentials from the usual AWS env vars / config files) instead of "
+                           "<data-dir>/checkpoints")
+    ckpt.add_argument("--endpoint-url", help="S3 endpoint for MinIO, moto, ... (default: AWS)")
+    ckpt.add_argument("--keep-last", type=int, default=5, metavar="N",
+                      help="after each commit keep the N newest checkpoints of the run, delete "
+                           "older ones (default 5; 0 keeps every checkpoint)")
+    ckpt.add_argument("--keep-every", type=int, metavar="M",
+                      help="also keep every checkpoint whose step is a multiple of M")
+    ckpt.add_argument("--gc-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                      help="unreferenced chunks younger than this are kept, as an upload may "
+                           f"still need them (default {DEFAULT_GRACE_S:g})")
     add_logging_args(start)
     add_checkpoint_commands(sub)
+    add_ban_commands(sub)
     return parser
+
+
+def add_ban_commands(sub: argparse._SubParsersAction) -> None:
+    ban = sub.add_parser("ban", help="ban a peer: it leaves at once and is refused from then on",
+                         description="Ban a peer id (its joins, heartbeats and run requests get "
+                                     "HTTP 403). Works on a running coordinator's data dir.")
+    ban.add_argument("peer", metavar="PEER_ID", help="peer id, or a unique prefix of a known one")
+    ban.add_argument("--reason", default="banned by the operator", help="shown to the peer")
+    unban = sub.add_parser("unban", help="lift a ban (and forget the peer's offense reports)")
+    unban.add_argument("peer", metavar="PEER_ID", help="peer id, or a unique prefix of a banned one")
+    for p in (ban, unban):
+        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                       help=f"coordinator data dir (default {DEFAULT_DATA_DIR})")
+
+
+def _resolve_peer(conn, text: str) -> str:
+    """A full peer id as given, or the one known peer id (peers, bans, offense reports) that
+    starts with ``text``."""
+    text = text.lower()
+    if len(text) == 40 and all(c in "0123456789abcdef" for c in text):
+        return text
+    if not 4 <= len(text) < 40 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"{text!r} is neither a peer id (40 hex digits) nor a prefix of one")
+    known = {r[0] for table in ("peers", "bans", "offenses")
+             for r in conn.execute(f"SELECT peer_id FROM {table} WHERE peer_id LIKE ?", (text + "%",))}
+    if len(known) != 1:
+        raise ValueError(f"prefix {text!r} matches {len(known)} known peers; give more of the id")
+    return known.pop()
+
+
+def run_ban(args: argparse.Namespace) -> int:
+    """`coordinator ban|unban PEER_ID`: errors -> exit 1."""
+    if not (args.data_dir / DB_NAME).is_file():
+        print(f"coordinator: no coordinator database in {args.data_dir}; pass its --data-dir",
+              file=sys.stderr)
+        return 1
+    store = Store(args.data_dir)
+    try:
+        store.open()
+        store.apply_schema("membership", MEMBERSHIP_MIGRATIONS)
+        store.apply_schema("offenses", OFFENSES_MIGRATIONS)
+
+        def change(conn) -> str:
+            peer = _resolve_peer(conn, args.peer)
+            now = time.time()
+            if args.command == "ban":
+                done = ban_peer(conn, peer, args.reason[:300], "operator", now)
+                return f"banned {peer}" if done else f"{peer} was banned already"
+            if not unban_peer(conn, peer, now):
+                raise ValueError(f"{peer} is not banned")
+            return f"unbanned {peer} (forgot {forget_reports(conn, peer)} offense reports)"
+        print(asyncio.run(store.run(change)))
+        return 0
+    except (StoreError, ValueError) as e:
+        print(f"coordinator: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
 
 
 def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
@@ -125,13 +210,19 @@ def run_checkpoints(args: argparse.Namespace) -> int:
 
 
 async def serve(config: CoordinatorConfig, token_source: str) -> int:
+    try:  # a misconfigured bucket must stop the start, not fail the first upload an hour later
+        backend = open_backend(config.data_dir, config.checkpoint_store, config.s3_endpoint_url)
+        await asyncio.to_thread(backend.check)
+    except (CheckpointError, OSError) as e:
+        print(f"coordinator: checkpoint store: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     store = Store(config.data_dir)
     try:
         store.open()
     except StoreError as e:
         print(f"coordinator: {e}", file=sys.stderr)
         return 2
-    runner = web.AppRunner(create_app(config, store), access_log=None)
+    runner = web.AppRunner(create_app(config, store, backend), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
@@ -148,6 +239,9 @@ async def serve(config: CoordinatorConfig, token_source: str) -> int:
     print(f"coordinator listening on {config.host}:{port}")
     print(f"status page: {url}/")
     print(f"data dir: {config.data_dir}")
+    keep = config.retention
+    print(f"checkpoints: {backend} (" + (f"keep last {keep.keep_last}" if keep.keep_last else "keep all")
+          + (f", every step divisible by {keep.keep_every}" if keep.keep_every else "") + ")")
     print(f"swarm token: {token_source}")
     print("READY " + json.dumps({"url": url, "host": config.host, "port": port,
                                  "data_dir": str(config.data_dir), "pid": os.getpid()}), flush=True)
@@ -164,12 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "checkpoints":
         return run_checkpoints(args)
+    if args.command in ("ban", "unban"):
+        return run_ban(args)
     setup_logging(args.log_format, args.log_level)
     if args.log_level != "debug":
         # aiohttp logs every malformed request (scanners, fuzzers) with a traceback at ERROR;
         # it already answers 400, and handler errors are logged by the app's middleware.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in ..." per client
     token, source = resolve_token(args, args.data_dir)
     try:
         config = CoordinatorConfig(data_dir=args.data_dir, token=token, host=args.host,
@@ -180,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
                                    peer_burst=max(1, round(4 * args.peer_rate)),
                                    address_rate_per_s=args.address_rate,
                                    address_burst=max(1, round(5 * args.address_rate)),
-                                   max_peers=args.max_peers)
+                                   max_peers=args.max_peers, ban_after=args.ban_after,
+                                   checkpoint_store=args.checkpoint_store,
+                                   s3_endpoint_url=args.endpoint_url,
+                                   retention=RetentionPolicy(args.keep_last or None, args.keep_every,
+                                                             args.gc_grace))
     except ValueError as e:
         print(f"coordinator: {e}", file=sys.stderr)
         return 2

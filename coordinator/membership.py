@@ -1,5 +1,6 @@
-"""Membership routes (/api/join, /api/heartbeat, /api/leave, /api/peers) and the failure
-detector that demotes silent peers in the background."""
+"""Membership routes (/api/join, /api/heartbeat, /api/leave, /api/peers), inference-offense
+reports (/api/inference/offenses) and the failure detector that demotes silent peers in the
+background."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ import sqlite3
 from aiohttp import web
 
 from coordinator.registry import ALL_STATES, LIVE_STATES, MembershipRegistry, PeerMeta
+from coordinator.store import add_event
 from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, check_signed_request,
                                     check_token, get_address, get_object, get_public_key, get_str,
                                     read_json_object)
@@ -123,6 +125,24 @@ async def leave(request: web.Request) -> web.Response:
     return web.json_response({"peer_id": peer_id, "state": "left"})
 
 
+async def inference_offense(request: web.Request) -> web.Response:
+    """POST /api/inference/offenses {peer_id, public_key, timestamp, signature, offender, detail}:
+    an inference client's spot check (pipeline/client.py) caught server ``offender`` returning
+    wrong activations. Signed with the reporter's own key, sent along because clients never join.
+    Logged as an ``inference_offense`` event (status page); nothing is banned on it, since any
+    token holder can mint keys and one report is one client's word."""
+    check_token(request, request.app[TOKEN])
+    body = await read_json_object(request, MAX_BODY)
+    reporter = check_signed_request(request, body, "inference_offense", get_public_key(body),
+                                    request.app[MAX_SKEW])
+    offender = get_str(body, "offender", max_len=40, pattern=PEER_ID_RE)
+    detail = get_object(body, "detail", max_bytes=MAX_META, default={})
+    await request.app[REGISTRY].store.run(add_event, "inference_offense", offender,
+                                          {**detail, "reporter": reporter})
+    log.warning("inference offense: %s reported by client %s", offender[:12], reporter[:12])
+    return web.json_response({"recorded": True})
+
+
 async def list_peers(request: web.Request) -> web.Response:
     """GET /api/peers[?state=active,suspect] -> {"peers": [...]}."""
     wanted = request.query.get("state")
@@ -154,6 +174,7 @@ def setup_membership(app: web.Application, registry: MembershipRegistry, token: 
     app.router.add_post("/api/heartbeat", heartbeat)
     app.router.add_post("/api/leave", leave)
     app.router.add_get("/api/peers", list_peers)
+    app.router.add_post("/api/inference/offenses", inference_offense)
 
     async def detector_ctx(app: web.Application):
         task = asyncio.create_task(_failure_detector(registry))

@@ -5,6 +5,11 @@ the timeout) -> ``dead`` (silent for the whole timeout); ``left`` after a clean 
 peer that heartbeats again is active; a dead or left peer must join again. After a coordinator
 restart nobody is declared dead for one timeout (grace), so peers that kept running while it was
 down get the chance to heartbeat.
+
+Bans: a banned peer id (table ``bans``; coordinator/offenses.py bans after reports of poisoned
+updates, ``coordinator ban`` by hand) is ``left`` at once, so no rendezvous waits for it, and its
+joins, heartbeats and run requests are refused with 403 ``peer_banned``. The table is read on
+every such request, so a ban written by the CLI into a running coordinator's database holds.
 """
 from __future__ import annotations
 
@@ -44,6 +49,14 @@ MEMBERSHIP_MIGRATIONS: Sequence[str] = (
         incarnation    INTEGER NOT NULL DEFAULT 1
     );
     CREATE INDEX peers_state ON peers(state);
+    """,
+    """
+    CREATE TABLE bans (
+        peer_id TEXT PRIMARY KEY,
+        ts      REAL NOT NULL,
+        reason  TEXT NOT NULL,
+        source  TEXT NOT NULL
+    );
     """,
 )
 
@@ -173,7 +186,12 @@ class MembershipRegistry:
         self._pending_heartbeats.append((peer_id, stats, time.time(), done))
         if self._heartbeat_writer is None or self._heartbeat_writer.done():
             self._heartbeat_writer = asyncio.ensure_future(self._write_heartbeats())
-        state, changed = await done
+        try:
+            state, changed = await done
+        except ApiError as e:
+            if e.code == "peer_banned":  # banned by the CLI: its row left the view behind our back
+                self._view_changed()
+            raise
         if changed:
             self._view_changed()
         return state
@@ -196,6 +214,13 @@ class MembershipRegistry:
     async def leave(self, peer_id: str) -> None:
         try:
             await self.store.run(_leave, peer_id, time.time())
+        finally:
+            self._view_changed()
+
+    async def ban(self, peer_id: str, reason: str, source: str) -> bool:
+        """Ban ``peer_id`` (see the module docstring); False when it already was."""
+        try:
+            return await self.store.run(ban_peer, peer_id, reason, source, time.time())
         finally:
             self._view_changed()
 
@@ -224,8 +249,42 @@ def _select_public_key(conn: sqlite3.Connection, peer_id: str) -> str | None:
     return row[0] if row else None
 
 
+def check_not_banned(conn: sqlite3.Connection, peer_id: str) -> None:
+    """ApiError 403 ``peer_banned`` when ``peer_id`` is banned."""
+    row = conn.execute("SELECT reason FROM bans WHERE peer_id = ?", (peer_id,)).fetchone()
+    if row is not None:
+        raise ApiError(403, "peer_banned", f"peer {peer_id} is banned from this swarm ({row[0]}); "
+                                           f"the coordinator's operator can lift it with "
+                                           f"'coordinator unban {peer_id}'")
+
+
+def ban_peer(conn: sqlite3.Connection, peer_id: str, reason: str, source: str, now: float) -> bool:
+    """Record the ban and make a live peer ``left``; False when it was banned already."""
+    if conn.execute("SELECT 1 FROM bans WHERE peer_id = ?", (peer_id,)).fetchone() is not None:
+        return False
+    conn.execute("INSERT INTO bans (peer_id, ts, reason, source) VALUES (?, ?, ?, ?)",
+                 (peer_id, now, reason, source))
+    conn.execute("UPDATE peers SET state = 'left', state_since = ? WHERE peer_id = ? AND state IN "
+                 f"({','.join('?' * len(LIVE_STATES))})", (now, peer_id, *LIVE_STATES))
+    add_event(conn, "banned", peer_id, {"reason": reason, "source": source}, now)
+    return True
+
+
+def unban_peer(conn: sqlite3.Connection, peer_id: str, now: float) -> bool:
+    """Lift a ban; False when ``peer_id`` was not banned."""
+    if conn.execute("DELETE FROM bans WHERE peer_id = ?", (peer_id,)).rowcount == 0:
+        return False
+    add_event(conn, "unbanned", peer_id, {}, now)
+    return True
+
+
+def select_bans(conn: sqlite3.Connection) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT peer_id, ts, reason, source FROM bans ORDER BY ts")]
+
+
 def _join(conn: sqlite3.Connection, peer_id: str, public_key: str, address: str,
           meta: PeerMeta, now: float) -> dict:
+    check_not_banned(conn, peer_id)
     old = conn.execute("SELECT state, incarnation FROM peers WHERE peer_id = ?",
                        (peer_id,)).fetchone()
     incarnation = 1 if old is None else old["incarnation"] + 1
@@ -242,6 +301,7 @@ def _join(conn: sqlite3.Connection, peer_id: str, public_key: str, address: str,
 
 def _heartbeat(conn: sqlite3.Connection, peer_id: str, stats: dict, now: float) -> tuple[str, bool]:
     """-> (new state, whether the state changed)."""
+    check_not_banned(conn, peer_id)
     row = conn.execute("SELECT state FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
     if row is None:
         raise ApiError(404, "unknown_peer", "peer is not registered; join first")

@@ -11,7 +11,9 @@ Routes (JSON; POSTs are signed by the peer like membership requests, all need th
   Long-poll: the answer comes when the step's window closes, or after ``HOLD_S`` with
   ``pending: true`` (ask again, idempotent). A closed window lists ``participants`` in a
   deterministic order (sorted peer ids) and the collective ``tag`` of the step.
-- ``POST /api/runs/{run}/report``  per-step metrics and the peer's global-state hash.
+- ``POST /api/runs/{run}/report``  per-step metrics and the peer's global-state hash. Steps the
+  peers took while this coordinator was down (diloco/role.py: offline steps, which have no
+  window here) arrive as queued reports when it is back, and advance the run's step.
 - ``POST /api/runs/{run}/leave``   the peer stopped training; windows no longer wait for it.
 - ``GET /api/runs``, ``GET /api/runs/{run}``, ``GET /api/runs/{run}/reports`` for the status
   page, ``peer``/tests and the checkpointing peer.
@@ -48,7 +50,7 @@ from aiohttp import web
 
 from coordinator.checkpoints import Backend, CheckpointStore
 from coordinator.membership import MAX_SKEW, TOKEN
-from coordinator.registry import MembershipRegistry
+from coordinator.registry import MembershipRegistry, check_not_banned
 from coordinator.store import Store, add_event
 from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, check_signed_request,
                                     check_token, get_object, get_str, read_json_object)
@@ -127,9 +129,11 @@ RUNS_MIGRATIONS: Sequence[str] = (
 )
 
 # Numeric report fields (all optional, finite, >= 0).
+# "offline": 1 for a step the peers took while this coordinator was unreachable; "queued_s":
+# how long the peer held the report before it could send it (its ``ts`` is moved back by that).
 REPORT_FIELDS = ("loss", "tokens", "tokens_per_s", "bytes_sent", "bytes_received", "outer_time_s",
                  "inner_time_s", "compute_utilization", "inner_steps", "participants",
-                 "data_position")
+                 "data_position", "offline", "queued_s")
 
 RUNS = web.AppKey("runs_service", object)
 
@@ -339,6 +343,7 @@ def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict,
               explicit: list[str], shards: int, live: set[str], now: float,
               max_runs: int) -> dict:
     """Create-or-get; a peer whose explicit settings conflict with the run's is not admitted."""
+    check_not_banned(conn, peer_id)
     created = False
     if conn.execute("SELECT 1 FROM runs WHERE name = ?", (run,)).fetchone() is None:
         if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= max_runs:
@@ -407,6 +412,7 @@ def _window(conn: sqlite3.Connection, run: str, generation: int, step: int) -> W
 def _arrive(conn: sqlite3.Connection, run: str, peer_id: str, incarnation: int, step: int,
             base_hash: str, live: dict[str, int], now: float) -> dict:
     """Record an arrival at window ``step``: -> {"state": open|closed|late, "generation"}."""
+    check_not_banned(conn, peer_id)
     row = _run_row(conn, run)
     _member(conn, run, peer_id)
     generation = row["generation"]
@@ -508,12 +514,20 @@ def _leave_run(conn: sqlite3.Connection, run: str, peer_id: str, now: float) -> 
 
 def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_hash: str,
             metrics: dict, slot_position: int | None, now: float, max_reports: int) -> dict:
+    check_not_banned(conn, peer_id)
     row = _run_row(conn, run)
     member = _member(conn, run, peer_id)
     generation = row["generation"]
+    ts = max(now - metrics.get("queued_s", 0.0), row["created_at"])
     conn.execute("INSERT OR REPLACE INTO run_reports (run, generation, step, peer_id, ts, "
                  "state_hash, metrics) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                 (run, generation, step, peer_id, now, state_hash, json.dumps(metrics)))
+                 (run, generation, step, peer_id, ts, state_hash, json.dumps(metrics)))
+    # A step the peers took without a window (offline, while this coordinator was down) still
+    # advances the run: its step counter and the member's last step.
+    conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE name = ?",
+                 (step, now, run))
+    conn.execute("UPDATE run_members SET last_step = MAX(COALESCE(last_step, 0), ?) "
+                 "WHERE run = ? AND peer_id = ?", (step, run, peer_id))
     if slot_position is not None:
         conn.execute("UPDATE run_slots SET position = MAX(position, ?) WHERE run = ? AND slot = ?",
                      (slot_position, run, member["slot"]))

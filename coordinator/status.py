@@ -24,6 +24,11 @@ Sections and their JSON shapes (documented here because peers and other route gr
 ``links``        {peers: [peer_id], rows: {src: {dst: {rtt_s, ping_rtt_s, bandwidth_Bps}}}}
                    -- each live peer's row of the measured link matrix, from heartbeat stats
 ``checkpoints``  [{run, step, size_bytes, state_hash, created, tensors}], newest first
+``offenses``     {ban_after, peers: [{peer_id, reports, reporters, codes, last: {ts, run, step,
+                   reporter, code, detail}, banned}], bans: [{peer_id, ts, reason, source}]}
+                   -- poisoned-update reports and bans (coordinator/offenses.py)
+``checkpoint_store`` {backend: local|s3, keep_last, keep_every, gc_grace_s, last_prune: {run, step,
+                   at, deleted_steps, chunks_removed} | null} -- retention (checkpoint_routes.py)
 
 What a serving peer reports (``PeerDaemon.report("serve", ...)`` puts it in ``stats.serve``), one
 object or a list of them for several models::
@@ -49,9 +54,10 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from coordinator.checkpoint_routes import CHECKPOINTS
+from coordinator.checkpoint_routes import CHECKPOINTS, checkpoint_store_info
 from coordinator.checkpoints import (Backend, CheckpointError, CheckpointStore, Manifest, list_runs,
                                      open_backend)
+from coordinator.offenses import BAN_AFTER, offense_summary
 from coordinator.registry import ALL_STATES, MembershipRegistry
 from coordinator.store import Store, recent_events
 
@@ -70,7 +76,8 @@ MANIFEST_CACHE = web.AppKey("status_manifest_cache", dict)
 
 # Value of each section when its source is missing or fails.
 EMPTY: dict[str, Any] = {"coordinator": {}, "counts": {}, "peers": [], "events": [], "runs": [],
-                         "inference": [], "links": {"peers": [], "rows": {}}, "checkpoints": []}
+                         "inference": [], "links": {"peers": [], "rows": {}}, "checkpoints": [],
+                         "offenses": {"ban_after": None, "peers": [], "bans": []}}
 
 
 # -- sections derived from the membership table -------------------------------------------------
@@ -272,8 +279,11 @@ async def assemble_status(app: web.Application) -> dict:
     backend = app.get(CHECKPOINTS) or open_backend(store.data_dir)
     status["checkpoints"] = await guarded("checkpoints", lambda: asyncio.to_thread(
         _checkpoint_rows, backend, app[MANIFEST_CACHE]))
+    status["checkpoint_store"] = checkpoint_store_info(app)
     live = {p["peer_id"] for p in peers if p["state"] in SERVING_STATES}
     status["runs"] = await guarded("runs", lambda: store.run(_runs_rows, live))
+    offenses = await guarded("offenses", lambda: store.run(offense_summary))
+    status["offenses"] = {**offenses, "ban_after": app.get(BAN_AFTER)}
     status["section_errors"] = errors
     return status
 

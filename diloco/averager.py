@@ -40,8 +40,8 @@ class Averager(Protocol):
 
     @property
     def group_size(self) -> int:
-        """Current view of the number of participants (used by eager updates before the first
-        average has reported its own count)."""
+        """This peer's current view of the number of participants: informational, it may
+        change on another thread (the trainers weight by the count an average reports)."""
         ...
 
     def start(self, tensors: list[Tensor], tag: str) -> Future[list[Tensor]]:

@@ -66,21 +66,27 @@ class DiLoCo(OuterTrainer):
       step t applies Delta^(t-1) (the average launched one round earlier, which had a whole
       inner phase to arrive): theta <- Nesterov(theta, Delta^(t-1)). Round 1 applies nothing.
       Every peer applies the same averages, so the global state stays identical across peers.
-    - eager (the paper's "eager updates", as we implement them): outer step t applies the
-      estimate
-          G_m^(t) = Delta^(t-1) - w_(t-1) * Delta_m^(t-1) + w_t * Delta_m^(t),   w_t = 1/N
-      which, with a steady group of N peers, is
+    - eager (Kale, Douillard & Donchev 2025, "eager updates"): outer step t applies
+          G_m^(t) = Delta^(t-1) - w_(t-1) * Delta_m^(t-1) + w_t * Delta_m^(t),   w_t = 1/N_t,
+      which, with a steady group of N peers, is the paper's estimate of the mean Delta^(t)
                   = Delta_m^(t)/N + (1/N) * sum_{k != m} Delta_k^(t-1):
       this peer's own term fresh, the other peers' terms one round late (the average launched
-      at step t is still in flight). N is the participant count reported with Delta^(t-1) (the
-      averager's `group_size` in round 1, which applies w_1 * Delta_m^(1) alone).
-      The correction for the eager guess happens when Delta^(t) arrives: the next estimate
-      takes out exactly the own term w_t * Delta_m^(t) applied eagerly and puts in the true
-      mean, so summed over rounds the estimates equal the sum of the true means plus the last
-      own term, and `finish()` applies the final correction Delta^(T) - w_T * Delta_m^(T).
+      at step t is still in flight), theta <- Nesterov(theta, G_m^(t)). The correction for the
+      guess happens when Delta^(t) has arrived, at the next outer step (a fixed point of the
+      schedule, never "whenever it arrives"): that estimate takes out exactly the own term
+      w_t * Delta_m^(t) applied eagerly and puts in the true mean, so summed over rounds the
+      estimates equal the sum of the true means plus the last own term; `finish()` applies the
+      final correction Delta^(T) - w_T * Delta_m^(T).
+      N_t is the participant count reported with Delta^(t-1), a number every peer agrees on.
+      Round 1 has no earlier average (Delta^(0) = 0, so G_m^(1) = Delta_m^(1)/N_1) and no agreed
+      count: it waits for its own average once, only to learn N_1 (the averager's `group_size` is a
+      local view that another thread may change; reading it would make the weight depend on
+      timing). Every later round overlaps fully.
       Consequence (as in the paper): theta and v are per-peer and differ by O(Delta/N) terms,
-      so `global_state_hash()` is not equal across peers in this mode; a joiner takes its
-      donor's copy.
+      so `global_state_hash()` is not equal across peers in this mode. The shared quantities
+      (the averages, their participant counts, the step counter) are equal on every peer. A
+      snapshot carries the donor's theta together with the own term w_t * Delta_m^(t) that
+      theta holds, so a joiner's next estimate takes that term out again.
 
     A failed average raises AveragingError. In blocking mode theta, v and the local model are
     unchanged and `outer_step()` may be retried (with `feedback_codec` set, the failed attempt
@@ -136,7 +142,9 @@ class DiLoCo(OuterTrainer):
             if mode is OuterMode.DELAYED:
                 grads = previous
             else:
-                grads = self._eager_estimate(previous, participants, prev, inflight.sent)
+                if prev is None:  # eager round 1: wait once, only to learn the agreed count N_1
+                    _, participants = self._resolve(inflight)
+                grads = self._eager_estimate(previous, participants, prev, inflight)
             self._pending = inflight
         if grads is not None:
             copy.step(grads, self.config.outer_lr, self.config.outer_momentum)
@@ -146,14 +154,19 @@ class DiLoCo(OuterTrainer):
                            waited_s=self.waited_s - waited0)
 
     def _eager_estimate(self, previous: list[Tensor] | None, participants: int | None,
-                        prev: InFlight | None, fresh: list[Tensor]) -> list[Tensor]:
-        """G = Delta^(t-1) - w_(t-1) * Delta_m^(t-1) + w_t * Delta_m^(t); sets w_t."""
-        weight = 1.0 / (participants or self.averager.group_size)
+                        prev: InFlight | None, fresh: InFlight) -> list[Tensor]:
+        """G = Delta^(t-1) - w_(t-1) * Delta_m^(t-1) + w_t * Delta_m^(t) with w_t = 1/N, N the
+        participant count of the latest resolved average (round 1: Delta^(0) = 0); sets w_t."""
+        if not participants:
+            raise AveragingError(f"eager mode needs the participant count of each average; "
+                                 f"average {(prev or fresh).tag!r} did not report one")
+        weight = 1.0 / participants
         if previous is None or prev is None:
-            estimate = [d * weight for d in fresh]
+            estimate = [d * weight for d in fresh.sent]
         else:
             w_prev = self._eager_weight
-            estimate = [a - s * w_prev + d * weight for a, s, d in zip(previous, prev.sent, fresh)]
+            estimate = [a - s * w_prev + d * weight
+                        for a, s, d in zip(previous, prev.sent, fresh.sent)]
         self._eager_weight = weight
         return estimate
 
@@ -179,6 +192,11 @@ class DiLoCo(OuterTrainer):
         if self._pending is not None:
             average, participants = self._resolve(self._pending)
             pending = {"average": average, "participants": participants, "tag": self._pending.tag}
+        if pending is not None and self.config.mode is OuterMode.EAGER:
+            # Eager theta is per-peer and holds w * Delta_m of the pending round: whoever adopts
+            # this theta must take out that term when the average is applied.
+            pending["eager_sent"] = self._pending.sent
+            pending["eager_weight"] = self._eager_weight
         return {"outer_step": self.outer_steps, "mode": self.config.mode.value, "pending": pending}
 
     def _load_shared_state(self, snap: dict[str, Any]) -> None:
@@ -187,18 +205,17 @@ class DiLoCo(OuterTrainer):
                              f"{self.config.mode.value!r}")
         self.outer_steps = int(snap["outer_step"])
         p = snap["pending"]
-        # What this peer sent is per-peer state (restored by load_state_dict); a joiner that only
-        # loads the snapshot took no part in that round, i.e. contributed zeros.
-        self._pending = None if p is None else InFlight.resolved(
-            p["average"], p["participants"], [torch.zeros_like(a) for a in p["average"]], p["tag"])
-
-    def _peer_state(self) -> dict[str, Any]:
-        return {"pending_sent": None if self._pending is None else self._pending.sent,
-                "eager_weight": self._eager_weight}
-
-    def _load_peer_state(self, state: dict[str, Any]) -> None:
-        if (state["pending_sent"] is None) != (self._pending is None):
-            raise StateError("checkpoint peer state does not match its snapshot's pending average")
-        if self._pending is not None:
-            self._pending.sent = state["pending_sent"]
-        self._eager_weight = float(state["eager_weight"])
+        self._eager_weight = 0.0
+        if p is None:
+            self._pending = None
+            return
+        # Delayed mode never reads what was sent; eager reads the own term the adopted theta
+        # holds (the donor's, or this peer's own when resuming its checkpoint).
+        sent = p.get("eager_sent")
+        if self.config.mode is OuterMode.EAGER:
+            if sent is None:
+                raise StateError("eager snapshot lacks the own term its theta holds")
+            self._eager_weight = float(p["eager_weight"])
+        self._pending = InFlight.resolved(
+            p["average"], p["participants"],
+            [torch.zeros_like(a) for a in p["average"]] if sent is None else list(sent), p["tag"])

@@ -17,9 +17,22 @@ What a peer does (coordinator routes: coordinator/runs.py, coordinator/checkpoin
    pseudo-gradient without an inner phase, so it reaches that step's rendezvous in time.
 3. Loop: inner phase (H steps, or the ``inner_seconds`` wall-clock budget), rendezvous,
    all-reduce of the pseudo-gradient (``MeshAverager``), Nesterov outer step, report metrics and
-   the global-state hash. Told to resync (late, or its hash lost the majority vote), it reloads
-   from a donor. Every ``checkpoint_every`` steps the coordinator designates one participant to
-   upload a checkpoint (params, outer momentum, step, config, hash) — only missing chunks.
+   the global-state hash. With the run's ``robust`` mode on, poisoned pseudo-gradients are
+   excluded from the average; the offenses this peer caught as a shard owner are reported to
+   the coordinator (peer id, reason, step), which can ban the offender. Told to resync (late,
+   or its hash lost the majority vote), it reloads from a donor. Every ``checkpoint_every``
+   steps the coordinator designates one participant to upload a checkpoint (params, outer
+   momentum, step, config, hash) — only missing chunks.
+4. Coordinator outage (DESIGN.md section 1: collectives go on with the last known membership):
+   when the coordinator has not answered a rendezvous for ``OFFLINE_AFTER_S`` (refused, timed
+   out, 5xx), the peers of the last completed average take the next steps without it, meeting
+   over the mesh (``mesh.offline_rendezvous``); step reports queue up and are sent, oldest
+   first, when it answers again, and a checkpoint upload keeps retrying until the next one is
+   due. Rule (``TrainRole._rendezvous``): every step's collective tag is ``mesh.step_tag``
+   (run, generation, step, base-state hash) in both modes, so peers that disagree about the
+   coordinator still meet in the same all-reduce, whose agreement round settles one member
+   list; offline steps go back to the coordinator only together, when the offline rendezvous
+   finds that every participant reaches it again.
 
 The trainer runs in its own thread; HTTP and collectives run on the daemon's asyncio loop. The
 global state (fp32) lives on the CPU, the model and batches on the daemon's device.
@@ -28,11 +41,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -40,13 +55,15 @@ from typing import Any, Coroutine, TypeVar
 
 from peer.blobs import CHUNK_SIZE, InvalidName, Manifest, check_run
 from peer.errors import LowbandError
+from peer.membership import CoordinatorError, CoordinatorUnavailable
 
 from .diloco import DiLoCo
 from .errors import AveragingError, ConfigError, DiLoCoError, StateError
 from .inner import InnerReport
-from .mesh import MeshAverager, NotAParticipant, Rendezvous
+from .mesh import (AverageStats, MeshAverager, NotAParticipant, Rendezvous, offline_rendezvous,
+                   step_tag)
 from .run_client import RunClient
-from .run_config import (CODECS, PRESETS, RunConfig, build_model, build_optimizer,
+from .run_config import (CODECS, PRESETS, ROBUST_MODES, RunConfig, build_model, build_optimizer,
                          corpus_tokens, lm_loss, shard)
 from .state_io import build_manifest, global_tensors, pack, snapshot_from_tensors, unpack
 
@@ -57,7 +74,13 @@ SNAPSHOT_METHOD = "diloco.snapshot"
 SNAPSHOT_TIMEOUT_S = 300.0   # a donor may hold its state lock for one whole rendezvous
 REQUEST_TIMEOUT_S = 60.0
 LEAVE_TIMEOUT_S = 10.0
-UPLOAD_ATTEMPTS = 3
+UPLOAD_ATTEMPTS = 3            # tries of a checkpoint upload the coordinator refuses (4xx)
+UPLOAD_RETRY_MAX_S = 10.0      # longest pause between upload tries while it is unreachable
+# A rendezvous the coordinator has not answered for this long goes on without it (a restart
+# that quick is ridden out); a probe of it before an offline step waits this long at most.
+OFFLINE_AFTER_S = 3.0
+PROBE_TIMEOUT_S = 5.0
+MAX_QUEUED_REPORTS = 10_000    # step reports kept for the coordinator (oldest dropped first)
 
 # RunConfig field -> `peer join` flag (see TrainRole.add_arguments); argparse dests are
 # _PREFIX + field, and _DATA_DEST for --data.
@@ -80,6 +103,9 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "checkpoint_every": ("--checkpoint-every", int, "outer steps between checkpoints (0 = never)"),
     "sync_timeout_s": ("--sync-timeout", float, "seconds a rendezvous waits for stragglers"),
     "min_peers": ("--min-peers", int, "a rendezvous waits for this many peers (up to the timeout)"),
+    "robust": ("--robust", str, "average over the robust all-reduce: detect (exclude poisoned "
+                                "pseudo-gradients and report their senders), trimmed / clip (and "
+                                "trimmed mean / centered clipping of the rest); off: the ring"),
 }
 
 
@@ -128,7 +154,15 @@ class TrainRole:
         self._state_lock = threading.Lock()  # held while the global state changes
         self._thread: threading.Thread | None = None
         self._step = 0                       # the outer step being synced
-        self._last_sync: dict[str, Any] = {}
+        self._checkpoint_due = False         # this peer uploads the checkpoint of _step
+        self._generation = 1                 # the run's generation, as last heard
+        self._view: list[str] | None = None  # members of the last completed average
+        self._offline = False                # the coordinator does not lead the steps now
+        self._rounds = (0, 0)                # (step, rendezvous calls at that step)
+        # (step, state hash, metrics, wall time of the step) not yet sent to the coordinator
+        self._reports: deque[tuple[int, str, dict, float]] = deque(maxlen=MAX_QUEUED_REPORTS)
+        self._report_lock = asyncio.Lock()   # one sender of the queue at a time
+        self._answered = asyncio.Event()     # the coordinator answered since the last failure
         self._uploads: list[Future] = []
 
     @staticmethod
@@ -143,7 +177,8 @@ class TrainRole:
                 group.add_argument(flag, dest=dest, action="store_true", default=None,
                                    help=help_text)
             else:
-                choices = {"preset": sorted(PRESETS), "codec": CODECS}.get(field_name)
+                choices = {"preset": sorted(PRESETS), "codec": CODECS,
+                           "robust": tuple(ROBUST_MODES)}.get(field_name)
                 group.add_argument(flag, dest=dest, type=kind, default=None, choices=choices,
                                    metavar=None if choices else kind.__name__.upper(),
                                    help=help_text)
@@ -217,10 +252,16 @@ class TrainRole:
         finally:
             self.finished.set()
             try:  # it joined the run: stop being waited for
-                asyncio.run_coroutine_threadsafe(self.client.leave_run(self.run),
-                                                 self.loop).result(LEAVE_TIMEOUT_S)
+                asyncio.run_coroutine_threadsafe(self._leave(), self.loop).result(LEAVE_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - best effort; liveness covers the rest
                 log.warning("could not leave run %s: %s", self.run, e)
+
+    async def _leave(self) -> None:
+        try:
+            await self._send_reports()
+        except LowbandError as e:
+            log.warning("%d step reports not sent: %s", len(self._reports), e)
+        await self.client.leave_run(self.run)
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self, answer: dict[str, Any]) -> None:
@@ -232,16 +273,18 @@ class TrainRole:
         tokens = corpus_tokens(cfg, self.options.data)
         data = shard(cfg, tokens, answer["slot"], answer["slots"], device)
         data.position = int(answer["slot_position"])
+        self._generation = int(answer["generation"])
         model = build_model(cfg).to(device)
         optimizer, scheduler = build_optimizer(cfg, model)
         averager = MeshAverager(self.daemon.host, self.loop, self._rendezvous, codec=cfg.codec,
-                                membership=lambda: list(self.daemon.mesh))
+                                membership=lambda: list(self.daemon.mesh),
+                                robust=cfg.robust_config())
         self.trainer = DiLoCo(model, optimizer, data, lm_loss, averager, cfg.outer_config(),
                               scheduler=scheduler)
         self.state_hash = self.trainer.global_state_hash()
         self._say(f"{'created' if answer['created'] else 'joined'} run (preset {cfg.preset}, "
-                  f"H={cfg.inner_steps}, codec {cfg.codec}), data slot {answer['slot']}/"
-                  f"{answer['slots']} at batch {data.position}, device {device}")
+                  f"H={cfg.inner_steps}, codec {cfg.codec}, robust {cfg.robust}), data slot "
+                  f"{answer['slot']}/{answer['slots']} at batch {data.position}, device {device}")
 
     # -- global state --------------------------------------------------------------------------
     def _load(self, tensors: dict, step: int, expected_hash: str, source: str) -> None:
@@ -337,15 +380,109 @@ class TrainRole:
 
     # -- the outer loop ------------------------------------------------------------------------
     async def _rendezvous(self, tag: str) -> Rendezvous:
+        """Who averages outer step ``_step``, under which collective tag.
+
+        The coordinator leads while it answers. When it has not answered for
+        ``OFFLINE_AFTER_S`` (and this peer has averaged with others before), the step is taken
+        offline over ``mesh.offline_rendezvous`` with the members of the last completed average,
+        and so are the next ones, until an offline rendezvous finds that every participant
+        reaches the coordinator again: then all of them ask it for that same step.
+
+        Tag rule: ``mesh.step_tag(run, generation, step, base hash)`` in both modes, suffixed
+        ``.rN`` for this peer's N-th rendezvous at that step (a retry after a failed average never
+        reads the failed one's messages). Peers that disagree about the coordinator (one got the
+        closed window's answer just before a crash, another gave up on it) thus run the same
+        all-reduce; if their member lists differ, its agreement round settles one list and the
+        result is bit-identical over whoever took part. Only peers with the same base state
+        share a tag. A split is still possible when the coordinator answers some peers and not
+        others for a whole ``sync_timeout_s`` (its window closes without the silent ones, their
+        offline rendezvous without the others): the base-hash vote of the next coordinator-led
+        step then resyncs the minority, as for any late peer.
+        """
         assert self.client is not None and self.config is not None and self.state_hash
-        answer = await self.client.sync(self.run, self._step, self.state_hash,
-                                        deadline_s=self.config.outer_config().average_timeout_s)
-        self._last_sync = answer
+        step, base = self._step, self.state_hash
+        n = self._rounds[1] + 1 if self._rounds[0] == step else 1
+        self._rounds = (step, n)
+        suffix = f".r{n}" if n > 1 else ""
+        tag = step_tag(self.run, self._generation, step, base) + suffix
+        me, every = self.daemon.peer_id, self.config.checkpoint_every
+        votes = 0
+        while True:
+            if self._offline:
+                votes += 1
+                # Back means: it answers this role, and the daemon heartbeats again (a peer the
+                # restarted coordinator still holds for suspect would not count in its window).
+                reachable = (await self._reach_coordinator() and self.daemon.registered
+                             and self.daemon.coordinator_reachable)
+                participants, back = await offline_rendezvous(
+                    self.daemon.host, self._view, f"{tag}.v{votes}", reachable=reachable,
+                    wait_s=self.config.sync_timeout_s, membership=lambda: self.daemon.mesh)
+                if not back:
+                    self._checkpoint_due = bool(every and step % every == 0
+                                                and participants[0] == me)
+                    return Rendezvous(participants, tag)
+                self._offline = False
+                self._say(f"outer step {step}: all {len(participants)} peers reach the "
+                          f"coordinator again; it leads the steps from here")
+            try:
+                # After the peers agreed it is back, their window waits sync_timeout_s for this
+                # one: going offline alone sooner would split the group.
+                answer = await self.client.sync(
+                    self.run, step, base, deadline_s=self.config.outer_config().average_timeout_s,
+                    unavailable_s=(self.config.sync_timeout_s if votes else OFFLINE_AFTER_S)
+                    if self._view else None)
+                break
+            except CoordinatorUnavailable as e:
+                self._answered.clear()
+                if not self._view:
+                    raise
+                self._offline = True
+                self._say(f"outer step {step}: coordinator unreachable ({e}); going on with the "
+                          f"{len(self._view)} peers of the last average")
+        self._answered.set()
+        self._generation = int(answer["generation"])
+        self._checkpoint_due = bool(answer["checkpoint"])
         if not answer["participant"]:
-            why = "arrived late" if answer["late"] else "state hash lost the majority vote"
-            raise NotAParticipant(f"outer step {self._step}: {why}",
+            why = ("arrived late" if answer["late"] else
+                   "state hash lost the majority vote" if answer["majority_hash"] != base else
+                   "the coordinator did not count this peer as live")
+            raise NotAParticipant(f"outer step {step}: {why}",
                                   [d["peer_id"] for d in answer.get("donors", [])], answer["late"])
-        return Rendezvous(answer["participants"], answer["tag"])
+        return Rendezvous(answer["participants"],
+                          step_tag(self.run, self._generation, step, base) + suffix)
+
+    async def _reach_coordinator(self) -> bool:
+        """Whether the coordinator answers now (a refusal is an answer): it gets the queued step
+        reports, or, with none queued, a request for the run's state."""
+        try:
+            if self._reports:
+                await asyncio.wait_for(self._send_reports(), PROBE_TIMEOUT_S)
+            else:
+                await asyncio.wait_for(self.client.run_info(self.run), PROBE_TIMEOUT_S)
+        except (CoordinatorUnavailable, asyncio.TimeoutError):
+            return False
+        except CoordinatorError:
+            pass
+        return not self._reports
+
+    async def _send_reports(self) -> None:
+        """Send the queued step reports, oldest first. Raises ``CoordinatorUnavailable`` when
+        the coordinator does not answer (the rest stay queued); a report it refuses is dropped."""
+        async with self._report_lock:
+            while self._reports:
+                step, state_hash, metrics, at = self._reports[0]
+                queued = time.time() - at
+                if queued >= 1.0:  # the coordinator dates the report back by this much
+                    metrics = {**metrics, "queued_s": round(queued, 3)}
+                try:
+                    await self.client.report(self.run, step, state_hash, metrics)
+                except CoordinatorUnavailable:
+                    self._answered.clear()
+                    raise
+                except CoordinatorError as e:
+                    log.warning("report for step %d refused: %s", step, e)
+                self._answered.set()
+                self._reports.popleft()
 
     def _inner_phase(self) -> InnerReport:
         """H inner steps, or as many as fit in ``inner_seconds``; one step at a time so that a
@@ -414,18 +551,45 @@ class TrainRole:
                    "data_position": trainer.inner.data.position}
         if inner is not None:
             metrics["loss"] = inner.mean_loss
-        try:
-            self._call(self.client.report(self.run, step, self.state_hash, metrics))
-        except (LowbandError, TimeoutError) as e:  # metrics are best effort; training goes on
-            log.warning("report for step %d failed: %s", step, e)
+        if self._offline:
+            metrics["offline"] = 1
+        # Queued, then sent at once while the coordinator leads (the next rendezvous may break a
+        # tie with it); offline, the next offline rendezvous sends the queue (its probe).
+        self._reports.append((step, self.state_hash, metrics, time.time()))
+        if not self._offline:
+            try:
+                self._call(self._send_reports())
+            except (LowbandError, TimeoutError) as e:  # training goes on; the report stays queued
+                log.warning("report for step %d not sent yet: %s", step, e)
+        # The next offline rendezvous meets these peers (an offender excluded here is not one).
+        excluded = {o.peer for o in stats.offenders}
+        self._view = [p for p in stats.members if p not in excluded]
+        self._report_offenses(step, stats)
         self.loop.call_soon_threadsafe(self.daemon.report, "train", {
             "run": self.run, "step": step, "tokens_per_s": metrics["tokens_per_s"]})
         loss = f"{inner.mean_loss:.4f}" if inner else "-"
         self._say(f"step {step} loss {loss} | {metrics['tokens_per_s']:,.0f} tok/s | "
                   f"sent {stats.bytes_sent / 1024:,.1f} KiB recv {stats.bytes_received / 1024:,.1f}"
-                  f" KiB | {participants} peers | outer {t2 - t1:.2f}s | hash {self.state_hash[:16]}")
-        if self._last_sync.get("checkpoint"):
+                  f" KiB | {participants} peers | outer {t2 - t1:.2f}s | hash {self.state_hash[:16]}"
+                  + (" | offline" if self._offline else ""))
+        if self._checkpoint_due:
             self._checkpoint(step)
+
+    def _report_offenses(self, step: int, stats: AverageStats) -> None:
+        """Say who the robust all-reduce excluded; report what this peer caught itself to the
+        coordinator (best effort, like metrics: a lost report only delays a ban)."""
+        for o in stats.offenders:
+            self._say(f"step {step}: excluded peer {o.peer}: {o.reason()}")
+        if not stats.caught or self._offline:  # offline nobody hears it; it stays excluded anyway
+            return
+        offenses = [{"peer_id": o.peer, "code": o.code, "detail": o.detail} for o in stats.caught]
+        try:
+            answer = self._call(self.client.report_offenses(self.run, step, offenses))
+        except (LowbandError, TimeoutError) as e:
+            log.warning("offense report for step %d failed: %s", step, e)
+            return
+        for peer in answer.get("banned", []):
+            self._say(f"step {step}: coordinator banned peer {peer}")
 
     def _checkpoint(self, step: int) -> None:
         """Upload the state of ``step`` in the background (training goes on meanwhile)."""
@@ -443,15 +607,34 @@ class TrainRole:
             self._upload(manifest, chunks), self.loop))
 
     async def _upload(self, manifest, chunks) -> None:
-        assert self.client is not None
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        """Upload a checkpoint; while the coordinator does not answer, keep trying (pauses
+        doubling up to ``UPLOAD_RETRY_MAX_S``, cut short when another request gets an answer)
+        until the next checkpoint is due, which supersedes this one, so an outage leaves no
+        hole in the cadence. Other failures (a refusal, a bad manifest) get
+        ``UPLOAD_ATTEMPTS`` tries."""
+        assert self.client is not None and self.trainer is not None and self.config is not None
+        next_due = manifest.step + self.config.checkpoint_every
+        failures, pause, t0 = 0, 1.0, time.monotonic()
+        while True:
             try:
                 done = await self.client.upload_checkpoint(manifest, chunks)
+                break
             except (LowbandError, DiLoCoError) as e:
-                log.warning("checkpoint %d upload attempt %d failed: %s", manifest.step, attempt, e)
-                await asyncio.sleep(attempt)
-                continue
-            self._say(f"checkpoint step {manifest.step} uploaded ({done['chunks_sent']} chunks "
-                      f"sent, {done['chunks_skipped']} already there)")
-            return
-        self._say(f"checkpoint step {manifest.step} not uploaded after {UPLOAD_ATTEMPTS} attempts")
+                unavailable = isinstance(e, CoordinatorUnavailable)
+                failures += not unavailable
+                if failures >= UPLOAD_ATTEMPTS or self._stop.is_set() \
+                        or self.trainer.outer_steps >= next_due:
+                    self._say(f"checkpoint step {manifest.step} not uploaded ({e}); "
+                              f"gave up after {time.monotonic() - t0:.0f}s")
+                    return
+                log.warning("checkpoint %d upload failed (%s); trying again in %.0fs",
+                            manifest.step, e, pause)
+            if unavailable:  # an answer to another request ends the pause early
+                self._answered.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), pause)
+            else:
+                await asyncio.sleep(pause)
+            pause = min(2 * pause, UPLOAD_RETRY_MAX_S)
+        self._say(f"checkpoint step {manifest.step} uploaded ({done['chunks_sent']} chunks "
+                  f"sent, {done['chunks_skipped']} already there) after {time.monotonic() - t0:.1f}s")

@@ -55,20 +55,29 @@ class RunClient(CoordinatorClient):
         return await self._signed_at("run_join", f"/runs/{quote(run)}",
                                      {"config": config, "explicit": explicit})
 
-    async def sync(self, run: str, step: int, base_hash: str, *, deadline_s: float) -> dict:
+    async def sync(self, run: str, step: int, base_hash: str, *, deadline_s: float,
+                   unavailable_s: float | None = None) -> dict:
         """Rendezvous for outer step ``step``: asks again while the window is open (answers
-        are idempotent) and rides out a coordinator restart, until ``deadline_s``."""
-        end = time.monotonic() + deadline_s
+        are idempotent) and rides out a coordinator restart, until ``deadline_s``. With
+        ``unavailable_s``, raises ``CoordinatorUnavailable`` once the coordinator has not
+        answered at all (refused, timed out, 5xx; a 4xx is an answer) for that long, so the
+        caller can go on without it."""
+        now = time.monotonic()
+        end = now + deadline_s
         delay = 0.25
+        down_since: float | None = None
         while True:
             try:
                 answer = await self._signed_at("run_sync", f"/runs/{quote(run)}/sync",
                                                {"step": step, "base_hash": base_hash})
                 if not answer.get("pending"):
                     return answer
-                delay = 0.25
+                delay, down_since = 0.25, None
             except CoordinatorUnavailable:
-                if time.monotonic() + delay > end:
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if now + delay > end or (unavailable_s is not None
+                                         and now + delay - down_since > unavailable_s):
                     raise
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(2 * delay, 5.0)
@@ -79,6 +88,12 @@ class RunClient(CoordinatorClient):
     async def report(self, run: str, step: int, state_hash: str, metrics: dict) -> dict:
         return await self._signed_at("run_report", f"/runs/{quote(run)}/report",
                                      {"step": step, "state_hash": state_hash, "metrics": metrics})
+
+    async def report_offenses(self, run: str, step: int, offenses: list[dict]) -> dict:
+        """Report the peers this peer caught sending a poisoned pseudo-gradient at outer step
+        ``step`` (``[{peer_id, code, detail}]``); the answer lists those now ``banned``."""
+        return await self._signed_at("run_offense", f"/runs/{quote(run)}/offenses",
+                                     {"step": step, "offenses": offenses})
 
     async def leave_run(self, run: str) -> dict:
         return await self._signed_at("run_leave", f"/runs/{quote(run)}/leave", {})

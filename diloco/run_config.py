@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collectives import RobustConfig
 from pipeline.model import Llama, LlamaConfig
 
 from .data import TokenShards, cache_root, reference_tokenizer, shakespeare_corpus, tokenize_corpus
@@ -32,6 +33,9 @@ PRESETS: dict[str, tuple[LlamaConfig, str]] = {
     "smollm2-135m": (LlamaConfig.smollm2_135m(), "reference"),
 }
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
+# robust mode -> the aggregate of the robust all-reduce (collectives.robust); "off" = the ring.
+ROBUST_MODES: dict[str, str | None] = {"off": None, "detect": "mean", "trimmed": "trimmed_mean",
+                                       "clip": "centered_clip"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class RunConfig:
     total_steps: the run ends at this outer step (0 = never).
     sync_timeout_s / min_peers: a rendezvous waits for the peers in lockstep and for at least
     min_peers arrivals, but never longer than sync_timeout_s after the first expected arrival.
+    robust: "off" averages pseudo-gradients over the ring; otherwise over the robust all-reduce,
+    whose shard owners screen every contribution (non-finite, norm above 4x the median, pointing
+    away from the coordinate-wise median), exclude offenders and aggregate the rest by "detect":
+    mean, "trimmed": trimmed mean, "clip": centered clipping. Part of the run config because
+    every participant must run the same collective.
     """
 
     preset: str = "tiny"
@@ -66,12 +75,15 @@ class RunConfig:
     sync_timeout_s: float = 30.0
     min_peers: int = 1
     data_shards: int = 16
+    robust: str = "off"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.codec not in CODECS:
             raise ConfigError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.robust not in ROBUST_MODES:
+            raise ConfigError(f"robust must be one of {tuple(ROBUST_MODES)}, got {self.robust!r}")
         positive_ints = ("inner_steps", "seq_len", "batch_size", "data_shards", "min_peers")
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -120,6 +132,11 @@ class RunConfig:
     @property
     def tokenizer(self) -> str:
         return PRESETS[self.preset][1]
+
+    def robust_config(self) -> RobustConfig | None:
+        """The robust all-reduce settings of ``robust`` (None: the plain ring)."""
+        aggregate = ROBUST_MODES[self.robust]
+        return None if aggregate is None else RobustConfig(aggregate=aggregate)
 
     def outer_config(self) -> DiLoCoConfig:
         return DiLoCoConfig(outer_lr=self.outer_lr, outer_momentum=self.outer_momentum,

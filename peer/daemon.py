@@ -25,7 +25,7 @@ from peer import metrics
 from peer.errors import LowbandError
 from peer.identity import Identity
 from peer.membership import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
-                             CoordinatorUnavailable, NotRegistered)
+                             CoordinatorUnavailable, NotRegistered, PeerBanned)
 from peer.roles import Role, load_role
 from peer.transport import PeerHost, split_address
 
@@ -310,7 +310,7 @@ class PeerDaemon:
                 self.coordinator_reachable = False
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self._backoff_cap())
-            except CoordinatorAuthError as e:
+            except (CoordinatorAuthError, PeerBanned) as e:
                 raise DaemonError(str(e)) from e
             except CoordinatorError as e:  # 4xx we did not expect: report and keep trying
                 log.error("coordinator refused the request: %s", e)

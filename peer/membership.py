@@ -47,6 +47,10 @@ class NotRegistered(CoordinatorError):
     """The coordinator does not (or no longer) count this peer as a member: join again."""
 
 
+class PeerBanned(CoordinatorError):
+    """The coordinator banned this peer id (HTTP 403 ``peer_banned``): asking again is futile."""
+
+
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON: sorted keys, no spaces, ASCII only, no NaN/Infinity."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
@@ -187,6 +191,8 @@ class CoordinatorClient:
                                        status=status, code=code)
         if status in (404, 410) and code in NOT_REGISTERED_CODES:
             raise NotRegistered(message, status=status, code=code)
+        if status == 403 and code == "peer_banned":
+            raise PeerBanned(f"coordinator {self.url}: {message}", status=status, code=code)
         if status >= 500:
             raise CoordinatorUnavailable(f"coordinator {self.url}: HTTP {status}: {message}",
                                          status=status, code=code)

@@ -13,13 +13,33 @@ routes that hop's blocks over the remaining servers, replays the hop's stored in
 them chunk by chunk exactly as first sent (rebuilding their KV caches at the right positions,
 bit-identically), and retries the step. Greedy output is therefore identical to a run without
 failure, and to ``pipeline.generate`` in one process (activations travel in fp32 by default).
+
+Spot checks (``spot_check=P``, off by default): after each hop's reply, with probability P the
+client replays that hop's inputs so far plus this step's input on another server holding the
+whole span, in a fresh session from position 0 (its KV cache must be built from the same
+prefix), and compares the step's output (hidden states or logits). Outputs agree when
+max|a − b| <= rtol · max(max|a|, max|b|), rtol = max(1e-3, 2·eps of the wire dtype): fp32
+kernels on different machines differ by far less, a perturbation a liar would bother with by far
+more. Verdict rule: on disagreement a third server of the span is asked; a server whose output
+agrees with no other compared output is distrusted (so with no third server, both are). A
+distrusted server is avoided by every later route of this client and reported to the
+coordinator (``POST /api/inference/offenses``, logged as an ``inference_offense`` event). When
+the hop's own server is distrusted, its span is routed over trusted servers and every later hop
+of the chain is rebuilt from position 0 (their KV caches may hold the liar's unchecked outputs),
+then the step is redone, so the tokens that follow are those of an honest chain. With P = 1
+every hop of every step is verified; with P < 1 a liar's unchecked steps may already have
+shaped earlier tokens. A check replays the span's whole prefix: its cost grows with the
+context, which is why it is opt-in.
 """
 from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
+import random
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -29,7 +49,7 @@ from torch import Tensor
 
 from peer.errors import LowbandError, PeerUnavailable, RemoteError, TransportTimeout
 from peer.identity import Identity
-from peer.membership import CoordinatorClient, CoordinatorUnavailable
+from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable, signing_bytes
 from peer.transport import PeerHost
 from pipeline.generate import Prompt, Sampler, _prompt_ids
 from pipeline.protocol import (CLOSE, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
@@ -37,7 +57,10 @@ from pipeline.protocol import (CLOSE, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTY
                                pack_tensor, unpack_tensor)
 from pipeline.tokenizer import Tokenizer
 
+log = logging.getLogger("lowband.pipeline.client")
+
 HOP_OVERHEAD_S = 0.002      # per-hop cost beyond the RTT (serialization, scheduling): prefer fewer hops
+SPOT_CHECK_RTOL = 1e-3      # spot-check agreement, relative to the outputs' max |value| (module docstring)
 _FAILURES = (PeerUnavailable, TransportTimeout, SessionError, RemoteError)  # -> failover
 _REMOTE_TYPES = {"BadRequest": BadRequest, "ContextLimitExceeded": ContextLimitExceeded,
                  "ModelNotFound": ModelNotFound, "SessionError": SessionError}
@@ -106,6 +129,45 @@ def plan_route(servers: list[ServerInfo], start: int, end: int, cost: dict[str, 
     return chain[::-1]
 
 
+def outputs_agree(a: Tensor | None, b: Tensor | None, rtol: float) -> bool:
+    """max|a − b| <= rtol · max(max|a|, max|b|); a missing/malformed output (None), a shape
+    mismatch or a NaN never agrees."""
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    scale = torch.maximum(a.abs().max(), b.abs().max())
+    return bool((a - b).abs().max() <= rtol * scale)
+
+
+def outvoted(outputs: dict[str, Tensor | None], rtol: float) -> set[str]:
+    """The spot-check verdict: the servers whose output agrees with no other's. Two that differ
+    are both outvoted; with a third, the one the other two agree against (all three when none
+    agree). Needs at least two outputs."""
+    return {p for p, a in outputs.items()
+            if not any(outputs_agree(a, b, rtol) for q, b in outputs.items() if q != p)}
+
+
+def _as_tensor(reply: tuple[dict, bytes]) -> Tensor | None:
+    try:
+        return unpack_tensor(*reply).float()
+    except BadRequest:
+        return None  # a malformed reply is a wrong answer
+
+
+class _Coordinator(CoordinatorClient):
+    """``CoordinatorClient`` plus the inference client's one write: reporting a liar."""
+
+    async def report_inference_offense(self, offender: str, detail: dict) -> dict:
+        """Signed with the client's own key (clients do not join, so the key travels along);
+        coordinator/membership.py ``inference_offense`` checks it and logs the report."""
+        identity = self._need_identity()
+        body = {"peer_id": identity.peer_id, "public_key": identity.public_bytes.hex(), "timestamp": time.time(),
+                "offender": offender, "detail": detail}
+        body["signature"] = identity.sign(signing_bytes("inference_offense", body)).hex()
+        return await self._request("POST", "/inference/offenses", body)
+
+
 class _Session:
     """One generation's chain of hop sessions; steps and failover (see module docstring)."""
 
@@ -116,10 +178,13 @@ class _Session:
         self.pos = 0
         self.excluded: set[str] = set()
         self.failovers = 0
+        self.checks = 0                         # spot checks compared (observability, tests)
         self.route: list[Hop] = []
+        self.pool: list[ServerInfo] = []        # reachable servers when opened: the spot checkers
 
     async def open(self) -> None:
         servers, cost = await self.client.candidates(self.model, self.excluded)
+        self.pool = [s for s in servers if s.peer_id in cost]
         self.route = [Hop(s, a, b) for s, a, b in plan_route(servers, 0, self.n_layers, cost)]
 
     async def step(self, ids: list[int]) -> Tensor:
@@ -128,12 +193,18 @@ class _Session:
         x, i = (meta, raw), 0
         while i < len(self.route):
             hop = self.route[i]
+            if hop.server.peer_id in self.client.untrusted:
+                await self._evict(i)
+                continue
             out = "logits" if hop.end == self.n_layers else "hidden"
             try:
                 x_next = await self._call(hop, x[0], x[1], [len(ids)], out)
             except _FAILURES as e:
                 await self._repair(i, e)
                 continue
+            if self.client.spot_check and self.client.rng.random() < self.client.spot_check \
+                    and await self._spot_check(i, x, len(ids), x_next):
+                continue  # this hop's server was outvoted: evicted above, then the hop is redone
             hop.history.append((x[0], x[1], len(ids)))
             x, i = x_next, i + 1
         self.pos += len(ids)
@@ -151,8 +222,9 @@ class _Session:
             raise _remote(e) from e
         return {"dtype": rh.get("dtype"), "shape": rh.get("shape")}, bytes(rp)
 
-    async def _repair(self, i: int, error: Exception) -> None:
-        """Replace hop i by a chain over the other servers, rebuilding its KV caches by replay."""
+    async def _repair(self, i: int, error: Exception) -> list[tuple[dict, bytes, int]]:
+        """Replace hop i by a chain over the other servers, rebuilding its KV caches by replay;
+        returns the new chain's replayed outputs (the next hop's inputs so far)."""
         failed = self.route[i]
         bad = failed.server.peer_id
         while True:
@@ -172,25 +244,88 @@ class _Session:
                 bad, error = new[-1].server.peer_id, e
                 continue
             self.route[i:i + 1] = new
-            return
+            return hist
 
-    async def _replay(self, hop: Hop, hist: list[tuple[dict, bytes, int]]) -> list[tuple[dict, bytes, int]]:
+    async def _evict(self, i: int) -> None:
+        """Hop i's server is distrusted: route its span over trusted servers, then rebuild every
+        later hop from position 0 with the new outputs (their KV caches may hold the liar's
+        unchecked outputs). A server failing meanwhile is failed over as usual."""
+        error: Exception | None = ServingError(f"server {self.route[i].server.peer_id[:12]} is distrusted")
+        hist: list[tuple[dict, bytes, int]] = []
+        while i < len(self.route) and (error is not None or hist):
+            if error is not None:
+                n = len(self.route)
+                hist, error = await self._repair(i, error), None
+                i += len(self.route) - n + 1
+                continue
+            self.route[i].history = hist
+            try:
+                hist = await self._replay(self.route[i], hist)
+                i += 1
+            except _FAILURES as e:
+                error = e
+
+    async def _replay(self, hop: Hop, hist: list[tuple[dict, bytes, int]],
+                      logits: bool = False) -> list[tuple[dict, bytes, int]]:
         """Send a hop all its past inputs in one call (run chunk by chunk, from position 0);
-        returns its outputs split the same way (the next hop's history)."""
+        returns its outputs split the same way (the next hop's history). The last block's
+        server returns nothing, or with ``logits`` one entry: the last position's logits."""
         chunks = [t for _, _, t in hist]
         shape = list(hist[0][0]["shape"])
         shape[1] = sum(chunks)
         meta = {"dtype": hist[0][0]["dtype"], "shape": shape}
-        out = "none" if hop.end == self.n_layers else "hidden"
+        out = "hidden" if hop.end < self.n_layers else "logits" if logits else "none"
         rh, rp = await self._call(hop, meta, b"".join(raw for _, raw, _ in hist), chunks, out, pos=0)
         if out == "none":
             return []
+        if out == "logits":
+            return [(rh, rp, chunks[-1])]
+        if not isinstance(rh["shape"], list) or len(rh["shape"]) != 3:
+            raise BadRequest(f"server {hop.server.peer_id[:12]} replied hidden states of shape {rh['shape']!r:.80}")
         per_token = len(rp) // sum(chunks)
         split, off = [], 0
         for t in chunks:
             split.append(({"dtype": rh["dtype"], "shape": [1, t, *rh["shape"][2:]]}, rp[off:off + per_token * t], t))
             off += per_token * t
         return split
+
+    async def _spot_check(self, i: int, x: tuple[dict, bytes], n: int, got: tuple[dict, bytes]) -> bool:
+        """Re-run hop i's step (input ``x`` of ``n`` tokens, reply ``got``) on other servers of
+        its span and apply the verdict rule (module docstring); True when the hop's own server
+        is outvoted."""
+        hop, client = self.route[i], self.client
+        primary = hop.server.peer_id
+        others = [s for s in self.pool if s.start <= hop.start and hop.end <= s.end and s.peer_id != primary
+                  and s.peer_id not in self.excluded and s.peer_id not in client.untrusted]
+        client.rng.shuffle(others)  # unpredictable to the servers: a liar cannot tell who checks it
+        rtol = max(SPOT_CHECK_RTOL, 2 * torch.finfo(WIRE_DTYPES[client.wire]).eps)
+        outputs = {primary: _as_tensor(got)}
+        for s in others:
+            try:
+                outputs[s.peer_id] = _as_tensor(await self._rerun(s, hop, x, n))
+            except LowbandError:
+                continue  # an unreachable, full or erring server checks nothing
+            if len(outputs) == 3 or not outvoted(outputs, rtol):
+                break  # agreement, or a referee has spoken
+        if len(outputs) == 1:
+            return False  # no other server of this span: unchecked
+        self.checks += 1
+        bad = outvoted(outputs, rtol)
+        for peer_id in bad:
+            client.distrust(peer_id, {"model": self.model, "blocks": [hop.start, hop.end], "pos": self.pos,
+                                      "compared": sorted(outputs)})
+        return primary in bad
+
+    async def _rerun(self, server: ServerInfo, hop: Hop, x: tuple[dict, bytes], n: int) -> tuple[dict, bytes]:
+        """``server``'s output for this step of ``hop``: the hop's inputs so far plus ``x``,
+        replayed in a session of its own (closing it leaves the route's sessions alone)."""
+        probe = _Session(self.client, self.model, [server], self.pos + n)
+        probe.route = [Hop(server, hop.start, hop.end)]
+        try:
+            meta, raw, _ = (await probe._replay(probe.route[0], [*hop.history, (*x, n)], logits=True))[-1]
+        finally:
+            self.client.background(probe.close())  # off the step's critical path
+        return meta, raw
 
     async def close(self) -> None:
         """Free the servers' KV caches now (they would also expire, or go with our connection)."""
@@ -204,20 +339,28 @@ class InferenceClient:
     ``generate``/``stream`` are blocking (they run an event loop in a background thread);
     ``agenerate``/``astream`` are their coroutine twins for callers with their own loop. One
     client is used either way, not both. ``wire``: activation dtype between servers ("fp32"
-    default, exact; "fp16"/"bf16" halve the bytes).
+    default, exact; "fp16"/"bf16" halve the bytes). ``spot_check``: probability that a hop's
+    step is re-run on a second server of its span and compared (module docstring; 0 = off).
+    ``untrusted`` maps each server caught returning wrong activations to the report sent about it.
     """
 
     def __init__(self, coordinator_url: str, token: str, *, wire: str = "fp32", step_timeout: float = 120.0,
-                 max_failovers: int = 8, identity: Identity | None = None):
+                 max_failovers: int = 8, identity: Identity | None = None, spot_check: float = 0.0):
         if wire not in WIRE_DTYPES:
             raise ValueError(f"wire must be one of {sorted(WIRE_DTYPES)}, got {wire!r}")
+        if isinstance(spot_check, bool) or not isinstance(spot_check, (int, float)) or not 0 <= spot_check <= 1:
+            raise ValueError(f"spot_check must be a probability in [0, 1], got {spot_check!r}")
         if not token:
             raise ValueError("a swarm token is required to talk to servers")
         self.url, self.token, self.wire = coordinator_url, token, wire
         self.step_timeout, self.max_failovers = step_timeout, max_failovers
+        self.spot_check = float(spot_check)
+        self.rng = random.SystemRandom()
+        self.untrusted: dict[str, dict] = {}
+        self._background: set[asyncio.Task] = set()
         self.identity = identity or Identity.generate()
         self._host: PeerHost | None = None
-        self._coord: CoordinatorClient | None = None
+        self._coord: _Coordinator | None = None
         self._tokenizers: dict[str, Tokenizer] = {}
         self._rtt: dict[str, float] = {}
         self._peers: list | None = None  # the coordinator's last answer
@@ -226,13 +369,14 @@ class InferenceClient:
         self.active: dict[str, _Session] = {}  # sessions now generating, by session id
         self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the latest session
         self.last_failovers = 0
+        self.last_checks = 0
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
     def host(self) -> PeerHost:
         if self._host is None:
             self._host = PeerHost(self.identity, self.token.encode("utf-8"), conns_per_peer=1)
-            self._coord = CoordinatorClient(self.url, self.token, None)
+            self._coord = _Coordinator(self.url, self.token, self.identity)
         return self._host
 
     async def servers(self, model: str | None = None) -> list[ServerInfo]:
@@ -272,7 +416,9 @@ class InferenceClient:
         return out
 
     async def candidates(self, model: str, exclude: set[str] = frozenset()) -> tuple[list[ServerInfo], dict[str, float]]:
-        """Servers of ``model`` not excluded, and the per-hop cost of each reachable one."""
+        """Servers of ``model`` neither excluded nor distrusted, and the per-hop cost of each
+        reachable one."""
+        exclude = set(exclude) | self.untrusted.keys()
         servers = [s for s in await self.servers(model) if s.peer_id not in exclude]
         if not servers:
             known = sorted({s.model for s in await self.servers()})
@@ -294,6 +440,28 @@ class InferenceClient:
 
     def forget(self, peer_id: str) -> None:
         self._rtt.pop(peer_id, None)
+
+    def distrust(self, peer_id: str, detail: dict) -> None:
+        """Route around ``peer_id`` for the rest of this client's life and report it to the
+        coordinator (in the background; a coordinator away only costs the report)."""
+        if peer_id in self.untrusted:
+            return
+        self.untrusted[peer_id] = detail
+        self.forget(peer_id)
+        log.warning("server %s returned wrong activations (%s); avoiding it", peer_id[:12], detail)
+        self.background(self._report(peer_id, detail))
+
+    def background(self, coro) -> None:
+        """Run ``coro`` on the client's loop without waiting for it (``aclose`` does)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _report(self, peer_id: str, detail: dict) -> None:
+        try:
+            await self._coord.report_inference_offense(peer_id, detail)
+        except CoordinatorError as e:
+            log.warning("could not report server %s to the coordinator: %s", peer_id[:12], e)
 
     async def tokenizer(self, model: str) -> Tokenizer:
         """The model's tokenizer, fetched once from a server of block 0."""
@@ -352,6 +520,7 @@ class InferenceClient:
             self.active.pop(session.sid, None)
             self.last_route = [(h.server.peer_id, h.start, h.end) for h in session.route]
             self.last_failovers = session.failovers
+            self.last_checks = session.checks
             await asyncio.shield(session.close())
 
     async def alogits(self, model: str, prompt_ids: list[int]) -> Tensor:
@@ -402,6 +571,7 @@ class InferenceClient:
                                                       stop_at_eos)])
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._background)  # session closes and reports: bounded by their timeouts
         if self._host is not None:
             await self._host.close()
             await self._coord.close()

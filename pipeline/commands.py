@@ -3,6 +3,7 @@ group ``lowband.commands`` (so peer/ never imports pipeline/). Heavy imports (to
 app) happen only when a subcommand runs, so `peer status` stays fast.
 
     peer generate --coordinator URL --model smollm2-135m "prompt" [--max-new-tokens N] [--chat]
+                  [--spot-check P]
     peer gateway --coordinator URL [--host H] [--port P]     # OpenAI-compatible HTTP
 """
 from __future__ import annotations
@@ -28,6 +29,16 @@ def _token(args) -> str | None:
     return read_token(args.token, args.token_file)
 
 
+def _probability(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0 <= p <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return p
+
+
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a model served by the swarm",
                        description="Route a prompt through the swarm's stage servers and print the completion "
@@ -41,6 +52,9 @@ def add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--spot-check", type=_probability, default=0.0, metavar="P",
+                   help="re-run each hop's step on a second server of its span with probability P and compare; "
+                        "a server caught returning wrong activations is avoided and reported (default 0: off)")
     p.set_defaults(run=run_generate)
 
 
@@ -54,7 +68,7 @@ def run_generate(args) -> int:
         print("peer: a swarm token is required (--token, --token-file or $LOWBAND_TOKEN)", file=sys.stderr)
         return 2
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    with InferenceClient(args.coordinator, token, wire=args.wire) as client:
+    with InferenceClient(args.coordinator, token, wire=args.wire, spot_check=args.spot_check) as client:
         try:
             for piece in client.stream(args.model, prompt, args.max_new_tokens, args.temperature, args.top_p,
                                        args.seed):

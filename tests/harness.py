@@ -61,9 +61,9 @@ class Procs:
         self.children: list[Child] = []
 
     def spawn(self, args: list[str], *, ready_timeout: float = 60, env: dict | None = None,
-              wait_ready: bool = True) -> Child:
+              wait_ready: bool = True, cwd: Path | None = None) -> Child:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-        proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(args, cwd=cwd or ROOT, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         child = Child(proc=proc, ready={})
         self.children.append(child)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -401,9 +405,6 @@ def test_chunk_name_is_its_hash(local_root):
 
 def test_store_import_does_not_load_torch():
     """The coordinator's chunk/manifest routes must not pay torch's import time."""
-    import subprocess
-    import sys
-
     code = "import sys, coordinator.checkpoints; assert 'torch' not in sys.modules"
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
@@ -432,3 +433,163 @@ def test_export_of_a_lowband_model_loads_with_the_serving_loader(tmp_path):
     tokens = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(tokens), served(tokens))
+
+
+# ------------------------------------------------------------- `coordinator start` store + retention
+
+TOKEN = "ckpt-test-token"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+TINY_CONFIG = {"vocab_size": 16, "dim": 8, "hidden_dim": 16, "n_layers": 1, "n_heads": 2}
+
+
+def tiny_checkpoint(run: str, step: int):
+    """A small checkpoint: one tensor shared by every step, one unique to this step."""
+    from diloco.state_io import build_manifest
+
+    tensors = {"shared": torch.arange(64, dtype=torch.float32),
+               "w": torch.full((32,), float(step))}
+    return build_manifest(run, step, tensors, config=TINY_CONFIG, chunk_size=128)
+
+
+def coordinator_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], cwd=root,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root), **(env or {})})
+
+
+async def test_coordinator_start_on_s3_with_retention_then_list_and_export(procs, tmp_path,
+                                                                           s3_endpoint):
+    """`coordinator start --checkpoint-store s3://...`: peers' uploads (the real peer client over
+    HTTP) land in the bucket, retention prunes after each commit, and `checkpoints list/export
+    --s3` read the result."""
+    from safetensors.torch import load_file
+
+    from diloco.run_client import RunClient
+
+    bucket = f"coord-{uuid.uuid4().hex[:12]}"
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    store_url = f"s3://{bucket}/swarm"
+    coord = procs.python("-m", "coordinator", "start", "--port", "0", "--data-dir",
+                         str(tmp_path / "coord"), "--token", TOKEN, "--checkpoint-store", store_url,
+                         "--endpoint-url", s3_endpoint, "--keep-last", "2", "--gc-grace", "0",
+                         env=AWS_ENV)
+    assert f"checkpoints: {store_url}/ (keep last 2)" in coord.lines
+    peer = RunClient(coord.ready["url"], TOKEN, None, timeout=30)
+    try:
+        chunks_of = {}
+        for step in range(1, 5):
+            manifest, chunks = tiny_checkpoint("r3", step)
+            done = await peer.upload_checkpoint(manifest, chunks)
+            assert done["chunks_sent"] == (len(chunks) if step == 1 else 1)  # "shared" dedups
+            chunks_of[step] = set(chunks)
+    finally:
+        await peer.close()
+
+    keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])}
+    assert {k for k in keys if "/manifests/" in k} == {
+        f"swarm/runs/r3/manifests/{s:012d}.json" for s in (3, 4)}
+    stored_chunks = {k.rsplit("/", 1)[1] for k in keys if "/chunks/" in k}
+    assert stored_chunks == chunks_of[3] | chunks_of[4]  # steps 1-2's own chunks were collected
+    assert not (tmp_path / "coord" / "checkpoints").exists()  # nothing went to local disk
+
+    status = json.loads(urllib.request.urlopen(coord.ready["url"] + "/api/status", timeout=10).read())
+    assert status["checkpoint_store"]["backend"] == "s3"
+    assert status["checkpoint_store"]["last_prune"]["deleted_steps"] == [2]
+
+    s3_args = ["--s3", store_url, "--endpoint-url", s3_endpoint]
+    listing = coordinator_cli("checkpoints", "list", *s3_args, env=AWS_ENV)
+    assert listing.returncode == 0, listing.stderr
+    assert [line.split()[:2] for line in listing.stdout.splitlines()[1:]] == [["r3", "3"], ["r3", "4"]]
+    out = tmp_path / "export"
+    export = coordinator_cli("checkpoints", "export", "latest", str(out), *s3_args, env=AWS_ENV)
+    assert export.returncode == 0, export.stderr
+    assert "exported r3@4" in export.stdout
+    tensors = load_file(str(out / "model.safetensors"))
+    assert torch.equal(tensors["w"], torch.full((32,), 4.0))
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 8
+
+
+@pytest.mark.parametrize("case", ["no_bucket", "no_boto3", "endpoint_without_store", "bad_keep_last"])
+def test_coordinator_start_refuses_a_broken_checkpoint_store(case, tmp_path, s3_endpoint):
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--token", TOKEN]
+    s3 = ["--checkpoint-store", "s3://no-such-bucket-lowband/p", "--endpoint-url", s3_endpoint]
+    expect = {"no_bucket": "NoSuchBucket", "no_boto3": "needs boto3",
+              "endpoint_without_store": "needs an s3:// checkpoint store",
+              "bad_keep_last": "keep_last must be at least 1"}[case]
+    if case == "no_boto3":  # a real process in which `import boto3` fails
+        code = ("import sys; sys.modules['boto3'] = None; from coordinator.cli import main; "
+                "sys.exit(main(sys.argv[1:]))")
+        root = Path(__file__).resolve().parents[1]
+        r = subprocess.run([sys.executable, "-c", code, "start", *args, *s3], cwd=root,
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(root), **AWS_ENV})
+    else:
+        extra = {"no_bucket": s3, "endpoint_without_store": ["--endpoint-url", s3_endpoint],
+                 "bad_keep_last": ["--keep-last", "-1"]}[case]
+        r = coordinator_cli("start", *args, *extra, env=AWS_ENV)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "READY" not in r.stdout
+    [line] = r.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("coordinator: ") and expect in line, line
+
+
+async def test_prune_spares_old_chunks_an_upload_was_told_to_skip(tmp_path):
+    """A chunk only a pruned checkpoint references, older than the grace period, is deleted,
+    unless an upload in flight was just told it may skip it (dedup) -- then its commit works."""
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from coordinator.app import CoordinatorConfig, create_app
+    from coordinator.checkpoint_routes import RetentionPolicy
+    from coordinator.store import Store
+    from diloco.state_io import build_manifest
+
+    def ckpt(step: int, **values: float):
+        return build_manifest("r", step, {k: torch.full((8,), v) for k, v in values.items()})
+
+    db = Store(tmp_path)
+    db.open()
+    config = CoordinatorConfig(data_dir=tmp_path, token=TOKEN, retention=RetentionPolicy(keep_last=1))
+    server = TestServer(create_app(config, db), host="127.0.0.1")
+    await server.start_server()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    base = str(server.make_url("/api/runs/r"))
+
+    async def upload(session, manifest, chunks, skip=()) -> int:
+        for sha, data in chunks.items():
+            if sha not in skip:
+                async with session.put(f"{base}/chunks/{sha}", data=bytes(data), headers=headers) as r:
+                    assert r.status == 200
+        async with session.put(f"{base}/checkpoints/{manifest.step}", json=manifest.to_dict(),
+                               headers=headers) as r:
+            return r.status
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            m1, c1 = ckpt(1, x=1.0, w=2.0)
+            assert await upload(session, m1, c1) == 200
+            x, w = m1.tensors[0].chunks[0], m1.tensors[1].chunks[0]
+            aged = time.time() - 2 * 3600  # older than the default grace period
+            for sha in (x, w):
+                os.utime(chunk_path(tmp_path / "checkpoints", "r", sha), (aged, aged))
+
+            m3, c3 = ckpt(3, x=1.0, y=3.0)  # reuses chunk x
+            async with session.post(f"{base}/checkpoints/missing", json={"shas": list(c3)},
+                                    headers=headers) as r:
+                assert set((await r.json())["missing"]) == set(c3) - {x}
+            m2, c2 = ckpt(2, z=4.0)  # another peer commits meanwhile: step 1 is pruned
+            assert await upload(session, m2, c2) == 200
+            local = CheckpointStore(LocalBackend(tmp_path / "checkpoints"), "r")
+            assert local.list() == [2]
+            assert not local.has_chunk(w)  # old and unreferenced: collected
+            assert local.has_chunk(x)      # old and unreferenced, but claimed by the upload
+            assert await upload(session, m3, c3, skip={x}) == 200
+            assert local.list() == [3]
+            assert_same(load_state(local, 3)[0], {"x": torch.full((8,), 1.0), "y": torch.full((8,), 3.0)})
+    finally:
+        await server.close()
+        db.close()

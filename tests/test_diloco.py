@@ -101,6 +101,57 @@ def params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+# A linear least-squares problem small enough to follow by hand: worker m always sees the batch
+# (X[m], Y[m]), so its H inner SGD steps (lr GAMMA) from any start are a known linear map.
+GAMMA, ROWS = 0.1, 4
+_gen = torch.Generator().manual_seed(3)
+X = [torch.randn(ROWS, 3, generator=_gen) for _ in range(2)]
+Y = [torch.randn(ROWS, 1, generator=_gen) for _ in range(2)]
+
+
+class FixedBatches:
+    """The same batch every step; position counts steps."""
+
+    def __init__(self, m: int):
+        self.m, self.position = m, 0
+
+    def next_batch(self):
+        self.position += 1
+        return X[self.m], Y[self.m]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, s):
+        self.position = s["position"]
+
+
+def mse(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def linear_group(cfg: DiLoCoConfig, averagers) -> list[DiLoCo]:
+    out = []
+    for m, averager in enumerate(averagers):
+        torch.manual_seed(7)
+        model = nn.Linear(3, 1, bias=False)
+        out.append(DiLoCo(model, torch.optim.SGD(model.parameters(), lr=GAMMA), FixedBatches(m),
+                          mse, averager, cfg))
+    return out
+
+
+def hand_pseudo_gradient(m: int, theta: torch.Tensor, H: int) -> torch.Tensor:
+    """theta - (theta after H SGD steps on worker m's batch), float64; grad = 2/n X^T (X w - y)."""
+    x, y, w = X[m].double(), Y[m].double(), theta.clone()
+    for _ in range(H):
+        w = w - GAMMA * (2 / ROWS) * x.T @ (x @ w - y)
+    return theta - w
+
+
+def linear_theta(t: DiLoCo) -> torch.Tensor:
+    return t.copies[0].params[0].reshape(3, 1).double()
+
+
 # -- acceptance: exactness ---------------------------------------------------------------------
 
 def test_one_worker_h1_lr1_mu0_equals_plain_inner_training():
@@ -120,49 +171,16 @@ def test_one_worker_h1_lr1_mu0_equals_plain_inner_training():
 
 
 def test_two_worker_outer_step_matches_hand_computation():
-    n, H, gamma = 4, 2, 0.1
-    gen = torch.Generator().manual_seed(3)
-    X = [torch.randn(n, 3, generator=gen) for _ in range(2)]
-    Y = [torch.randn(n, 1, generator=gen) for _ in range(2)]
-
-    class Fixed:  # the same batch every step; position counts steps
-        def __init__(self, m):
-            self.m, self.position = m, 0
-
-        def next_batch(self):
-            self.position += 1
-            return X[self.m], Y[self.m]
-
-        def state_dict(self):
-            return {"position": self.position}
-
-        def load_state_dict(self, s):
-            self.position = s["position"]
-
-    def mse(model, batch):
-        return ((model(batch[0]) - batch[1]) ** 2).mean()
-
+    H = 2
     group = LocalGroup(2)
-    trainers = []
-    for m in range(2):
-        torch.manual_seed(7)
-        model = nn.Linear(3, 1, bias=False)
-        trainers.append(DiLoCo(model, torch.optim.SGD(model.parameters(), lr=gamma), Fixed(m), mse,
-                               group.averager(m), DiLoCoConfig(inner_steps=H)))
-    theta0 = trainers[0].model.weight.detach().clone().reshape(3, 1).double()
+    trainers = linear_group(DiLoCoConfig(inner_steps=H), [group.averager(m) for m in range(2)])
+    theta0 = linear_theta(trainers[0])
 
-    # By hand: inner SGD on mean squared error, grad = 2/n X^T (X w - y).
     theta, v = theta0.clone(), torch.zeros_like(theta0)
     ref = theta0.clone().requires_grad_(True)
     ref_opt = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
     for _ in range(3):
-        deltas = []
-        for m in range(2):
-            w = theta.clone()
-            for _ in range(H):
-                w = w - gamma * (2 / n) * X[m].double().T @ (X[m].double() @ w - Y[m].double())
-            deltas.append(theta - w)
-        delta = (deltas[0] + deltas[1]) / 2
+        delta = sum(hand_pseudo_gradient(m, theta, H) for m in range(2)) / 2
         v = 0.9 * v + delta
         theta = theta - 0.7 * (delta + 0.9 * v)
         ref.grad = delta.clone()
@@ -170,7 +188,7 @@ def test_two_worker_outer_step_matches_hand_computation():
         reports = run_parallel([t.train_round for t in trainers])
         assert all(r[1].participants == 2 and r[1].applied for r in reports)
         for t in trainers:
-            got = t.copies[0].params[0].reshape(3, 1).double()
+            got = linear_theta(t)
             assert torch.allclose(got, theta, atol=1e-6, rtol=0)
             assert torch.allclose(got, ref.detach(), atol=1e-6, rtol=0)
             assert torch.equal(t.model.weight.detach(), t.copies[0].params[0])
@@ -397,35 +415,115 @@ def test_eager_with_one_worker_equals_blocking_exactly():
         assert b.global_state_hash() == e.global_state_hash()
 
 
-def test_eager_two_workers_follow_the_estimate_rule():
-    # mu = 0 so each outer step is theta <- theta - lr * G and G can be checked term by term.
+class LocalView:
+    """A LocalGroup member whose `group_size` is, like MeshAverager's, this peer's view: 1 until
+    an average of its own has completed (set on the thread that completes it)."""
+
+    def __init__(self, inner):
+        self.inner, self.group_size = inner, 1
+
+    def start(self, tensors, tag):
+        fut = self.inner.start(tensors, tag)
+        fut.add_done_callback(lambda f: setattr(self, "group_size", f.result().participants))
+        return fut
+
+
+def eager_reference(theta0: torch.Tensor, H: int, rounds: int, lr: float, mu: float):
+    """The paper's eager rule for 2 workers, by hand in float64: at outer step t worker m applies
+    G = Delta_m^(t)/2 + Delta_other^(t-1)/2 (Delta^(0) = 0) with SGD Nesterov to its own theta_m;
+    finish() applies the other's last term Delta_other^(T)/2. Returns theta_m after every step."""
+    theta = [theta0.clone(), theta0.clone()]
+    v = [torch.zeros_like(theta0), torch.zeros_like(theta0)]
+    prev, history = None, []
+    for t in range(rounds + 1):
+        own = [hand_pseudo_gradient(m, theta[m], H) for m in range(2)] if t < rounds else None
+        for m in range(2):
+            g = torch.zeros_like(theta0) if prev is None else prev[1 - m] / 2
+            if own is not None:
+                g = g + own[m] / 2
+            v[m] = mu * v[m] + g
+            theta[m] = theta[m] - lr * (g + mu * v[m])
+        history.append([th.clone() for th in theta])
+        prev = own
+    return history
+
+
+def test_eager_matches_paper_rule_and_is_deterministic():
+    # Two runs whose averages arrive at different times (at once vs long after the launch) and
+    # whose averagers report a changing local group size must give identical bits, equal to the
+    # hand-computed paper rule with Nesterov momentum.
+    H, rounds, lr, mu = 2, 4, 0.7, 0.9
+    cfg = DiLoCoConfig(inner_steps=H, mode="eager", outer_lr=lr, outer_momentum=mu)
+    runs = []
+    for delay in (0.0, 0.05):
+        group = LocalGroup(2, delay_s=delay)
+        ts = linear_group(cfg, [LocalView(group.averager(m)) for m in range(2)])
+        want = eager_reference(linear_theta(ts[0]), H, rounds, lr, mu)
+        got = []
+        for t in range(rounds):
+            reports = run_parallel([tr.train_round for tr in ts])
+            assert all(r.applied and r.participants == 2 for _, r in reports)
+            got.append([tr.copies[0].params[0].clone() for tr in ts])
+            for m, tr in enumerate(ts):
+                assert torch.allclose(linear_theta(tr), want[t][m], atol=1e-6, rtol=0), (t, m)
+                assert torch.equal(tr.model.weight.detach(), tr.copies[0].params[0])
+        assert ts[0].global_state_hash() != ts[1].global_state_hash()  # per-peer outer state
+        run_parallel([tr.finish for tr in ts])
+        got.append([tr.copies[0].params[0].clone() for tr in ts])
+        for m, tr in enumerate(ts):
+            assert torch.allclose(linear_theta(tr), want[rounds][m], atol=1e-6, rtol=0)
+        runs.append(got)
+    for a, b in zip(*runs):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_eager_without_momentum_telescopes_to_the_sum_of_means():
+    # mu = 0: each peer's theta is theta0 - lr * (sum of the true means so far + its own last
+    # term / N), so after finish() both peers hold theta0 - lr * sum of all means.
     lr = 0.5
     ts = diloco_group(2, DiLoCoConfig(inner_steps=3, mode="eager", outer_lr=lr, outer_momentum=0))
-    theta = [[p.clone() for p in t.copies[0].params] for t in ts]
-    theta0 = [p.clone() for p in theta[0]]
-    own = []  # own[r][m]: worker m's pseudo-gradient in round r
+    theta0 = [p.clone() for p in ts[0].copies[0].params]
+    means = []
     for _ in range(3):
         run_parallel([t.run_inner for t in ts])
-        own.append([[g - p.detach() for g, p in zip(t.copies[0].params, t.model.parameters())]
-                     for t in ts])
+        own = [[g - p.detach() for g, p in zip(t.copies[0].params, t.model.parameters())]
+               for t in ts]
+        means.append([(a + b) / 2 for a, b in zip(*own)])
         run_parallel([t.outer_step for t in ts])
-        r = len(own) - 1
         for m, t in enumerate(ts):
-            if r == 0:
-                est = [d / 2 for d in own[0][m]]
-            else:
-                mean_prev = [(a + b) / 2 for a, b in zip(own[r - 1][0], own[r - 1][1])]
-                est = [a - s / 2 + d / 2 for a, s, d in zip(mean_prev, own[r - 1][m], own[r][m])]
-            theta[m] = [th - lr * g for th, g in zip(theta[m], est)]
-            for got, want in zip(t.copies[0].params, theta[m]):
+            for i, got in enumerate(t.copies[0].params):
+                want = theta0[i] - lr * (sum(x[i] for x in means[:-1]) + own[m][i] / 2)
                 assert torch.allclose(got, want, atol=1e-6)
-    assert ts[0].global_state_hash() != ts[1].global_state_hash()  # per-peer outer state
     run_parallel([t.finish for t in ts])
-    # Without momentum the corrections telescope: both peers end at theta0 - lr * sum of means.
-    final = [t0 - lr * sum((o[0][i] + o[1][i]) / 2 for o in own) for i, t0 in enumerate(theta0)]
     for t in ts:
-        for got, want in zip(t.copies[0].params, final):
-            assert torch.allclose(got, want, atol=1e-6)
+        for i, got in enumerate(t.copies[0].params):
+            assert torch.allclose(got, theta0[i] - lr * sum(x[i] for x in means), atol=1e-6)
+
+
+def test_eager_joiner_takes_out_the_donors_own_term():
+    # A peer that adopts a donor's eager theta mid-run inherits the donor's own term w*Delta_m;
+    # the snapshot carries it so the next estimate removes it. mu = 0 makes the end state
+    # exact: every peer, the joiner included, holds theta0 - lr * (sum of all means).
+    lr = 0.5
+    cfg = DiLoCoConfig(inner_steps=2, mode="eager", outer_lr=lr, outer_momentum=0)
+    group = LocalGroup(2)
+    donor, other = diloco_group(2, cfg, group=group)
+    theta0 = [p.clone() for p in donor.copies[0].params]
+    for _ in range(2):
+        run_parallel([donor.train_round, other.train_round])
+    snap = donor.snapshot()
+    assert snap["pending"]["eager_weight"] == 0.5
+    joiner, = diloco_group(1, cfg, seed=5, group=group)  # rank 0: takes the donor's place
+    joiner.load_snapshot(snap)
+    joiner.contribute_zero_next()
+    run_parallel([joiner.train_round, other.train_round])
+    run_parallel([joiner.finish, other.finish])
+    for a, b in zip(joiner.copies[0].params, other.copies[0].params):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(joiner.copies[0].params, theta0))
+    del snap["pending"]["eager_sent"]
+    with pytest.raises(StateError, match="own term"):
+        diloco_group(1, cfg)[0].load_snapshot(snap)
 
 
 def test_overlapped_modes_converge_on_toy_problem():

@@ -178,10 +178,12 @@ def test_wrong_token_is_a_clear_error(procs, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--train", "--serve"])
 def test_missing_role_plugin_is_a_clear_error(tmp_path, flag):
+    site = tmp_path / "site"
+    env = {**os.environ, **shadow_lowband(site, "")}
     out = subprocess.run([sys.executable, "-m", "peer.cli", "join", "--coordinator",
                           "http://127.0.0.1:9", "--token", "t", "--key", str(tmp_path / "k"),
                           "--device", "cpu", flag, "x"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+                         cwd=site, capture_output=True, text=True, timeout=60, env=env)
     role = flag.lstrip("-")
     assert out.returncode == 2
     assert f"no plug-in provides role {role!r}" in out.stderr and "lowband.roles" in out.stderr
@@ -213,15 +215,23 @@ class DemoRole:
 '''
 
 
+def shadow_lowband(site, entry_points: str) -> dict:
+    """A real dist-info named ``lowband`` on PYTHONPATH: importlib.metadata takes the first
+    distribution of a name on sys.path, so this one's entry points (roles) replace the installed
+    project's - as on a machine where lowband is installed with other role plug-ins, or none.
+    Run the child with cwd=site: the checkout's own lowband.egg-info must come later."""
+    dist = site / "lowband-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lowband\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    return {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+
+
 def install_demo_role(site) -> dict:
-    """A real installed distribution (dist-info + entry point), found by importlib.metadata."""
-    site.mkdir()
+    """The demo role installed as the 'train' plug-in, in place of diloco's."""
+    env = shadow_lowband(site, "[lowband.roles]\ntrain = lowband_demo_role:DemoRole\n")
     (site / "lowband_demo_role.py").write_text(ROLE_MODULE)
-    dist = site / "lowband_demo_role-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lowband-demo-role\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lowband.roles]\ntrain = lowband_demo_role:DemoRole\n")
-    return {"PYTHONPATH": f"{ROOT}{os.pathsep}{site}"}
+    return env
 
 
 def test_role_plugin_runs_and_reports(procs, tmp_path):
@@ -230,7 +240,7 @@ def test_role_plugin_runs_and_reports(procs, tmp_path):
     url = coord.ready["url"]
     peer = procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
                         "--listen", "127.0.0.1:0", "--key", str(tmp_path / "k"), "--device", "cpu",
-                        "--train", "tiny", "--log-format", "json", env=env)
+                        "--train", "tiny", "--log-format", "json", env=env, cwd=tmp_path / "site")
     peer.wait_for_line("DEMO ROLE STARTED tiny")
     pid = peer.ready["peer_id"]
     wait_until(lambda: peers_by_id(url)[pid]["stats"].get("demo_role") == {"arg": "tiny", "peer": pid},
@@ -244,7 +254,8 @@ def test_role_plugin_runs_and_reports(procs, tmp_path):
 
     failing = procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
                            "--listen", "127.0.0.1:0", "--key", str(tmp_path / "k2"),
-                           "--device", "cpu", "--train", "fail", env=env, wait_ready=False)
+                           "--device", "cpu", "--train", "fail", env=env, wait_ready=False,
+                           cwd=tmp_path / "site")
     assert failing.wait(timeout=60) == 2
     failing.wait_for_line("role 'train' failed to start: RuntimeError: cannot start on purpose")
 
