@@ -270,10 +270,12 @@ def _mesh_worker(args: argparse.Namespace) -> None:
     averager = MeshAverager(host, loop, rendezvous, codec=codec)
     if algo == "streaming":
         cfg = StreamingConfig(inner_steps=args.inner_steps, fragments=args.fragments,
-                              overlap_steps=args.overlap, feedback_codec=feedback)
+                              overlap_steps=args.overlap, feedback_codec=feedback,
+                              outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
         trainer = StreamingDiLoCo(tr.model, tr.opt, tr.data, tr.loss_fn, averager, cfg, scheduler=tr.sched)
     else:
-        cfg = DiLoCoConfig(inner_steps=args.inner_steps, mode=algo, feedback_codec=feedback)
+        cfg = DiLoCoConfig(inner_steps=args.inner_steps, mode=algo, feedback_codec=feedback,
+                           outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
         trainer = DiLoCo(tr.model, tr.opt, tr.data, tr.loss_fn, averager, cfg, scheduler=tr.sched)
     fragment_numel = [sum(t.numel() for t in c.params) for c in trainer.copies]
 
@@ -337,7 +339,8 @@ def run(name: str, args: argparse.Namespace, tokens: Path, measure_fp32_ring: bo
                     "--rank", str(i), "--address", links.address(i), "--tokens", str(tokens),
                     "--token", token, "--steps", str(args.steps), "--inner-steps", str(args.inner_steps),
                     "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-                    "--fragments", str(args.fragments), "--overlap", str(args.overlap)] + \
+                    "--fragments", str(args.fragments), "--overlap", str(args.overlap),
+                    "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum)] + \
                 (["--measure-fp32-ring"] if measure_fp32_ring else [])
 
         def go(ready: list[dict]) -> dict:
@@ -417,6 +420,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--fragments", type=int, default=4, help="Streaming DiLoCo P")
     ap.add_argument("--overlap", type=int, default=20, help="Streaming DiLoCo tau (inner steps)")
+    ap.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD Nesterov learning rate")
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure-fp32-ring", action="store_true", help=argparse.SUPPRESS)
@@ -493,7 +498,7 @@ def report_results(summaries: dict[str, dict], args: argparse.Namespace, data_in
         f"Same token budget for every run: {N_WORKERS} workers x {args.steps} steps x batch {args.batch} x "
         f"seq {args.seq_len} = {tokens_total} tokens; the same shards (diloco.data.TokenShards, seed 0) "
         f"and the same inner AdamW (lr {INNER_LR}, betas 0.9/0.95, wd 0.1, {WARMUP_STEPS}-step warmup). "
-        f"DiLoCo: H={args.inner_steps}, outer SGD Nesterov lr 0.7 momentum 0.9. Streaming: P={args.fragments}, "
+        f"DiLoCo: H={args.inner_steps}, outer SGD Nesterov lr {args.outer_lr} momentum {args.outer_momentum}. Streaming: P={args.fragments}, "
         f"tau={args.overlap}, alpha 0.5. Eval loss: {EVAL_WINDOWS} windows of the held-out last "
         f"{EVAL_FRACTION:.0%} of the token stream, on the global (outer) parameters for DiLoCo runs.",
         "DP baseline: 4 processes, torch.distributed gloo fp32 all-reduce of the gradient every step, on "

@@ -383,7 +383,8 @@ class TrainRole:
         """Who averages outer step ``_step``, under which collective tag.
 
         The coordinator leads while it answers. When it has not answered for
-        ``OFFLINE_AFTER_S`` (and this peer has averaged with others before), the step is taken
+        ``OFFLINE_AFTER_S`` (and this peer has completed a step, so it knows whom to meet;
+        ``tag``, the trainer's, is not used: every peer derives its own), the step is taken
         offline over ``mesh.offline_rendezvous`` with the members of the last completed average,
         and so are the next ones, until an offline rendezvous finds that every participant
         reaches the coordinator again: then all of them ask it for that same step.
@@ -404,7 +405,7 @@ class TrainRole:
         n = self._rounds[1] + 1 if self._rounds[0] == step else 1
         self._rounds = (step, n)
         suffix = f".r{n}" if n > 1 else ""
-        tag = step_tag(self.run, self._generation, step, base) + suffix
+        collective = step_tag(self.run, self._generation, step, base) + suffix
         me, every = self.daemon.peer_id, self.config.checkpoint_every
         votes = 0
         while True:
@@ -415,12 +416,12 @@ class TrainRole:
                 reachable = (await self._reach_coordinator() and self.daemon.registered
                              and self.daemon.coordinator_reachable)
                 participants, back = await offline_rendezvous(
-                    self.daemon.host, self._view, f"{tag}.v{votes}", reachable=reachable,
+                    self.daemon.host, self._view, f"{collective}.v{votes}", reachable=reachable,
                     wait_s=self.config.sync_timeout_s, membership=lambda: self.daemon.mesh)
                 if not back:
                     self._checkpoint_due = bool(every and step % every == 0
                                                 and participants[0] == me)
-                    return Rendezvous(participants, tag)
+                    return Rendezvous(participants, collective)
                 self._offline = False
                 self._say(f"outer step {step}: all {len(participants)} peers reach the "
                           f"coordinator again; it leads the steps from here")
@@ -471,9 +472,8 @@ class TrainRole:
         async with self._report_lock:
             while self._reports:
                 step, state_hash, metrics, at = self._reports[0]
-                queued = time.time() - at
-                if queued >= 1.0:  # the coordinator dates the report back by this much
-                    metrics = {**metrics, "queued_s": round(queued, 3)}
+                # The coordinator dates the report back by the time it waited here.
+                metrics = {**metrics, "queued_s": round(max(0.0, time.time() - at), 3)}
                 try:
                     await self.client.report(self.run, step, state_hash, metrics)
                 except CoordinatorUnavailable:
@@ -622,8 +622,7 @@ class TrainRole:
             except (LowbandError, DiLoCoError) as e:
                 unavailable = isinstance(e, CoordinatorUnavailable)
                 failures += not unavailable
-                if failures >= UPLOAD_ATTEMPTS or self._stop.is_set() \
-                        or self.trainer.outer_steps >= next_due:
+                if failures >= UPLOAD_ATTEMPTS or self._stop.is_set():
                     self._say(f"checkpoint step {manifest.step} not uploaded ({e}); "
                               f"gave up after {time.monotonic() - t0:.0f}s")
                     return
@@ -636,5 +635,10 @@ class TrainRole:
             else:
                 await asyncio.sleep(pause)
             pause = min(2 * pause, UPLOAD_RETRY_MAX_S)
+            if self.trainer.outer_steps >= next_due:
+                self._say(f"checkpoint step {manifest.step} not uploaded in "
+                          f"{time.monotonic() - t0:.0f}s; superseded by step {next_due}'s")
+                return
         self._say(f"checkpoint step {manifest.step} uploaded ({done['chunks_sent']} chunks "
-                  f"sent, {done['chunks_skipped']} already there) after {time.monotonic() - t0:.1f}s")
+                  f"sent, {done['chunks_skipped']} already there) after "
+                  f"{time.monotonic() - t0:.1f}s")

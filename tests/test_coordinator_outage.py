@@ -21,6 +21,7 @@ from bench.churn import RUN, ReportWatch, Swarm, api, train_flags
 from tests.test_churn import live_peers, status_code, steps_by_all, wait_until
 
 CHECKPOINT_EVERY = 4
+MIN_DOWN_S = 10.0  # > 3 peer timeouts (3 s): the peers have long stopped hearing from it
 # "train churn: step 7 loss 2.1 | ... | 3 peers | outer 0.31s | hash 0123456789abcdef | offline"
 STEP_LINE = re.compile(rf"^train {RUN}: step (\d+) loss \S+ \|.*\| (\d+) peers \|.*\| hash "
                        r"([0-9a-f]{16})( \| offline)?$")
@@ -41,7 +42,7 @@ def offline_steps(child) -> list[int]:
 
 
 def led_steps(watch: ReportWatch, peers: set[str], after: int) -> list[int]:
-    """Steps after ``after`` that the coordinator led, reported by all ``peers`` over all of them."""
+    """Steps after ``after`` the coordinator led, reported by all ``peers``, over all of them."""
     return [s for s in steps_by_all(watch, peers, after)
             if all(not r.get("offline") and r["participants"] == len(peers)
                    for r in watch.steps[s].values())]
@@ -75,7 +76,8 @@ def check_outage(procs, tmp_path) -> None:
     t_kill = time.monotonic()
     last_led = max(max(logged_steps(c)) for c in peers)
     # Enough offline steps that one of them is due for a checkpoint.
-    wait_until(lambda: all(len(offline_steps(c)) >= CHECKPOINT_EVERY + 1 for c in peers), 90,
+    wait_until(lambda: all(len(offline_steps(c)) >= CHECKPOINT_EVERY + 1 for c in peers)
+               and time.monotonic() - t_kill >= MIN_DOWN_S, 90,
                f"{CHECKPOINT_EVERY + 1} offline steps on every peer")
     down_s = time.monotonic() - t_kill
     assert status_code(url) == 0, "the coordinator is really down"
@@ -86,11 +88,10 @@ def check_outage(procs, tmp_path) -> None:
     offline = sorted(set.intersection(*(set(offline_steps(c)) for c in peers)))
     assert len(offline) >= CHECKPOINT_EVERY, logs
     assert offline[0] in (last_led + 1, last_led + 2), (last_led, offline)
-    assert all(set(range(last_led, offline[-1] + 1)) <= set(log) for log in logs), "a step is missing"
+    assert all(set(range(last_led, offline[-1] + 1)) <= set(log) for log in logs), "step missing"
     for s in offline:
-        assert len({log[s][0] for log in logs}) == 1, f"step {s}: hashes differ: {[log[s] for log in logs]}"
+        assert len({log[s][0] for log in logs}) == 1, f"step {s}: {[log[s] for log in logs]}"
         assert all(log[s][1] == 3 for log in logs), f"step {s} not over all three peers"
-    due = max(s for s in offline if s % CHECKPOINT_EVERY == 0)
 
     t_restart, t_restart_wall = time.monotonic(), time.time()
     swarm.start_coordinator()
@@ -106,20 +107,31 @@ def check_outage(procs, tmp_path) -> None:
     assert run["generation"] == before["generation"], "the run must not restart from a checkpoint"
     assert run["step"] >= led[-1] > offline[-1]
     assert all(run["data_positions"][k] >= v for k, v in before["data_positions"].items())
-    for s in offline:  # the queued reports arrived, marked offline, in agreement
+    slots = {m["peer_id"]: str(m["slot"]) for m in run["members"]}
+    assert all(run["data_positions"][slots[p]] >= watch.steps[offline[-1]][p]["data_position"]
+               for p in ids), "the data positions reached offline were not recorded"
+    for s in offline:  # the queued reports arrived, marked offline, dated back, in agreement
         rows = watch.steps[s]
         assert set(rows) == ids, f"step {s}: reports from {sorted(p[:8] for p in rows)}"
         assert all(r.get("offline") == 1 for r in rows.values())
+        assert watch.completed_at[s] < t_restart_wall
         assert len({r["state_hash"][:16] for r in rows.values()}) == 1
         assert {r["state_hash"][:16] for r in rows.values()} == {logs[0][s][0]}
     assert not watch.disagreements, watch.disagreements
     assert not watch.restarts, watch.restarts
+    # The checkpoint of the last offline step due for one was kept for the coordinator (earlier
+    # ones are superseded by it) and has the state the peers logged.
+    taken_offline = offline_steps(peers[0])
+    due = max(s for s in taken_offline if s % CHECKPOINT_EVERY == 0)
     wait_until(lambda: due in api(url, f"/api/runs/{RUN}/checkpoints")["steps"], 60,
                f"the checkpoint of offline step {due}")
+    manifest = api(url, f"/api/runs/{RUN}/checkpoints/{due}")
+    assert manifest["meta"]["global_state_hash"][:16] == logged_steps(peers[0])[due][0]
     resyncs = [line for c in peers for line in c.lines if "resync" in line]  # late or outvoted
     assert not resyncs, resyncs
     assert not swarm.exited()
     print(f"coordinator down {down_s:.1f}s (then restarted); steps {offline[0]}-{offline[-1]} "
-          f"taken offline by all 3 peers, last coordinator-led step before: {last_led}; peers "
+          f"seen offline on all 3 peers while it was down ({len(taken_offline)} offline in "
+          f"all), last coordinator-led step before: {last_led}; peers "
           f"re-registered {rejoin_s:.1f}s and the coordinator led step {led[0]} "
           f"{back_s:.1f}s after the restart; checkpoint {due} uploaded after it")

@@ -66,7 +66,11 @@ def test_poisoned_peer_is_excluded_reported_and_banned(procs, tmp_path):
         peers = api(url, "/api/status")["offenses"]["peers"]
         return peers if peers and peers[0]["reporters"] == 3 and \
             set(ATTACK_CODES.values()) <= set(peers[0]["codes"]) else None
-    peers = wait_until(offender_entry, 150, "reports of all three attacks by the three honest peers")
+    try:
+        peers = wait_until(offender_entry, 150, "reports of all three attacks by the honest peers")
+    except AssertionError as e:
+        tails = "\n\n".join("\n".join(p.lines[-25:]) for p in (*honest, bad))
+        raise AssertionError(f"{e}; offenses: {api(url, '/api/status')['offenses']}\n{tails}") from None
     # Attributed to the poisoner only, by every honest shard owner, and not banned yet (ban_after 0).
     assert [p["peer_id"] for p in peers] == [bad_id] and not peers[0]["banned"]
     for p in honest:  # every peer names the offender and the reason of each step

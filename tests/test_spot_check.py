@@ -19,7 +19,7 @@ import torch
 
 from peer.identity import Identity
 from peer.membership import signing_bytes
-from pipeline.client import InferenceClient, outputs_agree, outvoted
+from pipeline.client import Hop, InferenceClient, _Session, outputs_agree, outvoted
 from tests.harness import ROOT, Procs
 
 TOKEN = "spot-check-token"
@@ -137,11 +137,43 @@ def test_liar_is_caught_avoided_and_reported(swarm, reference):
         assert set(client.untrusted) == {liar}, "the liar, and only the liar, is distrusted"
         assert client.generate(model, PROMPT, NEW) == reference
         assert liar not in {peer for peer, _, _ in client.last_route}
+
         def reported() -> list:
             return [(e["peer_id"], e["detail"]["blocks"]) for e in status(url)["events"]
                     if e["kind"] == "inference_offense" and e["detail"]["reporter"] == client.identity.peer_id]
 
         assert wait_until(reported, 10, "the offense report") == [(liar, [0, 3])]
+    finally:
+        client.close()
+
+
+def test_liar_on_the_route_is_evicted_and_its_step_redone(swarm, reference):
+    """The liar put on a session's route by hand: the first step's check outvotes it, its span
+    moves to an honest server, the later hop is rebuilt, and the tokens are the honest ones."""
+    url, ids, model = swarm
+    client = InferenceClient(url, TOKEN, spot_check=1.0)
+
+    async def generate_through_liar() -> tuple[str, _Session]:
+        tok = await client.tokenizer(model)
+        servers, _ = await client.candidates(model)
+        session = _Session(client, model, servers, 64)
+        await session.open()
+        session.route[0] = Hop(next(s for s in servers if s.peer_id == ids["liar"]), 0, 3)
+        out: list[int] = []
+        try:
+            logits = await session.step(tok.encode(PROMPT))
+            while len(out) < NEW and (t := int(logits.argmax())) != tok.eos_id:  # greedy, as generate()
+                out.append(t)
+                logits = await session.step([t])
+        finally:
+            await session.close()
+        return tok.decode(out), session
+
+    try:
+        text, session = client.call(generate_through_liar)
+        assert text == reference
+        assert set(client.untrusted) == {ids["liar"]} and session.failovers == 1
+        assert session.route[0].server.peer_id in (ids["head1"], ids["head2"])
     finally:
         client.close()
 

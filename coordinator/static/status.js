@@ -265,6 +265,34 @@ function renderCheckpoints(checkpoints) {
   }
 }
 
+function renderOffenses(offenses) {
+  const body = document.querySelector("#offenses tbody");
+  body.replaceChildren();
+  const peers = offenses.peers || [];
+  const banned = new Set((offenses.bans || []).map((b) => b.peer_id));
+  for (const p of peers) {
+    const tr = el("tr");
+    const last = p.last || {};
+    cell(tr, shortId(p.peer_id), "mono");
+    cell(tr, text(p.reports));
+    cell(tr, text(p.reporters));
+    cell(tr, (p.codes || []).join(", "));
+    cell(tr, text(last.run) + " step " + text(last.step) + ": " + text(last.code) + " " + text(last.detail));
+    cell(tr, banned.has(p.peer_id) ? "banned" : "reported");
+    body.appendChild(tr);
+  }
+  for (const b of offenses.bans || []) {
+    if (peers.some((p) => p.peer_id === b.peer_id)) continue;
+    const tr = el("tr");
+    cell(tr, shortId(b.peer_id), "mono");
+    for (const value of ["-", "-", text(b.reason), "-", "banned (" + text(b.source) + ")"]) cell(tr, value);
+    body.appendChild(tr);
+  }
+  if (!body.children.length) {
+    body.append(el("tr", {}, [el("td", { colSpan: 6, className: "empty", textContent: "no poisoned updates reported" })]));
+  }
+}
+
 function renderEvents(events) {
   const list = document.getElementById("events");
   list.replaceChildren();
@@ -281,6 +309,7 @@ function render(status) {
   renderInference(status.inference || []);
   renderLinks(status.links || {});
   renderCheckpoints(status.checkpoints || []);
+  renderOffenses(status.offenses || {});
   renderEvents(status.events || []);
   document.body.dataset.updated = String((status.coordinator || {}).time || "");
 }
