@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from diloco.run_client import RunClient
-from peer.identity import Identity
 from peer.membership import CoordinatorError, PeerBanned
 from tests.harness import ROOT, Child, Procs
 from tests.poison_child import ENV
@@ -62,15 +61,19 @@ def test_poisoned_peer_is_excluded_reported_and_banned(procs, tmp_path):
     honest_ids = {p.ready["peer_id"] for p in honest}
     bad_id = bad.ready["peer_id"]
 
+    def wait(predicate, timeout: float, what: str):
+        try:
+            return wait_until(predicate, timeout, what)
+        except AssertionError as e:  # say what the peers were doing
+            tails = "\n\n".join("\n".join(p.lines[-25:]) for p in (*honest, bad))
+            raise AssertionError(f"{e}; offenses {api(url, '/api/status')['offenses']}\n{tails}") from None
+
     def offender_entry():
         peers = api(url, "/api/status")["offenses"]["peers"]
         return peers if peers and peers[0]["reporters"] == 3 and \
             set(ATTACK_CODES.values()) <= set(peers[0]["codes"]) else None
-    try:
-        peers = wait_until(offender_entry, 150, "reports of all three attacks by the honest peers")
-    except AssertionError as e:
-        tails = "\n\n".join("\n".join(p.lines[-25:]) for p in (*honest, bad))
-        raise AssertionError(f"{e}; offenses: {api(url, '/api/status')['offenses']}\n{tails}") from None
+
+    peers = wait(offender_entry, 150, "reports of all three attacks by the three honest peers")
     # Attributed to the poisoner only, by every honest shard owner, and not banned yet (ban_after 0).
     assert [p["peer_id"] for p in peers] == [bad_id] and not peers[0]["banned"]
     for p in honest:  # every peer names the offender and the reason of each step
@@ -93,8 +96,8 @@ def test_poisoned_peer_is_excluded_reported_and_banned(procs, tmp_path):
     # The run goes on without it. Its reports are refused since the ban and it is gone, so the
     # next step (which it may have entered before the ban) is the honest peers' alone.
     last = max(reports_by_step(url))
-    rows = wait_until(lambda: honest_ids <= set(reports_by_step(url).get(last + 1, {})) and
-                      reports_by_step(url)[last + 1], 120, "a step after the ban")
+    rows = wait(lambda: honest_ids <= set(reports_by_step(url).get(last + 1, {})) and
+                reports_by_step(url)[last + 1], 120, "a step after the ban")
     assert set(rows) == honest_ids and len({r["state_hash"] for r in rows.values()}) == 1
     assert all(r["participants"] == 3 for r in rows.values())
     # The restart with the banned key is refused before it starts.
