@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.baselines.workers import BaselineError, announce, report, run_workers, slowest_per_repeat  # noqa: E402
+from bench.baselines.workers import (BaselineError, mesh_go, report, run_workers, slowest_per_repeat,  # noqa: E402
+                                     start_mesh_host)
 from bench.common import check, write_results  # noqa: E402
 
 _WARMUP_NUMEL = 1 << 20
@@ -43,8 +44,6 @@ def _input(rank: int, numel: int):
 # ----------------------------------------------------------------------------- worker (one host)
 async def _worker(args: argparse.Namespace) -> None:
     from collectives import Group, all_reduce
-    from peer.identity import Identity
-    from peer.transport import PeerHost
 
     import torch
 
@@ -52,12 +51,7 @@ async def _worker(args: argparse.Namespace) -> None:
     # own cores; idle OpenMP workers spinning on an oversubscribed machine steal the CPU the
     # event loops need to keep the links busy.
     torch.set_num_threads(1)
-    host = PeerHost(Identity.generate(), bytes.fromhex(args.token))
-    await host.start(args.address, 0)
-    go = await asyncio.to_thread(announce, {"port": int(host.address.rsplit(":", 1)[1]), "peer_id": host.peer_id})
-    for j, (peer, route) in enumerate(zip(go["peers"], go["routes"][args.rank])):
-        if j != args.rank:
-            host.add_route(peer, route)
+    host, go = await start_mesh_host(args.address, args.token, args.rank)
     group = Group(host, go["peers"])
     x = _input(args.rank, args.numel)
     await all_reduce(group, [x[:_WARMUP_NUMEL]], tag="warm", codec="int8")  # connections, link samples
@@ -84,10 +78,7 @@ def run_ours(links, numel: int, repeats: int, codecs: list[str]) -> dict[str, di
                 "--address", links.address(i), "--numel", str(numel), "--repeats", str(repeats),
                 "--codecs", ",".join(codecs), "--token", token]
 
-    def go(ready: list[dict]) -> dict:
-        return {"peers": [r["peer_id"] for r in ready], "routes": links.routes([r["port"] for r in ready])}
-
-    results = run_workers(links, argv, go, timeout=_TIMEOUT_S)
+    results = run_workers(links, argv, mesh_go(links), timeout=_TIMEOUT_S)
     return {codec: {**slowest_per_repeat([r["times"][codec] for r in results]),
                     "bit_identical": len({r["digests"][codec] for r in results}) == 1}
             for codec in codecs}

@@ -49,6 +49,15 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> S
     return samples
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process from /proc/<pid>/stat (Linux); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def check(name: str, measured: float, target: float, *, higher_is_better: bool = True,
           unit: str = "") -> dict:
     """A table row: measured vs target and whether it passes."""

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.common import check, write_results  # noqa: E402
+from bench.common import check, cpu_seconds, write_results  # noqa: E402
 from peer.identity import Identity  # noqa: E402
 from peer.membership import canonical_json, signing_bytes  # noqa: E402
 
@@ -145,15 +145,6 @@ def _client_main(url: str, n: int, index: int, stop, out) -> None:
 
 
 # -- measurement helpers --------------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process from /proc (Linux); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_pressure() -> float | None:
     """Linux PSI: % of the last minute in which some runnable task waited for a CPU -- how much
     other work on this shared machine competed with the benchmark. None where unavailable."""

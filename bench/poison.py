@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.baselines.workers import announce, report, run_workers, slowest_per_repeat  # noqa: E402
+from bench.baselines.workers import mesh_go, report, run_workers, slowest_per_repeat, start_mesh_host  # noqa: E402
 from bench.common import check, write_results  # noqa: E402
 
 ATTACKS = ("flip", "huge", "nan")
@@ -179,16 +179,9 @@ async def _worker(args: argparse.Namespace) -> None:
 
     from diloco.run_config import RunConfig, corpus_tokens
     from diloco.data import TokenShards
-    from peer.identity import Identity
-    from peer.transport import PeerHost
 
     torch.set_num_threads(1)  # four workers share two cores
-    host = PeerHost(Identity.generate(), bytes.fromhex(args.token))
-    await host.start(args.address, 0)
-    go = await asyncio.to_thread(announce, {"port": int(host.address.rsplit(":", 1)[1]), "peer_id": host.peer_id})
-    for j, (peer, route) in enumerate(zip(go["peers"], go["routes"][args.rank])):
-        if j != args.rank:
-            host.add_route(peer, route)
+    host, go = await start_mesh_host(args.address, args.token, args.rank)
     cfg = RunConfig(preset="tiny", inner_steps=args.inner, seq_len=args.seq_len, batch_size=args.batch,
                     warmup_steps=args.inner, seed=1)
     tokens = corpus_tokens(cfg, None)
@@ -285,12 +278,9 @@ def main() -> int:
         return [sys.executable, str(Path(__file__).resolve()), "--worker", "--rank", str(i), "--address",
                 links.address(i), "--token", token, "--runs", json.dumps(runs), *passthrough]
 
-    def go(ready: list[dict]) -> dict:
-        return {"peers": [r["peer_id"] for r in ready], "routes": links.routes([r["port"] for r in ready])}
-
     t0 = time.perf_counter()
     with open_links("loopback", N_HOSTS) as links:
-        results = run_workers(links, argv, go, timeout=_TIMEOUT_S)
+        results = run_workers(links, argv, mesh_go(links), timeout=_TIMEOUT_S)
     elapsed = time.perf_counter() - t0
     train_rows, checks = _training_rows(runs, results, args.outer)
     tables = {"Training with 1 of 4 peers malicious": train_rows, "Acceptance": checks}

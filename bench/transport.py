@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import Samples, check, write_results  # noqa: E402
+from bench.common import Samples, check, cpu_seconds, write_results  # noqa: E402
 
 MB = 1 << 20
 BLOCK = 1 << 20
@@ -300,15 +300,6 @@ def relay(children: Children, target: str, shaped: bool = True) -> tuple[str, in
     shaping = ["--delay-ms", str(WAN_DELAY_MS), "--rate-mbit", str(WAN_RATE_MBIT)] if shaped else []
     ready = children.start(["-m", "peer.netem", "--listen", "127.0.0.1:0", "--target", target, *shaping])
     return ready["listen"], ready["pid"]
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User+system CPU time of a process (Linux /proc; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def aead_mbit_s(nbytes: int, seal: bool) -> float:

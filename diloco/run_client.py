@@ -9,12 +9,10 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 from torch import Tensor
 
 from peer.blobs import Manifest, ManifestError
-from peer.membership import (API_PREFIX, CoordinatorClient, CoordinatorError,
-                             CoordinatorUnavailable, signing_bytes)
+from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable, signing_bytes
 
 from .errors import StateError
 from .state_io import tensors_from_chunks
@@ -104,18 +102,7 @@ class RunClient(CoordinatorClient):
     # -- checkpoints ---------------------------------------------------------------------------
     async def _raw(self, method: str, path: str, data: bytes | memoryview | None = None) -> bytes:
         """A request whose body and/or answer are raw bytes; errors as in ``_request``."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout))
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        url = self.url + API_PREFIX + path
-        try:
-            async with self._session.request(method, url, data=data, headers=headers) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise CoordinatorUnavailable(f"coordinator {self.url} unreachable: "
-                                         f"{type(e).__name__}: {e}") from e
+        status, body = await self._exchange(method, path, data)
         if status >= 500:
             raise CoordinatorUnavailable(f"coordinator {self.url}: HTTP {status}", status=status)
         if status >= 400:

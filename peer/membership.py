@@ -159,22 +159,30 @@ class CoordinatorClient:
         body["signature"] = identity.sign(signing_bytes(action, body)).hex()
         return await self._request("POST", f"/{action}", body)
 
-    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _exchange(self, method: str, path: str, data: bytes | memoryview | None = None,
+                        content_type: str | None = None) -> tuple[int, bytes]:
+        """One HTTP request with the swarm token: ``(status, body)``; no answer at all (refused,
+        timed out, connection lost) raises ``CoordinatorUnavailable``."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout))
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        data = canonical_json(body) if body is not None else None
-        if data is not None:
-            headers["Content-Type"] = "application/json"
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         url = self.url + API_PREFIX + path
         try:
             async with self._session.request(method, url, data=data, headers=headers) as resp:
-                text = await resp.text()
-                status = resp.status
+                return resp.status, await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise CoordinatorUnavailable(f"coordinator {self.url} unreachable: "
                                          f"{type(e).__name__}: {e}") from e
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        if body is None:
+            status, raw = await self._exchange(method, path)
+        else:
+            status, raw = await self._exchange(method, path, canonical_json(body), "application/json")
+        text = raw.decode("utf-8")  # the coordinator answers UTF-8 JSON (aiohttp's json_response)
         try:
             payload = json.loads(text) if text else {}
         except ValueError:

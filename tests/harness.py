@@ -5,6 +5,7 @@ A child prints one line ``READY {json}`` on stdout when it is serving; ``spawn``
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -98,3 +99,41 @@ class Procs:
                 c.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def wait_until_async(predicate, timeout: float = 10.0) -> None:
+    """``wait_until`` for a test whose event loop must keep running (in-process PeerHosts)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def start_coordinator(procs: Procs, data_dir: Path, token: str, *flags: str, heartbeat: float = 0.5,
+                      peer_timeout: float = 10) -> Child:
+    """`python -m coordinator start` on 127.0.0.1 and a free port; ``.ready["url"]`` is its URL."""
+    return procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
+                        "--data-dir", str(data_dir), "--token", token,
+                        "--heartbeat-interval", str(heartbeat), "--peer-timeout", str(peer_timeout), *flags)
+
+
+def reference_model():
+    """The single-process oracle of the serving tests: ``(model, tokenizer)`` of the reference GGUF
+    (pipeline.loading.reference_model_path)."""
+    from pipeline.loading import load_model, reference_model_path
+    from pipeline.tokenizer import Tokenizer
+
+    path = reference_model_path()
+    return load_model(path), Tokenizer.from_gguf(path)

@@ -18,16 +18,7 @@ import urllib.request
 import pytest
 
 from bench.churn import RUN, ChurnConfig, ReportWatch, Swarm, api, run_churn, train_flags
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.harness import wait_until
 
 
 def steps_by_all(watch: ReportWatch, peers: set[str], after: int = 0) -> list[int]:

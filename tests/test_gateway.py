@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.harness import ROOT, Procs
+from tests.harness import ROOT, Procs, reference_model, start_coordinator
 
 TOKEN = "gateway-test-token"
 MODEL = "smollm2-135m"
@@ -25,10 +25,7 @@ def swarm(tmp_path_factory):
     procs = Procs()
     tmp = tmp_path_factory.mktemp("gateway")
     try:
-        coord = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
-                             "--data-dir", str(tmp / "coord"), "--token", TOKEN,
-                             "--heartbeat-interval", "0.5", "--peer-timeout", "10")
-        url = coord.ready["url"]
+        url = start_coordinator(procs, tmp / "coord", TOKEN).ready["url"]
         server = procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
                               "--listen", "127.0.0.1:0", "--key", str(tmp / "s.key"), "--device", "cpu",
                               "--serve", MODEL, wait_ready=False)
@@ -42,11 +39,8 @@ def swarm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     from pipeline.generate import generate
-    from pipeline.loading import load_model, reference_model_path
-    from pipeline.tokenizer import Tokenizer
 
-    path = reference_model_path()
-    model, tok = load_model(path), Tokenizer.from_gguf(path)
+    model, tok = reference_model()
     return {"chat": generate(model, tok, MESSAGES, NEW), "text": generate(model, tok, "Once upon a time", NEW)}
 
 

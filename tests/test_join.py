@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from peer.identity import Identity
-from tests.harness import ROOT, Child, Procs, free_port
+from tests.harness import ROOT, Child, Procs, free_port, wait_until
 
 TOKEN = "join-test-token"
 INTERVAL, TIMEOUT = 0.5, 3.0
@@ -37,16 +37,6 @@ def status(url: str) -> dict:
 
 def peers_by_id(url: str) -> dict[str, dict]:
     return {p["peer_id"]: p for p in status(url)["peers"]}
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def swarm(procs: Procs, tmp_path, n: int, port: int = 0) -> tuple[Child, str, list[Child]]:

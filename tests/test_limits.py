@@ -25,17 +25,10 @@ from peer.identity import Identity
 from peer.membership import CoordinatorError, signing_bytes
 from peer.ratelimit import RateLimiter
 from peer.transport import HostLimits, PeerHost
+from tests.harness import start_coordinator, wait_until_async
 
 TOKEN = "limits-token"
 H0 = "0" * 64
-
-
-async def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def echo(peer_id: str, header: dict, payload: bytearray):
@@ -104,14 +97,14 @@ async def test_concurrent_handlers_per_peer_are_capped(hosts):
     client, other = await hosts(), await hosts()
     sid = await client.connect(server.address)
     calls = [asyncio.ensure_future(client.call(sid, "slow", {"i": i}, timeout=30)) for i in range(10)]
-    await wait_until(lambda: sum(c.done() for c in calls) == 6)  # refused at once, not queued
+    await wait_until_async(lambda: sum(c.done() for c in calls) == 6)  # refused at once, not queued
     assert len(running) == 4
     for c in calls:
         if c.done():
             with pytest.raises(RemoteError, match="busy: 4 requests"):
                 c.result()
     extra = asyncio.ensure_future(other.call(await other.connect(server.address), "slow", {"i": 99}))
-    await wait_until(lambda: len(running) == 5)  # the cap is per peer
+    await wait_until_async(lambda: len(running) == 5)  # the cap is per peer
     gate.set()
     answers = await asyncio.gather(*[c for c in calls if not c.done()], extra)
     assert sorted(a[0]["i"] for a in answers)[-1] == 99 and len(answers) == 5
@@ -134,13 +127,13 @@ async def test_unread_mailbox_bytes_are_capped(hosts, caplog):
             await client.send(sid, tag, {}, block)
         except PeerUnavailable:
             pass  # the server may already have cut us off
-    await wait_until(lambda: not server.connected_peers())
+    await wait_until_async(lambda: not server.connected_peers())
     assert "exceed the 1000000-byte mailbox limit" in caplog.text
     assert (await server.recv(client.peer_id, "a", timeout=5))[1] == block  # what was buffered stays
     assert (await server.recv(client.peer_id, "b", timeout=5))[1] == block
     with pytest.raises(PeerUnavailable):
         await server.recv(client.peer_id, "c", timeout=5)
-    await wait_until(lambda: not client.connected_peers())
+    await wait_until_async(lambda: not client.connected_peers())
     await client.connect(server.address)  # read out, so the peer is welcome again
     await client.send(sid, "d", {}, block)
     assert (await server.recv(client.peer_id, "d", timeout=10))[1] == block
@@ -171,7 +164,7 @@ async def test_inbound_connections_are_capped_in_total_and_per_address(hosts, ca
     for _, w in raw[:3]:
         w.close()
     client = await hosts()
-    await wait_until(lambda: sum(server._inbound.values()) <= 3)
+    await wait_until_async(lambda: sum(server._inbound.values()) <= 3)
     sid = await client.connect(server.address)  # freed slots admit a real peer
     assert (await client.call(sid, "echo", {"ok": 1}))[0] == {"ok": 1}
     for _, w in raw[3:]:
@@ -191,10 +184,8 @@ def join_body(identity: Identity) -> dict:
                   meta={})
 
 
-def start_coordinator(procs, tmp_path, *flags: str):
-    child = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
-                         "--data-dir", str(tmp_path / "coord"), "--token", TOKEN,
-                         "--heartbeat-interval", "1", "--peer-timeout", "30", *flags)
+def coordinator_child(procs, tmp_path, *flags: str):
+    child = start_coordinator(procs, tmp_path / "coord", TOKEN, *flags, heartbeat=1, peer_timeout=30)
     return child, child.ready["url"]
 
 
@@ -208,7 +199,7 @@ async def beat(s: aiohttp.ClientSession, url: str, identity: Identity) -> tuple[
 
 
 async def test_coordinator_rate_limits_by_peer_id_and_by_address(procs, tmp_path):
-    _, url = start_coordinator(procs, tmp_path, "--peer-rate", "2", "--address-rate", "4",
+    _, url = coordinator_child(procs, tmp_path, "--peer-rate", "2", "--address-rate", "4",
                                "--max-peers", "40")
     async with aiohttp.ClientSession() as s:
         # 30 peers behind one address (the scale bench, NAT): joins and heartbeats are signed and
@@ -240,7 +231,7 @@ async def test_coordinator_rate_limits_by_peer_id_and_by_address(procs, tmp_path
 
 
 async def test_coordinator_caps_live_peers(procs, tmp_path):
-    _, url = start_coordinator(procs, tmp_path, "--max-peers", "3")
+    _, url = coordinator_child(procs, tmp_path, "--max-peers", "3")
     peers = [Identity.generate() for _ in range(4)]
     async with aiohttp.ClientSession() as s:
         for p in peers[:3]:
@@ -254,7 +245,7 @@ async def test_coordinator_caps_live_peers(procs, tmp_path):
 
 
 async def test_coordinator_survives_disconnects_mid_body_and_malformed_requests(procs, tmp_path):
-    child, url = start_coordinator(procs, tmp_path)
+    child, url = coordinator_child(procs, tmp_path)
     host, port = url.removeprefix("http://").split(":")
     sha = "ab" * 32
     head = (f"PUT /api/runs/r/chunks/{sha} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"

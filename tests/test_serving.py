@@ -17,7 +17,7 @@ from pipeline.protocol import (BadRequest, ContextLimitExceeded, ModelNotFound, 
 from pipeline.model import Llama, LlamaConfig
 from pipeline.protocol import SessionError, pack_tensor, unpack_tensor
 from pipeline.server import ServeConfig, StageServer
-from tests.harness import Procs
+from tests.harness import Procs, reference_model, start_coordinator, wait_until
 
 TOKEN = "serving-test-token"
 MODEL = "smollm2-135m"
@@ -26,25 +26,12 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 SPANS = {"s0": "0:10", "s1a": "10:20", "s1b": "10:20", "s2": "20:30"}
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     procs = Procs()
     tmp = tmp_path_factory.mktemp("serving")
     try:
-        coord = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
-                             "--data-dir", str(tmp / "coord"), "--token", TOKEN,
-                             "--heartbeat-interval", "0.5", "--peer-timeout", "10")
-        url = coord.ready["url"]
+        url = start_coordinator(procs, tmp / "coord", TOKEN).ready["url"]
         servers = {name: procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
                                       "--listen", "127.0.0.1:0", "--key", str(tmp / f"{name}.key"),
                                       "--device", "cpu", "--serve", MODEL, "--blocks", span,
@@ -71,11 +58,8 @@ def client(swarm, reference):
 def reference():
     """Single-process greedy completions (the oracle)."""
     from pipeline.generate import generate
-    from pipeline.loading import load_model, reference_model_path
-    from pipeline.tokenizer import Tokenizer
 
-    path = reference_model_path()
-    model, tok = load_model(path), Tokenizer.from_gguf(path)
+    model, tok = reference_model()
     return {"chat": generate(model, tok, PROMPT, NEW), "text": generate(model, tok, "Once upon a time", NEW),
             "long": generate(model, tok, "The three primary colors are", 40)}
 

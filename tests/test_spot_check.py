@@ -20,22 +20,12 @@ import torch
 from peer.identity import Identity
 from peer.membership import signing_bytes
 from pipeline.client import Hop, InferenceClient, _Session, outputs_agree, outvoted
-from tests.harness import ROOT, Procs
+from tests.harness import ROOT, Procs, start_coordinator, wait_until
 
 TOKEN = "spot-check-token"
 PROMPT = "w1 w2 w3 w4"
 NEW = 8
 SPANS = {"head1": "0:3", "head2": "0:3", "liar": "0:3", "tail1": "3:6", "tail2": "3:6"}
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def write_tiny_model(folder: Path) -> None:
@@ -73,10 +63,7 @@ def swarm(tmp_path_factory):
     model = tmp / "tiny"
     write_tiny_model(model)
     try:
-        coord = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
-                             "--data-dir", str(tmp / "coord"), "--token", TOKEN,
-                             "--heartbeat-interval", "0.5", "--peer-timeout", "10")
-        url = coord.ready["url"]
+        url = start_coordinator(procs, tmp / "coord", TOKEN).ready["url"]
         servers = {}
         for name, span in SPANS.items():
             join = ["--coordinator", url, "--token", TOKEN, "--listen", "127.0.0.1:0", "--key",

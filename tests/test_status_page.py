@@ -17,14 +17,13 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests import swarm_feed
-from tests.harness import ROOT, Procs
+from tests.harness import ROOT, Procs, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -58,16 +57,6 @@ def ensure_chromium() -> None:
 def status(url: str) -> dict:
     with urllib.request.urlopen(url + "/api/status", timeout=20) as r:
         return json.loads(r.read())
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class SimulatedSwarm:

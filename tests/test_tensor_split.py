@@ -4,29 +4,18 @@ SmolLM2-135M (9 query / 3 KV heads) served by a 3-way tensor-split group (`peer 
 match the single-process model within 1e-4."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 from pipeline.model import Llama, LlamaConfig
 from pipeline.tensor_split import shard_model
-from tests.harness import Procs
+from tests.harness import Procs, reference_model, start_coordinator, wait_until
 
 TOKEN = "tensor-split-test-token"
 MODEL = "smollm2-135m"
 K = 3
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_shards_sum_to_the_whole_block():
@@ -55,10 +44,7 @@ def swarm(tmp_path_factory):
     procs = Procs()
     tmp = tmp_path_factory.mktemp("tp")
     try:
-        coord = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
-                             "--data-dir", str(tmp / "coord"), "--token", TOKEN,
-                             "--heartbeat-interval", "0.5", "--peer-timeout", "10")
-        url = coord.ready["url"]
+        url = start_coordinator(procs, tmp / "coord", TOKEN).ready["url"]
         serve = {f"tp{r}": (f"{MODEL},tp=g:{r}/{K}", "0:15") for r in range(K)}
         serve["tail"] = (MODEL, "15:30")
         children = {name: procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
@@ -73,11 +59,8 @@ def swarm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     from pipeline.generate import generate
-    from pipeline.loading import load_model, reference_model_path
-    from pipeline.tokenizer import Tokenizer
 
-    path = reference_model_path()
-    model, tok = load_model(path), Tokenizer.from_gguf(path)
+    model, tok = reference_model()
     ids = tok.encode(tok.apply_chat_template(PROMPT))
     with torch.inference_mode():
         logits = model(torch.tensor([ids]))[0, -1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Child, Procs
+from tests.harness import Child, Procs, wait_until
 
 TOKEN = "train-mesh-token"
 RUN = "mesh"
@@ -66,16 +66,6 @@ def reports_by_step(url: str) -> dict[int, dict[str, dict]]:
     for r in api(url, f"/api/runs/{RUN}/reports")["reports"]:
         out.setdefault(r["step"], {})[r["peer_id"]] = r
     return out
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def steps_reported_by(url: str, peers: set[str], n: int):

@@ -15,6 +15,7 @@ from peer.identity import Identity
 from peer.secure import RECORD_HEADER_SIZE
 from peer.transport import PeerHost
 from peer.wire import FIXED_HEADER_SIZE, parse_fixed_header
+from tests.harness import wait_until_async
 from tests.transport_child import Impostor, pattern
 
 TOKEN = b"swarm-token"
@@ -36,14 +37,6 @@ async def host():
     await h.start("127.0.0.1", 0)
     yield h
     await h.close()
-
-
-async def wait_until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_encrypted_rpc(procs, host):
@@ -96,7 +89,7 @@ async def test_wrong_token_inbound_rejected_on_both_sides(procs, host, caplog):
     child = spawn(procs, "--token", "another-token", "--connect", host.address)
     line = await child_line(child, "CONNECT-FAILED")
     assert "AuthError" in line and "wrong swarm token" in line
-    await wait_until(lambda: "wrong swarm token" in caplog.text)
+    await wait_until_async(lambda: "wrong swarm token" in caplog.text)
 
 
 async def test_impostor_key_rejected_on_both_sides(procs, host, caplog):
@@ -110,7 +103,7 @@ async def test_impostor_key_rejected_on_both_sides(procs, host, caplog):
     child2 = spawn(procs, "--impostor", "--connect", host.address)
     line = await child_line(child2, "CONNECT-FAILED")
     assert "AuthError" in line and "bad signature" in line
-    await wait_until(lambda: "bad signature" in caplog.text)
+    await wait_until_async(lambda: "bad signature" in caplog.text)
     # an impostor in-process too: the same message whichever side dials
     fake = PeerHost(Impostor(host.identity), TOKEN)
     try:
@@ -206,10 +199,10 @@ async def test_tampered_or_replayed_record_kills_only_that_connection(procs, hos
             except PeerUnavailable:
                 results.append(None)
         assert child_says in await child_line(child, "dropping connection")
-        await wait_until(lambda: attacked.closed)
+        await wait_until_async(lambda: attacked.closed)
         assert None in results or attack == "replay"
         # the surviving connection to the same peer and the other peer still work; the pool refills
-        await wait_until(lambda: len(host._conns.get(remote, [])) == 2)
+        await wait_until_async(lambda: len(host._conns.get(remote, [])) == 2)
         assert relay.sessions == 3
         for _ in range(3):
             assert (await host.call(remote, "echo", {"i": 1}, b"ok"))[1] == b"ok"
@@ -246,7 +239,7 @@ async def test_lazy_dial_via_route_and_discard_tag(procs, host):
     assert (await host.call(remote, "echo", {}, b"lazy"))[1] == b"lazy"
     await host.call(remote, "send_back", {"tag": "op/1/a", "seed": 1, "size": 10})
     await host.call(remote, "send_back", {"tag": "op/2/a", "seed": 2, "size": 10})
-    await wait_until(lambda: len(host._mail) == 2)
+    await wait_until_async(lambda: len(host._mail) == 2)
     assert host.discard_tag("op/1/") == 1
     with pytest.raises(TransportTimeout):
         await host.recv(remote, "op/1/a", timeout=0.2)
@@ -267,8 +260,8 @@ async def test_receiver_limits_drop_the_offending_connection(host, caplog):
             await host.send(remote, "too-big", {}, b"y" * 3_000_000)
         except PeerUnavailable:
             pass  # the receiver may already have cut the connection while we were still writing
-        await wait_until(lambda: "exceeds limit 100000" in caplog.text)
-        await wait_until(lambda: not small.connected_peers())
+        await wait_until_async(lambda: "exceeds limit 100000" in caplog.text)
+        await wait_until_async(lambda: not small.connected_peers())
         with pytest.raises(PeerUnavailable):
             await small.recv(host.peer_id, "too-big", timeout=5)
         pending = asyncio.ensure_future(host.recv("a" * 40, "never", timeout=30))

@@ -15,12 +15,12 @@ sent through per-pair relays: emu100d25 links raise LinksUnsupported.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from bench.baselines.workers import BaselineError, announce, report, run_workers, slowest_per_repeat
-from bench.links import Links, LinksUnsupported, measure_link_rate, open_links, ring_bound_fields
+from bench.baselines.workers import (BaselineError, anchor_main, anchor_parser, announce, report, run_workers,
+                                     slowest_per_repeat)
+from bench.links import Links, LinksUnsupported
 
 _WARMUP_NUMEL = 1 << 20
 _INIT_TIMEOUT_S = 300
@@ -84,27 +84,10 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.baselines.gloo_allreduce",
-                                     description="gloo fp32 all-reduce anchor; prints JSON")
-    parser.add_argument("--links", default="loopback", help="loopback | tbf100")
-    parser.add_argument("--hosts", type=int, default=4)
-    parser.add_argument("--numel", type=int, default=25_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-rate", action="store_true", help="skip measuring the link rate")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser = anchor_parser("bench.baselines.gloo_allreduce", "gloo fp32 all-reduce anchor; prints JSON")
     parser.add_argument("--interface", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(args)
-        return
-    with open_links(args.links, args.hosts) as links:
-        rate = None if args.no_rate else measure_link_rate(links)
-        result = run_gloo(links, args.numel, args.repeats)
-        result.update(ring_bound_fields(links.n, result["wire_bytes"], result["median"], rate))
-        print(json.dumps(result, indent=2))
+    anchor_main(parser, argv, _worker, lambda links, args: run_gloo(links, args.numel, args.repeats),
+                lambda result: [result])
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ be put in their way: those links raise LinksUnsupported.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.baselines.workers import BaselineError, announce, report, run_workers, slowest_per_repeat
-from bench.links import Links, LinksUnsupported, measure_link_rate, open_links, ring_bound_fields
+from bench.baselines.workers import (BaselineError, anchor_main, anchor_parser, announce, report, run_workers,
+                                     slowest_per_repeat)
+from bench.links import Links, LinksUnsupported
 
 VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv-hivemind" / "bin" / "python"
 #: codec name -> (hivemind compression class, wire bytes per value)
@@ -145,29 +145,14 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.baselines.hivemind_allreduce",
-                                     description="hivemind DecentralizedAverager anchor; prints JSON")
-    parser.add_argument("--links", default="loopback", help="loopback | tbf100")
-    parser.add_argument("--hosts", type=int, default=4)
-    parser.add_argument("--numel", type=int, default=25_000_000)
+    parser = anchor_parser("bench.baselines.hivemind_allreduce",
+                           "hivemind DecentralizedAverager anchor; prints JSON")
     parser.add_argument("--codecs", default="fp32,fp16,8bit")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--no-rate", action="store_true", help="skip measuring the link rate")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--address", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        _worker(args)
-        return
-    with open_links(args.links, args.hosts) as links:
-        rate = None if args.no_rate else measure_link_rate(links)
-        result = run_hivemind(links, args.numel, args.codecs.split(","), args.repeats, warmup=args.warmup)
-        for row in result["codecs"].values():
-            row.update(ring_bound_fields(links.n, row["wire_bytes"], row["median"], rate))
-        print(json.dumps(result, indent=2))
+    anchor_main(parser, argv, _worker,
+                lambda links, args: run_hivemind(links, args.numel, args.codecs.split(","), args.repeats,
+                                                 warmup=args.warmup),
+                lambda result: result["codecs"].values())
 
 
 if __name__ == "__main__":
