@@ -49,7 +49,10 @@ VOCAB = 769            # 768 most frequent reference-tokenizer ids + one "other"
 EVAL_FRACTION = 0.02   # tail of the token stream held out for eval
 EVAL_WINDOWS = 64
 SAMPLE_S = 0.1         # bytes_sent sampling period for the peak rate
-PEAK_WINDOW_S = 1.0
+# A window must hold one whole sync burst (a ring all-reduce spans 2(N-1) hops of 50 ms here,
+# 0.3 s) but stay shorter than the gap between two fragment syncs (H/P inner steps, about 1 s
+# on an idle machine): a 1 s window summed two fragments' syncs and measured the schedule.
+PEAK_WINDOW_S = 0.3
 FP32_RING_REPEATS = 3
 INNER_LR = 1e-3
 WARMUP_STEPS = 30
@@ -319,7 +322,7 @@ def _mesh_worker(args: argparse.Namespace) -> None:
     tr.snapshots[-1] = (tr.snapshots[-1][0], {n: t.clone() for n, t in global_params().items()})
     result = {"rank": args.rank, "wall_s": wall, "compute_s": compute["s"], "waited_s": trainer.waited_s,
               "outer_s": outer_s, "finish_s": finish_s, "bytes_sent": sent,
-              "peak_out_Bps": sampler.peak_rate_Bps(), "fp32_ring_s": fp32_ring_s, "numel": numel,
+              "peak_out_Bps": sampler.peak_rate_Bps(), "sent_samples": sampler.samples, "fp32_ring_s": fp32_ring_s, "numel": numel,
               "fragment_numel": fragment_numel, "train_loss": losses,
               "eval": tr.eval_curve() if args.rank == 0 else None}
     report(result)
@@ -386,6 +389,7 @@ def summarize(name: str, res: list[dict], args: argparse.Namespace, fp32_ring_s:
             "utilization_all": [r["compute_s"] / r["wall_s"] for r in res],
             "peak_out_Bps": statistics.median([r["peak_out_Bps"] for r in res]),
             "peak_out_Bps_all": [r["peak_out_Bps"] for r in res],
+            "sent_samples_rank0": res[0].get("sent_samples"),  # (perf_counter s, cumulative bytes)
             "waited_s": [r["waited_s"] for r in res], "outer_s": res[0]["outer_s"],
             "fragment_numel": res[0]["fragment_numel"], "compute_s_max": compute,
             "train_loss": res[0]["train_loss"]}
