@@ -316,7 +316,8 @@ def write_results(rows: list[dict], ratios: list[dict], meta: dict) -> None:
         pairs = ", ".join(f"{x:.2f}" for x in q["run_ratios"])
         lines.append(f"| {q['kind']} | {q['batch']} | {q['tok_s_ratio']:.2f}x | {q['ttft_ratio']:.2f}x | {pairs} |")
     lines += ["", "tok/s = batch x new tokens / total time (prefill included); peak RSS = the worker "
-              "process's resident memory during generation (model loaded).", ""]
+              "process's resident memory during generation (model loaded); for pipeline and tp3 the worker is "
+              "the client, and the servers' memory is not measured here.", ""]
     (RESULTS / "inference.md").write_text("\n".join(lines))
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 from aiohttp import web
 
 from coordinator.registry import check_not_banned, select_bans
-from coordinator.runs import RUNS, RunService, _get_int, _member, _run_name, _run_row, _signed
+from coordinator.runs import RUNS, RunService, body_int, run_member, run_name_of, run_row, signed_body
 from coordinator.store import add_event
 from coordinator.validation import PEER_ID_RE, ApiError, bad, get_str
 
@@ -77,8 +77,8 @@ def _record(conn: sqlite3.Connection, run: str, step: int, reporter: str,
     """Store the reports; -> {recorded, banned: reported peers already banned, to_ban: {peer:
     reason} that reached ``ban_after`` distinct reporters with this report}."""
     check_not_banned(conn, reporter)
-    row = _run_row(conn, run)
-    _member(conn, run, reporter)
+    row = run_row(conn, run)
+    run_member(conn, run, reporter)
     window = conn.execute("SELECT participants FROM run_windows WHERE run = ? AND generation = ? "
                           "AND step = ? AND closed_at IS NOT NULL",
                           (run, row["generation"], step)).fetchone()
@@ -134,9 +134,9 @@ def offense_summary(conn: sqlite3.Connection) -> dict:
 
 
 async def report_offenses(request: web.Request) -> web.Response:
-    run = _run_name(request)
-    body, reporter = await _signed(request, "run_offense")
-    step = _get_int(body, "step", 1, 10**12)
+    run = run_name_of(request)
+    body, reporter = await signed_body(request, "run_offense")
+    step = body_int(body, "step", 1, 10**12)
     offenses = _parse_offenses(body, reporter)
     service: RunService = request.app[RUNS]
     result = await service.store.run(_record, run, step, reporter, offenses,

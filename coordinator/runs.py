@@ -178,7 +178,7 @@ def _run_settings(config: dict) -> dict:
     return out
 
 
-def _get_int(body: dict, key: str, lo: int, hi: int) -> int:
+def body_int(body: dict, key: str, lo: int, hi: int) -> int:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise bad(f"field {key!r} must be an integer in [{lo}, {hi}]")
@@ -193,7 +193,7 @@ def _get_hash(body: dict, key: str) -> str:
     return value
 
 
-def _run_name(request: web.Request) -> str:
+def run_name_of(request: web.Request) -> str:
     try:
         return check_run(request.match_info["run"])
     except InvalidName as e:
@@ -276,7 +276,7 @@ class RunService:
     async def _answer(self, run: str, peer_id: str, generation: int, step: int,
                       late: bool) -> dict:
         window = await self.store.run(_window, run, generation, step)
-        config = (await self.store.run(_run_row, run))["config"]
+        config = (await self.store.run(run_row, run))["config"]
         every = _run_settings(config)["checkpoint_every"]
         participants = window.participants if window else []
         member = peer_id in participants
@@ -321,7 +321,7 @@ class RunService:
 
 
 # -- SQL (runs on the store's writer thread inside a transaction) -------------------------------
-def _run_row(conn: sqlite3.Connection, run: str) -> dict:
+def run_row(conn: sqlite3.Connection, run: str) -> dict:
     row = conn.execute("SELECT * FROM runs WHERE name = ?", (run,)).fetchone()
     if row is None:
         raise ApiError(404, "unknown_run", f"run {run!r} does not exist; create it with POST "
@@ -331,7 +331,7 @@ def _run_row(conn: sqlite3.Connection, run: str) -> dict:
     return out
 
 
-def _member(conn: sqlite3.Connection, run: str, peer_id: str) -> sqlite3.Row:
+def run_member(conn: sqlite3.Connection, run: str, peer_id: str) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM run_members WHERE run = ? AND peer_id = ?",
                        (run, peer_id)).fetchone()
     if row is None:
@@ -355,7 +355,7 @@ def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict,
                          [(run, s) for s in range(shards)])
         add_event(conn, "run_created", peer_id, {"run": run}, now)
         created = True
-    row = _run_row(conn, run)
+    row = run_row(conn, run)
     stored = row["config"]
     conflicts = {k: {"stored": stored.get(k), "requested": config.get(k)}
                  for k in explicit if stored.get(k) != config.get(k)}
@@ -389,7 +389,7 @@ def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict,
 
 
 def _donors(conn: sqlite3.Connection, run: str, live: dict[str, int]) -> list[dict]:
-    row = _run_row(conn, run)
+    row = run_row(conn, run)
     window = conn.execute(
         "SELECT step, participants FROM run_windows WHERE run = ? AND generation = ? AND "
         "closed_at IS NOT NULL ORDER BY step DESC LIMIT 1", (run, row["generation"])).fetchone()
@@ -413,8 +413,8 @@ def _arrive(conn: sqlite3.Connection, run: str, peer_id: str, incarnation: int, 
             base_hash: str, live: dict[str, int], now: float) -> dict:
     """Record an arrival at window ``step``: -> {"state": open|closed|late, "generation"}."""
     check_not_banned(conn, peer_id)
-    row = _run_row(conn, run)
-    _member(conn, run, peer_id)
+    row = run_row(conn, run)
+    run_member(conn, run, peer_id)
     generation = row["generation"]
     window = conn.execute("SELECT * FROM run_windows WHERE run = ? AND generation = ? AND step = ?",
                           (run, generation, step)).fetchone()
@@ -463,7 +463,7 @@ def _maybe_close(conn: sqlite3.Connection, run: str, generation: int, step: int,
                           (run, generation, step)).fetchone()
     if window is None or window["closed_at"] is not None:
         return "closed"  # (or superseded by a new generation: waiters are told to resync)
-    settings = _run_settings(_run_row(conn, run)["config"])
+    settings = _run_settings(run_row(conn, run)["config"])
     # Only arrivals that are still alive (same incarnation) can take part.
     arrivals = [a for a in conn.execute(
         "SELECT * FROM run_arrivals WHERE run = ? AND generation = ? AND step = ? ORDER BY peer_id",
@@ -505,8 +505,8 @@ def _maybe_close(conn: sqlite3.Connection, run: str, generation: int, step: int,
 
 
 def _leave_run(conn: sqlite3.Connection, run: str, peer_id: str, now: float) -> dict:
-    _run_row(conn, run)
-    _member(conn, run, peer_id)
+    run_row(conn, run)
+    run_member(conn, run, peer_id)
     conn.execute("UPDATE run_members SET active = 0 WHERE run = ? AND peer_id = ?", (run, peer_id))
     add_event(conn, "run_left", peer_id, {"run": run}, now)
     return {"run": run, "peer_id": peer_id, "training": False}
@@ -515,8 +515,8 @@ def _leave_run(conn: sqlite3.Connection, run: str, peer_id: str, now: float) -> 
 def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_hash: str,
             metrics: dict, slot_position: int | None, now: float, max_reports: int) -> dict:
     check_not_banned(conn, peer_id)
-    row = _run_row(conn, run)
-    member = _member(conn, run, peer_id)
+    row = run_row(conn, run)
+    member = run_member(conn, run, peer_id)
     generation = row["generation"]
     ts = max(now - metrics.get("queued_s", 0.0), row["created_at"])
     conn.execute("INSERT OR REPLACE INTO run_reports (run, generation, step, peer_id, ts, "
@@ -550,7 +550,7 @@ def _prune_reports(conn: sqlite3.Connection, run: str, max_reports: int) -> None
 
 
 def _summary(conn: sqlite3.Connection, run: str, live: set[str], limit: int) -> dict:
-    row = _run_row(conn, run)
+    row = run_row(conn, run)
     generation = row["generation"]
     members = [{"peer_id": m["peer_id"], "slot": m["slot"], "joined_at": m["joined_at"],
                 "last_step": m["last_step"], "live": m["peer_id"] in live,
@@ -582,7 +582,7 @@ def _summary(conn: sqlite3.Connection, run: str, live: set[str], limit: int) -> 
 
 def _reports(conn: sqlite3.Connection, run: str, generation: int | None, since: int,
              limit: int) -> dict:
-    row = _run_row(conn, run)
+    row = run_row(conn, run)
     gen = row["generation"] if generation is None else generation
     rows = conn.execute("SELECT * FROM run_reports WHERE run = ? AND generation = ? AND step >= ? "
                         "ORDER BY step, peer_id LIMIT ?", (run, gen, since, limit)).fetchall()
@@ -600,7 +600,7 @@ def _list_runs(conn: sqlite3.Connection) -> list[dict]:
 
 
 # -- handlers ---------------------------------------------------------------------------------
-async def _signed(request: web.Request, action: str) -> tuple[dict, str]:
+async def signed_body(request: web.Request, action: str) -> tuple[dict, str]:
     check_token(request, request.app[TOKEN])
     body = await read_json_object(request, MAX_BODY)
     peer_id = get_str(body, "peer_id", max_len=40, pattern=PEER_ID_RE)
@@ -613,8 +613,8 @@ async def _signed(request: web.Request, action: str) -> tuple[dict, str]:
 
 
 async def create_or_get(request: web.Request) -> web.Response:
-    run = _run_name(request)
-    body, peer_id = await _signed(request, "run_join")
+    run = run_name_of(request)
+    body, peer_id = await signed_body(request, "run_join")
     config = get_object(body, "config", max_bytes=MAX_CONFIG)
     explicit = body.get("explicit", [])
     if not isinstance(explicit, list) or not all(isinstance(k, str) for k in explicit):
@@ -623,17 +623,17 @@ async def create_or_get(request: web.Request) -> web.Response:
 
 
 async def sync(request: web.Request) -> web.Response:
-    run = _run_name(request)
-    body, peer_id = await _signed(request, "run_sync")
-    step = _get_int(body, "step", 1, 10**12)
+    run = run_name_of(request)
+    body, peer_id = await signed_body(request, "run_sync")
+    step = body_int(body, "step", 1, 10**12)
     base_hash = _get_hash(body, "base_hash")
     return web.json_response(await request.app[RUNS].sync(run, peer_id, step, base_hash))
 
 
 async def report(request: web.Request) -> web.Response:
-    run = _run_name(request)
-    body, peer_id = await _signed(request, "run_report")
-    step = _get_int(body, "step", 0, 10**12)
+    run = run_name_of(request)
+    body, peer_id = await signed_body(request, "run_report")
+    step = body_int(body, "step", 0, 10**12)
     state_hash = _get_hash(body, "state_hash")
     raw = get_object(body, "metrics", max_bytes=4096, default={})
     metrics: dict[str, Any] = {}
@@ -653,8 +653,8 @@ async def report(request: web.Request) -> web.Response:
 async def leave(request: web.Request) -> web.Response:
     """The peer stopped training (finished, failed or shutting down): rendezvous windows stop
     waiting for it; its data slot becomes free."""
-    run = _run_name(request)
-    _, peer_id = await _signed(request, "run_leave")
+    run = run_name_of(request)
+    _, peer_id = await signed_body(request, "run_leave")
     return web.json_response(await request.app[RUNS].store.run(_leave_run, run, peer_id,
                                                                time.time()))
 
@@ -666,7 +666,7 @@ async def list_runs(request: web.Request) -> web.Response:
 
 async def get_run(request: web.Request) -> web.Response:
     check_token(request, request.app[TOKEN])
-    run = _run_name(request)
+    run = run_name_of(request)
     service: RunService = request.app[RUNS]
     limit = _query_int(request, "steps", 20, 1, MAX_REPORTS)
     live = set(await service.live(("joining", "active", "suspect")))
@@ -678,7 +678,7 @@ async def get_run(request: web.Request) -> web.Response:
 
 async def get_reports(request: web.Request) -> web.Response:
     check_token(request, request.app[TOKEN])
-    run = _run_name(request)
+    run = run_name_of(request)
     since = _query_int(request, "since", 0, 0, 10**12)
     limit = _query_int(request, "limit", MAX_REPORTS, 1, MAX_REPORTS)
     generation = None
