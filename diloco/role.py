@@ -158,7 +158,7 @@ class TrainRole:
         self._generation = 1                 # the run's generation, as last heard
         self._view: list[str] | None = None  # members of the last completed average
         self._offline = False                # the coordinator does not lead the steps now
-        self._rounds = (0, 0)                # (step, rendezvous calls at that step)
+        self._rounds = (0, 0)                # (step, rendezvous at that step that led to an average)
         # (step, state hash, metrics, wall time of the step) not yet sent to the coordinator
         self._reports: deque[tuple[int, str, dict, float]] = deque(maxlen=MAX_QUEUED_REPORTS)
         self._report_lock = asyncio.Lock()   # one sender of the queue at a time
@@ -402,8 +402,10 @@ class TrainRole:
         """
         assert self.client is not None and self.config is not None and self.state_hash
         step, base = self._step, self.state_hash
+        # Only a rendezvous that led to an average counts: a call answered "not a participant"
+        # sent nothing under its tag, and counting it would give this peer another tag than
+        # peers meeting at this step for the first time.
         n = self._rounds[1] + 1 if self._rounds[0] == step else 1
-        self._rounds = (step, n)
         suffix = f".r{n}" if n > 1 else ""
         collective = step_tag(self.run, self._generation, step, base) + suffix
         me, every = self.daemon.peer_id, self.config.checkpoint_every
@@ -421,6 +423,7 @@ class TrainRole:
                 if not back:
                     self._checkpoint_due = bool(every and step % every == 0
                                                 and participants[0] == me)
+                    self._rounds = (step, n)
                     return Rendezvous(participants, collective)
                 self._offline = False
                 self._say(f"outer step {step}: all {len(participants)} peers reach the "
@@ -449,6 +452,7 @@ class TrainRole:
                    "the coordinator did not count this peer as live")
             raise NotAParticipant(f"outer step {step}: {why}",
                                   [d["peer_id"] for d in answer.get("donors", [])], answer["late"])
+        self._rounds = (step, n)
         return Rendezvous(answer["participants"],
                           step_tag(self.run, self._generation, step, base) + suffix)
 

@@ -153,11 +153,12 @@ class CoordinatorClient:
             raise CoordinatorError("this client has no identity; it can only read status")
         return self.identity
 
-    async def _signed(self, action: str, fields: dict) -> dict:
+    async def _signed(self, action: str, fields: dict, path: str | None = None) -> dict:
+        """POST ``fields`` signed for ``action`` to ``path`` (default ``/{action}``)."""
         identity = self._need_identity()
         body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
         body["signature"] = identity.sign(signing_bytes(action, body)).hex()
-        return await self._request("POST", f"/{action}", body)
+        return await self._request("POST", path or f"/{action}", body)
 
     async def _exchange(self, method: str, path: str, data: bytes | memoryview | None = None,
                         content_type: str | None = None) -> tuple[int, bytes]:

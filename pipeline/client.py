@@ -39,7 +39,6 @@ import logging
 import random
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -49,7 +48,7 @@ from torch import Tensor
 
 from peer.errors import LowbandError, PeerUnavailable, RemoteError, TransportTimeout
 from peer.identity import Identity
-from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable, signing_bytes
+from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from peer.transport import PeerHost
 from pipeline.generate import Prompt, Sampler, _prompt_ids
 from pipeline.protocol import (CLOSE, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
@@ -161,11 +160,8 @@ class _Coordinator(CoordinatorClient):
     async def report_inference_offense(self, offender: str, detail: dict) -> dict:
         """Signed with the client's own key (clients do not join, so the key travels along);
         coordinator/membership.py ``inference_offense`` checks it and logs the report."""
-        identity = self._need_identity()
-        body = {"peer_id": identity.peer_id, "public_key": identity.public_bytes.hex(), "timestamp": time.time(),
-                "offender": offender, "detail": detail}
-        body["signature"] = identity.sign(signing_bytes("inference_offense", body)).hex()
-        return await self._request("POST", "/inference/offenses", body)
+        fields = {"public_key": self._need_identity().public_bytes.hex(), "offender": offender, "detail": detail}
+        return await self._signed("inference_offense", fields, "/inference/offenses")
 
 
 class _Session:
