@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import secrets
 import statistics
 import sys
@@ -54,7 +55,6 @@ SAMPLE_S = 0.1         # bytes_sent sampling period for the peak rate
 # on an idle machine): a 1 s window summed two fragments' syncs and measured the schedule.
 PEAK_WINDOW_S = 0.3
 FP32_RING_REPEATS = 3
-INNER_LR = 1e-3
 WARMUP_STEPS = 30
 _TIMEOUT_S = 1500.0
 RUNS = {  # name -> (algorithm, wire codec, error-feedback codec)
@@ -94,6 +94,16 @@ def prepare_tokens(path: Path) -> dict:
             "other_id_fraction": float((mapped == VOCAB - 1).mean())}
 
 
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """Linear warmup over WARMUP_STEPS, then constant or cosine down to 10% at the last step."""
+    if step < WARMUP_STEPS:
+        return (step + 1) / WARMUP_STEPS
+    if schedule == "constant":
+        return 1.0
+    done = min(1.0, (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
+
+
 # ----------------------------------------------------------------------------- worker side
 class Trainee:
     """Model, inner AdamW (+ warmup), this worker's shard and the held-out eval windows."""
@@ -113,10 +123,9 @@ class Trainee:
         eval_tokens = torch.from_numpy(tokens[split:].astype(np.int64))
         starts = torch.arange(EVAL_WINDOWS) * (args.seq_len + 1)
         self.eval_batch = eval_tokens[starts[:, None] + torch.arange(args.seq_len + 1)]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=INNER_LR, betas=(0.9, 0.95),
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.inner_lr, betas=(0.9, 0.95),
                                      weight_decay=0.1)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, args.steps, args.lr_schedule))
         self.tokens_per_step = N_WORKERS * args.batch * args.seq_len  # over all workers
         self.snapshots: list[tuple[int, dict]] = []
 
@@ -343,7 +352,8 @@ def run(name: str, args: argparse.Namespace, tokens: Path, measure_fp32_ring: bo
                     "--token", token, "--steps", str(args.steps), "--inner-steps", str(args.inner_steps),
                     "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                     "--fragments", str(args.fragments), "--overlap", str(args.overlap),
-                    "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum)] + \
+                    "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
+                    "--inner-lr", str(args.inner_lr), "--lr-schedule", args.lr_schedule] + \
                 (["--measure-fp32-ring"] if measure_fp32_ring else [])
 
         def go(ready: list[dict]) -> dict:
@@ -426,6 +436,9 @@ def main() -> int:
     ap.add_argument("--overlap", type=int, default=20, help="Streaming DiLoCo tau (inner steps)")
     ap.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD Nesterov learning rate")
     ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--inner-lr", type=float, default=1e-3, help="AdamW lr (DP and inner steps)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="after the warmup: constant, or cosine down to 10%% at the last step")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure-fp32-ring", action="store_true", help=argparse.SUPPRESS)
@@ -501,7 +514,8 @@ def report_results(summaries: dict[str, dict], args: argparse.Namespace, data_in
         "would make the embedding ~50x the blocks: the bench would measure the embedding, not training.",
         f"Same token budget for every run: {N_WORKERS} workers x {args.steps} steps x batch {args.batch} x "
         f"seq {args.seq_len} = {tokens_total} tokens; the same shards (diloco.data.TokenShards, seed 0) "
-        f"and the same inner AdamW (lr {INNER_LR}, betas 0.9/0.95, wd 0.1, {WARMUP_STEPS}-step warmup). "
+        f"and the same inner AdamW (lr {args.inner_lr}, betas 0.9/0.95, wd 0.1, {WARMUP_STEPS}-step warmup, then "
+        f"{args.lr_schedule}{' to 10%' if args.lr_schedule == 'cosine' else ''}). "
         f"DiLoCo: H={args.inner_steps}, outer SGD Nesterov lr {args.outer_lr} momentum {args.outer_momentum}. Streaming: P={args.fragments}, "
         f"tau={args.overlap}, alpha 0.5. Eval loss: {EVAL_WINDOWS} windows of the held-out last "
         f"{EVAL_FRACTION:.0%} of the token stream, on the global (outer) parameters for DiLoCo runs.",

@@ -53,23 +53,31 @@ def prompt_ids(batch: int) -> list[list[int]]:
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread: the peak during a measured section."""
+    """Samples resident memory of this process and of ``pids`` in a thread: the peaks during a
+    measured section (``peak`` for this process, ``peaks[pid]`` for the others)."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, pids: list[int] = (), interval: float = 0.005):
         import psutil
 
         self._proc, self._interval, self.peak = psutil.Process(), interval, 0
+        self._others = [psutil.Process(pid) for pid in pids]
+        self.peaks = {p.pid: 0 for p in self._others}
         self._stop = threading.Event()
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self._proc.memory_info().rss
+        self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        for p in self._others:
+            self.peaks[p.pid] = max(self.peaks[p.pid], p.memory_info().rss)
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._sample()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -126,6 +134,8 @@ def bench_single() -> Runner:
             if i == 0:
                 on_first()
 
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    run.details = lambda: {"weight_mb": weight_mb}
     return run
 
 
@@ -151,8 +161,8 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
     """A coordinator plus one ``peer join --serve ARG --blocks SPAN`` process per entry of
     ``serve``, optionally each behind a ``peer.netem`` relay adding ``delay_ms`` one way (so
     every client<->server hop costs 2 x delay_ms of RTT); generation through InferenceClient.
-    Rows of a batch are concurrent sessions (servers batch their decode steps)."""
-    import asyncio
+    A batch is one session of several rows (``InferenceClient.arows``), as a batch is one
+    ``generate_tokens`` call in ``single``."""
     import atexit
     import tempfile
 
@@ -165,7 +175,7 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
 
-    token, procs = "bench-inference", []
+    token, procs, servers = "bench-inference", [], []
     atexit.register(lambda: [p.kill() for p in procs])
     tmp = Path(tempfile.mkdtemp(prefix="lowband-bench-"))
     url = _child(["-m", "coordinator", "start", "--port", "0", "--data-dir", str(tmp / "coord"), "--token", token,
@@ -177,9 +187,10 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
             relay = _child(["-m", "peer.netem", "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{port}",
                             "--delay-ms", str(delay_ms)], procs)
             announce = ["--announce", relay["listen"]]
-        _child(["-m", "peer.cli", "join", "--coordinator", url, "--token", token, "--listen", f"127.0.0.1:{port}",
-                "--key", str(tmp / f"s{i}.key"), "--device", "cpu", "--serve", arg, "--blocks", span, *announce],
-               procs)
+        servers.append(_child(["-m", "peer.cli", "join", "--coordinator", url, "--token", token, "--listen",
+                               f"127.0.0.1:{port}", "--key", str(tmp / f"s{i}.key"), "--device", "cpu",
+                               "--serve", arg, "--blocks", span, *announce], procs))
+        servers[-1]["pid"] = procs[-1].pid
     client = InferenceClient(url, token)
     atexit.register(client.close)  # runs before the children are killed (atexit is LIFO)
     entry_points = sum(1 for arg, _ in serve if ",tp=" not in arg or ":0/" in arg)  # tp rank 0 leads
@@ -190,20 +201,24 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
         time.sleep(0.5)
 
     def run(prompts: list[list[int]], new_tokens: int, on_first: Callable[[], None]) -> None:
-        started: set[int] = set()
+        async def rows() -> None:
+            steps = 0
+            async for _ in client.arows("smollm2-135m", prompts, new_tokens):  # no stop id: always new_tokens
+                steps += 1
+                if steps == 1:
+                    on_first()
 
-        async def one(row: int, ids: list[int]) -> None:
-            async for _ in client.atokens("smollm2-135m", ids, new_tokens):  # no stop id: always new_tokens
-                if row not in started:
-                    started.add(row)
-                    if len(started) == len(prompts):
-                        on_first()
+        client.call(rows)
 
-        async def all_rows() -> None:
-            await asyncio.gather(*(one(row, p) for row, p in enumerate(prompts)))
+    def details() -> dict:
+        """Per server: weight bytes it holds (its announcement); per hop of the last route: the
+        client's measured round trip."""
+        weights = [client.call(client.server_info, s["peer_id"], s["address"])["weight_bytes"] for s in servers]
+        rtts = [client.host.link_stats(peer).rtt_s for peer, _, _ in client.last_route]
+        return {"server_weight_mb": [w / 2**20 for w in weights], "hop_rtt_ms": [r * 1e3 for r in rtts]}
 
-        client.call(all_rows)
-
+    run.server_pids = [s["pid"] for s in servers]
+    run.details = details
     return run
 
 
@@ -222,15 +237,20 @@ def worker(kind: str) -> None:
 
     run = WORKERS[kind]()
     print(json.dumps({"ready": kind, "threads": torch.get_num_threads()}), flush=True)
+    pids = getattr(run, "server_pids", [])
     for line in sys.stdin:
         cmd = json.loads(line)
         prompts = prompt_ids(cmd["batch"])
         first: list[float] = []
-        with PeakRSS() as mem:
+        with PeakRSS(pids) as mem:
             t0 = time.perf_counter()
             run(prompts, cmd["new_tokens"], lambda: first.append(time.perf_counter()))
             total = time.perf_counter() - t0
-        print(json.dumps({"total_s": total, "ttft_s": first[0] - t0, "peak_rss_mb": mem.peak / 2**20}), flush=True)
+        out = {"total_s": total, "ttft_s": first[0] - t0, "peak_rss_mb": mem.peak / 2**20,
+               "server_peak_rss_mb": [mem.peaks[p] / 2**20 for p in pids]}
+        if hasattr(run, "details"):
+            out.update(run.details())
+        print(json.dumps(out), flush=True)
 
 
 class Worker:
@@ -265,10 +285,17 @@ class Worker:
 def summarize(kind: str, batch: int, new_tokens: int, runs: list[dict]) -> dict:
     total = statistics.median(r["total_s"] for r in runs)
     ttft = statistics.median(r["ttft_s"] for r in runs)
-    return {"kind": kind, "batch": batch, "new_tokens": new_tokens, "repeats": len(runs),
-            "tok_s": batch * new_tokens / total, "decode_tok_s": batch * (new_tokens - 1) / (total - ttft),
-            "ttft_s": ttft, "total_s": total, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "runs": runs}
+    row = {"kind": kind, "batch": batch, "new_tokens": new_tokens, "repeats": len(runs),
+           "tok_s": batch * new_tokens / total, "decode_tok_s": batch * (new_tokens - 1) / (total - ttft),
+           "ms_per_step": 1e3 * (total - ttft) / (new_tokens - 1), "ttft_s": ttft, "total_s": total,
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
+    if runs[0]["server_peak_rss_mb"]:
+        row["server_peak_rss_mb"] = [max(col) for col in zip(*(r["server_peak_rss_mb"] for r in runs))]
+        row["server_weight_mb"] = runs[0]["server_weight_mb"]
+        row["hop_rtt_ms"] = [statistics.median(col) for col in zip(*(r["hop_rtt_ms"] for r in runs))]
+    if "weight_mb" in runs[0]:
+        row["weight_mb"] = runs[0]["weight_mb"]
+    return row
 
 
 def bench_interleaved(kinds: list[str], batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
@@ -298,26 +325,71 @@ def ratios_vs(rows: list[dict], base: str = "hf") -> list[dict]:
             for r in rows if r["kind"] != base and r["batch"] in anchor]
 
 
+def targets(rows: list[dict], k: int = 3) -> list[dict]:
+    """The issue's targets, each measured against its anchor in this run."""
+    by = {(r["kind"], r["batch"]): r for r in rows}
+    out = []
+
+    def check(name: str, batch: int, value: float, limit: float, ok: bool, how: str) -> None:
+        out.append({"target": name, "batch": batch, "value": value, "limit": limit, "pass": ok, "how": how})
+
+    for (kind, batch), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+        single = by.get(("single", batch))
+        if kind == "single" and ("hf", batch) in by:
+            v = r["tok_s"] / by[("hf", batch)]["tok_s"]
+            check("single process >= 1.0x transformers", batch, v, 1.0, v >= 1.0, "tok/s ratio")
+        if kind == "pipeline" and single:
+            v = r["tok_s"] / single["tok_s"]
+            check("3-stage loopback >= 0.8x single process", batch, v, 0.8, v >= 0.8, "tok/s ratio")
+        if kind == "pipeline_10ms" and single:
+            bound = single["ms_per_step"] + sum(r["hop_rtt_ms"])
+            v = r["ms_per_step"] / bound
+            check("10 ms delay: time per token <= 1.1x (compute + hop RTTs)", batch, v, 1.1, v <= 1.1,
+                  f"{r['ms_per_step']:.1f} ms / ({single['ms_per_step']:.1f} + "
+                  f"{' + '.join(f'{x:.1f}' for x in r['hop_rtt_ms'])} ms)")
+        if kind == "tp3" and single and "weight_mb" in single:
+            v = max(r["server_weight_mb"]) / single["weight_mb"]
+            check(f"tensor split: per-peer weights <= 1/{k} + 10%", batch, v, 1 / k + 0.1, v <= 1 / k + 0.1,
+                  f"largest peer {max(r['server_weight_mb']):.1f} MB / whole model {single['weight_mb']:.1f} MB")
+    return out
+
+
 def write_results(rows: list[dict], ratios: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
+    checks = targets(rows)
+    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios,
+                                                        "targets": checks}, indent=2))
     lines = ["# Inference benchmark", "",
              f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), CPU, {meta['threads']} torch threads, "
              f"greedy, {meta['new_tokens']} new tokens, median of {meta['repeats']} interleaved runs after a "
              "warm-up.", "",
-             "| kind | batch | tok/s | decode tok/s | TTFT s | total s | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| kind | batch | tok/s | decode tok/s | ms/step | TTFT s | total s | peak RSS MB (worker) "
+             "| servers: peak RSS MB | servers: weights MB | hop RTT ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+
+    def nums(xs: list[float], fmt: str = ".0f") -> str:
+        return " / ".join(f"{x:{fmt}}" for x in xs)
+
     for r in rows:
         lines.append(f"| {r['kind']} | {r['batch']} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                     f"{r['ttft_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['ms_per_step']:.1f} | {r['ttft_s']:.3f} | {r['total_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{nums(r.get('server_peak_rss_mb', []))} | "
+                     f"{nums(r.get('server_weight_mb', [r['weight_mb']] if 'weight_mb' in r else []), '.1f')} | "
+                     f"{nums(r.get('hop_rtt_ms', []), '.1f')} |")
     lines += ["", "| ours vs transformers | batch | tok/s ratio | TTFT ratio | per-pair speed ratios |",
               "|---|---:|---:|---:|---|"]
     for q in ratios:
         pairs = ", ".join(f"{x:.2f}" for x in q["run_ratios"])
         lines.append(f"| {q['kind']} | {q['batch']} | {q['tok_s_ratio']:.2f}x | {q['ttft_ratio']:.2f}x | {pairs} |")
-    lines += ["", "tok/s = batch x new tokens / total time (prefill included); peak RSS = the worker "
-              "process's resident memory during generation (model loaded); for pipeline and tp3 the worker is "
-              "the client, and the servers' memory is not measured here.", ""]
+    lines += ["", "| target | batch | measured | limit | pass | how |", "|---|---:|---:|---:|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['target']} | {c['batch']} | {c['value']:.3f} | {c['limit']:.3f} | "
+                     f"{'yes' if c['pass'] else 'NO'} | {c['how']} |")
+    lines += ["", "tok/s = batch x new tokens / total time (prefill included); ms/step = decode time per "
+              "generated token (per step of the whole batch); peak RSS (worker) = the measuring process's "
+              "resident memory during generation (for pipeline and tp3 that is the client); servers: each "
+              "stage server's peak RSS (torch runtime included) and the bytes of weights it holds; hop RTT "
+              "= the client's measured round trip to each server of the route.", ""]
     (RESULTS / "inference.md").write_text("\n".join(lines))
 
 

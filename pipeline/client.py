@@ -14,10 +14,15 @@ them chunk by chunk exactly as first sent (rebuilding their KV caches at the rig
 bit-identically), and retries the step. Greedy output is therefore identical to a run without
 failure, and to ``pipeline.generate`` in one process (activations travel in fp32 by default).
 
+A batch of prompts is one session of several rows, left-padded as in ``pipeline.generate``
+(``arows``; ``generate`` with a list). For greedy decoding the last server returns each row's
+argmax token id rather than its fp32 logits (B ints instead of B x vocab floats: 1.5 MB per
+step at batch 8 for SmolLM2, several round trips of TCP slow start on a long link).
+
 Spot checks (``spot_check=P``, off by default): after each hop's reply, with probability P the
 client replays that hop's inputs so far plus this step's input on another server holding the
 whole span, in a fresh session from position 0 (its KV cache must be built from the same
-prefix), and compares the step's output (hidden states or logits). Outputs agree when
+prefix), and compares the step's output (hidden states or logits; greedy token ids exactly). Outputs agree when
 max|a − b| <= rtol · max(max|a|, max|b|), rtol = max(1e-3, 2·eps of the wire dtype): fp32
 kernels on different machines differ by far less, a perturbation a liar would bother with by far
 more. Verdict rule: on disagreement a third server of the span is asked; a server whose output
@@ -34,6 +39,7 @@ context, which is why it is opt-in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import random
@@ -50,8 +56,8 @@ from peer.errors import LowbandError, PeerUnavailable, RemoteError, TransportTim
 from peer.identity import Identity
 from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from peer.transport import PeerHost
-from pipeline.generate import Prompt, Sampler, _prompt_ids
-from pipeline.protocol import (CLOSE, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
+from pipeline.generate import Completions, Prompt, Sampler, _is_batch, _prompt_ids
+from pipeline.protocol import (CLOSE, HEAD_OUTPUTS, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
                                ContextLimitExceeded, ModelNotFound, NoRoute, ServingError, SessionError,
                                pack_tensor, unpack_tensor)
 from pipeline.tokenizer import Tokenizer
@@ -129,10 +135,12 @@ def plan_route(servers: list[ServerInfo], start: int, end: int, cost: dict[str, 
 
 
 def outputs_agree(a: Tensor | None, b: Tensor | None, rtol: float) -> bool:
-    """max|a − b| <= rtol · max(max|a|, max|b|); a missing/malformed output (None), a shape
-    mismatch or a NaN never agrees."""
-    if a is None or b is None or a.shape != b.shape:
+    """max|a − b| <= rtol · max(max|a|, max|b|), token ids exactly equal; a missing/malformed
+    output (None), a shape or kind mismatch or a NaN never agrees."""
+    if a is None or b is None or a.shape != b.shape or a.is_floating_point() != b.is_floating_point():
         return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
     if a.numel() == 0:
         return True
     scale = torch.maximum(a.abs().max(), b.abs().max())
@@ -149,7 +157,8 @@ def outvoted(outputs: dict[str, Tensor | None], rtol: float) -> set[str]:
 
 def _as_tensor(reply: tuple[dict, bytes]) -> Tensor | None:
     try:
-        return unpack_tensor(*reply).float()
+        t = unpack_tensor(*reply)
+        return t.float() if t.is_floating_point() else t
     except BadRequest:
         return None  # a malformed reply is a wrong answer
 
@@ -167,8 +176,10 @@ class _Coordinator(CoordinatorClient):
 class _Session:
     """One generation's chain of hop sessions; steps and failover (see module docstring)."""
 
-    def __init__(self, client: "InferenceClient", model: str, servers: list[ServerInfo], capacity: int):
-        self.client, self.model, self.capacity = client, model, capacity
+    def __init__(self, client: "InferenceClient", model: str, servers: list[ServerInfo], capacity: int,
+                 pad: tuple[int, ...] = (0,), head_out: str = "logits"):
+        self.client, self.model, self.capacity, self.pad = client, model, capacity, pad
+        self.head_out = head_out  # the last hop's output: "logits", or "argmax" for greedy decoding
         self.n_layers = servers[0].n_layers
         self.sid = secrets.token_hex(8)
         self.pos = 0
@@ -183,34 +194,37 @@ class _Session:
         self.pool = [s for s in servers if s.peer_id in cost]
         self.route = [Hop(s, a, b) for s, a, b in plan_route(servers, 0, self.n_layers, cost)]
 
-    async def step(self, ids: list[int]) -> Tensor:
-        """Run ``ids`` through the chain; returns the last position's logits [1, vocab] (fp32)."""
-        meta, raw = pack_tensor(torch.tensor([ids], dtype=torch.long))
+    async def step(self, ids: Tensor) -> Tensor:
+        """Run token ids [rows, T] through the chain; returns the last position's logits
+        [rows, vocab] (fp32), or with ``head_out`` "argmax" its greedy token ids [rows]."""
+        meta, raw = pack_tensor(ids.to(torch.long))
+        t = ids.shape[1]
         x, i = (meta, raw), 0
         while i < len(self.route):
             hop = self.route[i]
             if hop.server.peer_id in self.client.untrusted:
                 await self._evict(i)
                 continue
-            out = "logits" if hop.end == self.n_layers else "hidden"
+            out = self.head_out if hop.end == self.n_layers else "hidden"
             try:
-                x_next = await self._call(hop, x[0], x[1], [len(ids)], out)
+                x_next = await self._call(hop, x[0], x[1], [t], out)
             except _FAILURES as e:
                 await self._repair(i, e)
                 continue
             if self.client.spot_check and self.client.rng.random() < self.client.spot_check \
-                    and await self._spot_check(i, x, len(ids), x_next):
+                    and await self._spot_check(i, x, t, x_next):
                 continue  # this hop's server was outvoted: evicted above, then the hop is redone
-            hop.history.append((x[0], x[1], len(ids)))
+            hop.history.append((x[0], x[1], t))
             x, i = x_next, i + 1
-        self.pos += len(ids)
+        self.pos += t
         return unpack_tensor(*x)
 
     async def _call(self, hop: Hop, meta: dict, raw: bytes, chunks: list[int], out: str,
                     pos: int | None = None) -> tuple[dict, bytes]:
         header = {**meta, "sid": self.sid, "start": hop.start, "end": hop.end, "chunks": chunks,
                   "pos": self.pos if pos is None else pos, "out": out, "wire": self.client.wire,
-                  "input": "tokens" if meta["dtype"] == "int64" else "hidden", "capacity": self.capacity}
+                  "input": "tokens" if meta["dtype"] == "int64" else "hidden", "capacity": self.capacity,
+                  "pad": list(self.pad)}
         try:
             rh, rp = await self.client.host.call(hop.server.peer_id, STEP, header, raw,
                                                  timeout=self.client.step_timeout)
@@ -262,28 +276,22 @@ class _Session:
                 error = e
 
     async def _replay(self, hop: Hop, hist: list[tuple[dict, bytes, int]],
-                      logits: bool = False) -> list[tuple[dict, bytes, int]]:
+                      last: str = "none") -> list[tuple[dict, bytes, int]]:
         """Send a hop all its past inputs in one call (run chunk by chunk, from position 0);
         returns its outputs split the same way (the next hop's history). The last block's
-        server returns nothing, or with ``logits`` one entry: the last position's logits."""
+        server returns ``last``: nothing, or one entry (the last position's logits / argmax)."""
         chunks = [t for _, _, t in hist]
-        shape = list(hist[0][0]["shape"])
-        shape[1] = sum(chunks)
-        meta = {"dtype": hist[0][0]["dtype"], "shape": shape}
-        out = "hidden" if hop.end < self.n_layers else "logits" if logits else "none"
-        rh, rp = await self._call(hop, meta, b"".join(raw for _, raw, _ in hist), chunks, out, pos=0)
+        meta, raw = pack_tensor(torch.cat([unpack_tensor(h, r) for h, r, _ in hist], dim=1))
+        out = "hidden" if hop.end < self.n_layers else last
+        rh, rp = await self._call(hop, meta, raw, chunks, out, pos=0)
         if out == "none":
             return []
-        if out == "logits":
+        if out in HEAD_OUTPUTS:
             return [(rh, rp, chunks[-1])]
-        if not isinstance(rh["shape"], list) or len(rh["shape"]) != 3:
-            raise BadRequest(f"server {hop.server.peer_id[:12]} replied hidden states of shape {rh['shape']!r:.80}")
-        per_token = len(rp) // sum(chunks)
-        split, off = [], 0
-        for t in chunks:
-            split.append(({"dtype": rh["dtype"], "shape": [1, t, *rh["shape"][2:]]}, rp[off:off + per_token * t], t))
-            off += per_token * t
-        return split
+        y = unpack_tensor(rh, rp)
+        if y.dim() != 3 or y.shape[:2] != (len(self.pad), sum(chunks)):
+            raise BadRequest(f"server {hop.server.peer_id[:12]} replied hidden states of shape {list(y.shape)}")
+        return [(*pack_tensor(part), t) for part, t in zip(y.split(chunks, dim=1), chunks)]
 
     async def _spot_check(self, i: int, x: tuple[dict, bytes], n: int, got: tuple[dict, bytes]) -> bool:
         """Re-run hop i's step (input ``x`` of ``n`` tokens, reply ``got``) on other servers of
@@ -315,10 +323,10 @@ class _Session:
     async def _rerun(self, server: ServerInfo, hop: Hop, x: tuple[dict, bytes], n: int) -> tuple[dict, bytes]:
         """``server``'s output for this step of ``hop``: the hop's inputs so far plus ``x``,
         replayed in a session of its own (closing it leaves the route's sessions alone)."""
-        probe = _Session(self.client, self.model, [server], self.pos + n)
+        probe = _Session(self.client, self.model, [server], self.pos + n, self.pad, self.head_out)
         probe.route = [Hop(server, hop.start, hop.end)]
         try:
-            meta, raw, _ = (await probe._replay(probe.route[0], [*hop.history, (*x, n)], logits=True))[-1]
+            meta, raw, _ = (await probe._replay(probe.route[0], [*hop.history, (*x, n)], self.head_out))[-1]
         finally:
             self.client.background(probe.close())  # off the step's critical path
         return meta, raw
@@ -484,40 +492,61 @@ class InferenceClient:
         return h
 
     # -- generation --------------------------------------------------------------------------
-    async def atokens(self, model: str, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-                      top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> AsyncIterator[int]:
-        """Yield generated token ids (a stop id ends it and is not yielded)."""
+    async def arows(self, model: str, prompts: list[list[int]], max_new_tokens: int = 128,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                    stop_ids: tuple[int, ...] = ()) -> AsyncIterator[list[int]]:
+        """Generate for a batch of prompts in one session (rows left-padded as in
+        ``pipeline.generate``): yield each step's token of every row, until every row has produced
+        a stop id or ``max_new_tokens`` steps have run. Finished rows keep decoding (ignore them)."""
         sampler = Sampler(temperature, top_p, seed)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise BadRequest(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if not prompt_ids:
-            raise BadRequest("the prompt has no tokens")
+        if not prompts or any(not p for p in prompts):
+            raise BadRequest("every prompt needs at least one token")
         servers, _ = await self.candidates(model)
         limit, vocab = servers[0].max_seq_len, servers[0].vocab_size
-        if len(prompt_ids) + max_new_tokens > limit:
-            raise ContextLimitExceeded(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds "
+        longest = max(map(len, prompts))
+        if longest + max_new_tokens > limit:
+            raise ContextLimitExceeded(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
                                        f"the context limit of {limit} of {model!r}")
-        if any(not 0 <= t < vocab for t in prompt_ids):
+        if any(not 0 <= t < vocab for p in prompts for t in p):
             raise BadRequest(f"token ids must lie in [0, {vocab})")
-        session = _Session(self, model, servers, len(prompt_ids) + max_new_tokens)
+        # Greedy: the last server returns argmax ids (B ints, not B x vocab floats on the wire).
+        greedy = sampler.temperature == 0
+        session = _Session(self, model, servers, longest + max_new_tokens, tuple(longest - len(p) for p in prompts),
+                           "argmax" if greedy else "logits")
         await session.open()
         self.active[session.sid] = session
+        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        done = torch.zeros(len(prompts), dtype=torch.bool)
         try:
-            logits = await session.step(list(prompt_ids))
+            out = await session.step(torch.tensor([[0] * (longest - len(p)) + p for p in prompts]))
             for step in range(max_new_tokens):
-                tok = int(sampler(logits)[0])
-                if tok in stop_ids:
+                tok = out if greedy else sampler(out)
+                yield tok.tolist()
+                done |= torch.isin(tok, stops)
+                if step == max_new_tokens - 1 or bool(done.all()):
                     return
-                yield tok
-                if step == max_new_tokens - 1:
-                    return
-                logits = await session.step([tok])
+                out = await session.step(tok[:, None])
         finally:
             self.active.pop(session.sid, None)
             self.last_route = [(h.server.peer_id, h.start, h.end) for h in session.route]
             self.last_failovers = session.failovers
             self.last_checks = session.checks
             await asyncio.shield(session.close())
+
+    async def atokens(self, model: str, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> AsyncIterator[int]:
+        """Yield generated token ids (a stop id ends it and is not yielded)."""
+        if not prompt_ids:
+            raise BadRequest("the prompt has no tokens")
+        # aclosing: the session closes (and last_route is set) when this generator stops, not later.
+        async with contextlib.aclosing(self.arows(model, [list(prompt_ids)], max_new_tokens, temperature, top_p,
+                                                  seed, stop_ids)) as rows:
+            async for (tok,) in rows:
+                if tok in stop_ids:
+                    return
+                yield tok
 
     async def alogits(self, model: str, prompt_ids: list[int]) -> Tensor:
         """fp32 logits [vocab] of the position after ``prompt_ids`` (scoring; tests)."""
@@ -527,7 +556,7 @@ class InferenceClient:
         session = _Session(self, model, servers, len(prompt_ids))
         await session.open()
         try:
-            return (await session.step(list(prompt_ids)))[0]
+            return (await session.step(torch.tensor([prompt_ids])))[0]
         finally:
             await asyncio.shield(session.close())
 
@@ -561,10 +590,24 @@ class InferenceClient:
         if len(text) > len(sent):
             yield text[len(sent):]
 
-    async def agenerate(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-                        top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
-        return "".join([p async for p in self.astream(model, prompt, max_new_tokens, temperature, top_p, seed,
-                                                      stop_at_eos)])
+    async def agenerate(self, model: str, prompt: Prompt | list[Prompt], max_new_tokens: int = 128,
+                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                        stop_at_eos: bool = True) -> str | list[str]:
+        """The completion of a prompt, or the completions of a list of prompts (one batched
+        session; the stop token is not included)."""
+        if not _is_batch(prompt):
+            return "".join([p async for p in self.astream(model, prompt, max_new_tokens, temperature, top_p, seed,
+                                                          stop_at_eos)])
+        tok = await self.tokenizer(model)
+        try:
+            prompts = [_prompt_ids(tok, p) for p in prompt]
+        except (ValueError, TypeError) as e:
+            raise BadRequest(str(e)) from e
+        stops = (tok.eos_id,) if stop_at_eos else ()
+        out = Completions(len(prompts), stops)
+        async for step in self.arows(model, prompts, max_new_tokens, temperature, top_p, seed, stops):
+            out.add(step)
+        return [tok.decode(r) for r in out.rows]
 
     async def aclose(self) -> None:
         await asyncio.gather(*self._background)  # session closes and reports: bounded by their timeouts
@@ -574,15 +617,23 @@ class InferenceClient:
             self._host = None
 
     # -- blocking API ------------------------------------------------------------------------
+    def _serve(self) -> None:
+        # The client's tensor work (sampling, packing) is tiny: one intra-op thread (a per-thread
+        # setting under OpenMP). Idle OpenMP helpers spin after every op, taking cores from
+        # servers on the same machine: that cost a 3-stage loopback pipeline 15% of its speed.
+        torch.set_num_threads(1)
+        self._loop.run_forever()
+
     def _run(self, coro, timeout: float | None = None):
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._loop.run_forever, name="lowband-client", daemon=True)
+            self._thread = threading.Thread(target=self._serve, name="lowband-client", daemon=True)
             self._thread.start()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def generate(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> str:
+    def generate(self, model: str, prompt: Prompt | list[Prompt], max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_at_eos: bool = True) -> str | list[str]:
         return self._run(self.agenerate(model, prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos))
 
     def stream(self, model: str, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,

@@ -124,6 +124,21 @@ def _is_batch(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
 
 
+class Completions:
+    """Collects a batch's steps (one token per row) into each row's tokens up to its stop id."""
+
+    def __init__(self, rows: int, stops: Iterable[int]):
+        self.stops = set(stops)
+        self.rows: list[list[int]] = [[] for _ in range(rows)]
+        self._finished = [False] * rows
+
+    def add(self, tokens: list[int]) -> None:
+        for r, t in enumerate(tokens):
+            self._finished[r] = self._finished[r] or t in self.stops
+            if not self._finished[r]:
+                self.rows[r].append(t)
+
+
 def generate(model: Llama, tokenizer: Tokenizer, prompt: Prompt | list[Prompt], max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              stop_at_eos: bool = True) -> str | list[str]:
@@ -132,15 +147,10 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: Prompt | list[Prompt], 
     batch = _is_batch(prompt)
     prompts = [_prompt_ids(tokenizer, p) for p in (prompt if batch else [prompt])]
     stops = [tokenizer.eos_id] if stop_at_eos else []
-    rows: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
+    out = Completions(len(prompts), stops)
     for tok in generate_tokens(model, prompts, max_new_tokens, Sampler(temperature, top_p, seed), stops):
-        for r, t in enumerate(tok.tolist()):
-            if not finished[r]:
-                finished[r] = t in stops
-                if not finished[r]:
-                    rows[r].append(t)
-    texts = [tokenizer.decode(r) for r in rows]
+        out.add(tok.tolist())
+    texts = [tokenizer.decode(r) for r in out.rows]
     return texts if batch else texts[0]
 
 

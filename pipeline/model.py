@@ -71,8 +71,8 @@ class LlamaConfig:
         """Config of tensor-split shard ``rank`` of ``k``: a slice of the heads (whole KV groups) and of
         the MLP columns. Norms, dim and head_dim are unchanged."""
         _check_split(self, rank, k)
-        h0, h1 = _split_bounds(self.n_kv_heads, rank, k)
-        c0, c1 = _split_bounds(self.hidden_dim, rank, k)
+        h0, h1 = split_bounds(self.n_kv_heads, rank, k)
+        c0, c1 = split_bounds(self.hidden_dim, rank, k)
         group = self.n_heads // self.n_kv_heads
         return replace(self, n_heads=(h1 - h0) * group, n_kv_heads=h1 - h0, hidden_dim=c1 - c0)
 
@@ -87,7 +87,7 @@ def _check_split(cfg: LlamaConfig, rank: int, k: int) -> None:
         raise ValueError(f"tensor split K={k} exceeds hidden_dim={cfg.hidden_dim}")
 
 
-def _split_bounds(n: int, rank: int, k: int) -> tuple[int, int]:
+def split_bounds(n: int, rank: int, k: int) -> tuple[int, int]:
     """[start, end) of part ``rank`` when n items are split into k near-equal contiguous parts."""
     return rank * n // k, (rank + 1) * n // k
 
@@ -100,9 +100,9 @@ def shard_block_weights(block_state: dict[str, Tensor], cfg: LlamaConfig, rank: 
     """
     _check_split(cfg, rank, k)
     hd, group = cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
-    kv0, kv1 = _split_bounds(cfg.n_kv_heads, rank, k)
+    kv0, kv1 = split_bounds(cfg.n_kv_heads, rank, k)
     q0, q1 = kv0 * group * hd, kv1 * group * hd
-    c0, c1 = _split_bounds(cfg.hidden_dim, rank, k)
+    c0, c1 = split_bounds(cfg.hidden_dim, rank, k)
     s = block_state
     return {
         "attn_norm.weight": s["attn_norm.weight"].clone(),

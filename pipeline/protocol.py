@@ -40,7 +40,10 @@ STATS_KEY = "serve"  # daemon.report(STATS_KEY, announcement) -> heartbeat stats
 WIRE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PAYLOAD_DTYPES: dict[str, torch.dtype] = {**WIRE_DTYPES, "int64": torch.int64}
 _NAMES = {v: k for k, v in _PAYLOAD_DTYPES.items()}
-INPUTS, OUTPUTS = ("tokens", "hidden"), ("hidden", "logits", "none")
+# Outputs: hidden states (to the next stage), the last position's fp32 logits, its argmax token
+# ids (greedy decoding: B ids instead of B x vocab floats), or nothing (a replay's last stage).
+INPUTS, OUTPUTS = ("tokens", "hidden"), ("hidden", "logits", "argmax", "none")
+HEAD_OUTPUTS = ("logits", "argmax")
 
 
 class ServingError(LowbandError):

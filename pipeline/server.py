@@ -6,18 +6,23 @@ server keeps its KV cache, bounded in count and tokens, expired when idle, and f
 message or when the client's connections are lost. Every step names the position it expects
 (``pos``), so replays after a failover land exactly where they should.
 
-Batching: one worker runs all forwards, one at a time, in a thread (the event loop keeps
-heartbeats and I/O going). Each time it is free it takes every queued step; single-token steps
-of different sessions over the same blocks run as one batched forward (each row attends to its
-own session's cache through a padded, masked view), anything else runs alone. So concurrent
-sessions batch whenever they arrive while the worker is busy, at no added latency for a lone
-session (which runs exactly the single-process code path, hence bit-identical greedy output).
+Batching, two ways. A session may hold several rows (a client's batch of prompts, left-padded
+as in ``pipeline.generate``: the step header's ``pad`` gives each row's padding, so pad slots get
+position -1 and every row sees its own positions); its KV cache has one row each. And one worker
+runs all forwards, one at a time, in a thread (the event loop keeps heartbeats and I/O going):
+each time it is free it takes every queued step, and single-row, single-token steps of different
+sessions over the same blocks run as one batched forward (each row attends to its own session's
+cache through a padded, masked view); anything else runs alone. So concurrent sessions batch
+whenever they arrive while the worker is busy, at no added latency for a lone session (which
+runs exactly the single-process code path, hence bit-identical greedy output).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +33,8 @@ from torch import Tensor
 
 from pipeline.loading import ModelLoadError, gguf_config, hf_config, load_model, open_gguf, reference_model_path
 from pipeline.model import LayerKV, Llama, LlamaConfig, StepContext
-from pipeline.protocol import (CLOSE, INFO, INPUTS, OUTPUTS, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
-                               ContextLimitExceeded, ModelNotFound, SessionError, Span, least_covered_span,
+from pipeline.protocol import (CLOSE, HEAD_OUTPUTS, INFO, INPUTS, OUTPUTS, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES,
+                               BadRequest, ContextLimitExceeded, ModelNotFound, SessionError, Span, least_covered_span,
                                pack_tensor, parse_serve_argument, unpack_tensor)
 from pipeline.tokenizer import Tokenizer
 
@@ -61,16 +66,26 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
 
+def torch_thread() -> ThreadPoolExecutor:
+    """One thread for all of a server's torch work (loading and every forward). OpenMP gives
+    each thread that runs parallel ops its own worker team, and with more team threads than
+    cores libgomp stops spinning between ops and sleeps instead: a 10-block batch-8 decode step
+    took 27 ms instead of 21 when the model was loaded in one thread and run in another."""
+    return ThreadPoolExecutor(1, thread_name_prefix="lowband-serve")
+
+
 @dataclass
 class ServeConfig:
     max_sessions: int = 64
     max_total_tokens: int = 1 << 16     # KV slots reserved over all sessions
     idle_timeout_s: float = 300.0       # a session untouched this long is freed
-    max_batch: int = 16                 # rows of one batched decode forward
+    max_batch: int = 16                 # sessions in one batched decode forward
+    max_rows: int = 64                  # rows (prompts) of one session
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_total_tokens, self.max_batch) < 1 or self.idle_timeout_s <= 0:
+        if min(self.max_sessions, self.max_total_tokens, self.max_batch, self.max_rows) < 1 \
+                or self.idle_timeout_s <= 0:
             raise ValueError("serve limits must be positive")
 
 
@@ -80,7 +95,13 @@ class Session:
     end: int
     capacity: int
     cache: Any                          # KVCache of blocks [start, end) (or a shard's cache)
+    pad: tuple[int, ...] = (0,)         # left padding of each row
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def slots(self) -> int:
+        """KV slots reserved: capacity per row."""
+        return self.capacity * len(self.pad)
 
     @property
     def length(self) -> int:
@@ -98,7 +119,8 @@ class StepRequest:
     out: str
     wire: str
     capacity: int
-    x: Tensor                           # [1, T] ids or [1, T, dim] hidden states
+    pad: tuple[int, ...]                # left padding of each row (one entry per row)
+    x: Tensor                           # [B, T] ids or [B, T, dim] hidden states
 
 
 @dataclass
@@ -150,7 +172,7 @@ class StageServer:
 
     def __init__(self, host, name: str, model: Llama, span: Span, model_path: Path | None,
                  config: ServeConfig | None = None, extra_info: dict | None = None,
-                 on_change: Callable[[dict], None] | None = None):
+                 on_change: Callable[[dict], None] | None = None, executor: ThreadPoolExecutor | None = None):
         self.host, self.name, self.model, self.span = host, name, model, span
         self.cfg = model.cfg
         self.model_path = model_path    # where the tokenizer is read from, on first request
@@ -167,7 +189,9 @@ class StageServer:
         self._tokens = 0
         self._busy_s = 0.0
         self.batches = 0                # forwards that batched >1 session (observability, tests)
+        self.executor = executor or torch_thread()
         self.params = sum(p.numel() for p in model.parameters())
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, client_facing: bool = True) -> None:
@@ -181,6 +205,10 @@ class StageServer:
         self.host.on_peer_lost(self._on_peer_lost)
         self._tasks = [asyncio.create_task(self._worker()), asyncio.create_task(self._expiry())]
         self._changed()
+
+    async def run_torch(self, fn: Callable, *args) -> Any:
+        """``fn(*args)`` on this server's torch thread (see ``torch_thread``)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
 
     def spawn(self, coro) -> None:
         """Run a background coroutine owned by this server (cancelled on stop; errors logged)."""
@@ -198,6 +226,7 @@ class StageServer:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False)
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if not job.future.done():
@@ -210,7 +239,8 @@ class StageServer:
                 "max_seq_len": self.cfg.max_seq_len, "vocab_size": self.cfg.vocab_size,
                 "sessions": len({(p, s) for p, s, _ in self.sessions}),
                 "tokens_per_s": round(self._tokens / self._busy_s, 2) if self._busy_s else None,
-                "wire": sorted(WIRE_DTYPES), "batches": self.batches, "params": self.params, **self.extra_info}
+                "wire": sorted(WIRE_DTYPES), "batches": self.batches, "params": self.params,
+                "weight_bytes": self.weight_bytes, **self.extra_info}
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -282,22 +312,27 @@ class StageServer:
         kind, out, wire = h.get("input"), h.get("out"), h.get("wire", "fp32")
         if kind not in INPUTS or out not in OUTPUTS or not isinstance(wire, str) or wire not in WIRE_DTYPES:
             raise BadRequest(f"step needs input in {INPUTS}, out in {OUTPUTS}, wire in {sorted(WIRE_DTYPES)}")
-        if out == "logits" and end != self.cfg.n_layers:
-            raise BadRequest("logits come from the last block's server")
+        if out in HEAD_OUTPUTS and end != self.cfg.n_layers:
+            raise BadRequest(f"{out} come from the last block's server")
+        pad = h.get("pad", [0])
+        if not (isinstance(pad, list) and 0 < len(pad) <= self.config.max_rows
+                and all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < capacity for p in pad)):
+            raise BadRequest(f"step header 'pad' must list 1..{self.config.max_rows} row paddings in [0, capacity)")
         x = unpack_tensor(h, payload)
-        t = sum(chunks)
+        t, b = sum(chunks), len(pad)
         if kind == "tokens":
             if start != 0 or not self.model.with_embed:
                 raise BadRequest("token ids go to the server of block 0 (it holds the embedding)")
-            if x.dtype != torch.int64 or tuple(x.shape) != (1, t):
-                raise BadRequest(f"token input must be int64 [1, {t}], got {x.dtype} {list(x.shape)}")
+            if x.dtype != torch.int64 or tuple(x.shape) != (b, t):
+                raise BadRequest(f"token input must be int64 [{b}, {t}], got {x.dtype} {list(x.shape)}")
             if t and not (0 <= int(x.min()) and int(x.max()) < self.cfg.vocab_size):
                 raise BadRequest(f"token ids must lie in [0, {self.cfg.vocab_size})")
-        elif x.dtype == torch.int64 or tuple(x.shape) != (1, t, self.cfg.dim):
-            raise BadRequest(f"hidden input must be float [1, {t}, {self.cfg.dim}], got {x.dtype} {list(x.shape)}")
+        elif x.dtype == torch.int64 or tuple(x.shape) != (b, t, self.cfg.dim):
+            raise BadRequest(f"hidden input must be float [{b}, {t}, {self.cfg.dim}], got {x.dtype} "
+                             f"{list(x.shape)}")
         if pos + t > self.cfg.max_seq_len or capacity > self.cfg.max_seq_len:
             raise ContextLimitExceeded(f"{pos + t} tokens exceed the context limit of {self.cfg.max_seq_len}")
-        return StepRequest(sid, start, end, pos, chunks, kind, out, wire, capacity,
+        return StepRequest(sid, start, end, pos, chunks, kind, out, wire, capacity, tuple(pad),
                            x.to(self.config.device))
 
     def _session(self, peer_id: str, req: StepRequest) -> Session:
@@ -306,23 +341,24 @@ class StageServer:
         if req.pos == 0:
             if s is not None:  # a client restarting its session from scratch
                 del self.sessions[key]
-            reserved = sum(x.capacity for x in self.sessions.values())
+            reserved = sum(x.slots for x in self.sessions.values())
             if len(self.sessions) >= self.config.max_sessions or \
-                    reserved + req.capacity > self.config.max_total_tokens:
+                    reserved + req.capacity * len(req.pad) > self.config.max_total_tokens:
                 raise SessionError(f"server full ({len(self.sessions)} sessions, {reserved} KV slots reserved)")
-            s = Session(req.start, req.end, req.capacity, self.new_cache(req))
+            s = Session(req.start, req.end, req.capacity, self.new_cache(req), req.pad)
             self.sessions[key] = s
             self._changed()
         elif s is None:
             raise SessionError(f"unknown session {req.sid!r} (expired, closed or never opened)")
-        elif s.end != req.end or s.length != req.pos:
-            raise SessionError(f"session {req.sid!r} holds blocks {s.start}:{s.end} at position {s.length}, "
-                               f"step asks for {req.start}:{req.end} at {req.pos}")
+        elif s.end != req.end or s.length != req.pos or s.pad != req.pad:
+            raise SessionError(f"session {req.sid!r} holds blocks {s.start}:{s.end} at position {s.length} "
+                               f"({len(s.pad)} rows), step asks for {req.start}:{req.end} at {req.pos} "
+                               f"({len(req.pad)} rows)")
         s.last_used = time.monotonic()
         return s
 
     def new_cache(self, req: StepRequest):
-        cache = self.model.new_cache(1, capacity=req.capacity)
+        cache = self.model.new_cache(len(req.pad), capacity=req.capacity)
         cache.layers = {i: cache.layers[i] for i in range(req.start, req.end)}
         return cache
 
@@ -348,7 +384,7 @@ class StageServer:
                 t0 = time.perf_counter()
                 try:
                     results = [await self.split.run(group[0])] if self.split is not None else \
-                        await asyncio.to_thread(self._compute, group)
+                        await self.run_torch(self._compute, group)
                 except Exception as e:  # reported to each caller as RemoteError with the type name
                     for job in group:
                         if not job.future.done():
@@ -367,7 +403,7 @@ class StageServer:
         singles: list[list[_Job]] = []
         for job in jobs:
             r = job.req
-            if r.chunks == [1] and self.split is None:
+            if r.chunks == [1] and len(r.pad) == 1 and self.split is None:
                 key = (r.start, r.end, r.input, r.out, r.wire)
                 group = groups.setdefault(key, [])
                 if len(group) < self.config.max_batch and all(j.session is not job.session for j in group):
@@ -384,18 +420,27 @@ class StageServer:
         return self._compute_batch(group)
 
     @torch.inference_mode()
-    def compute_one(self, job: _Job, all_reduce=None, x: Tensor | None = None) -> tuple[dict, bytes]:
-        """Run one step's chunks in order; ``x`` replaces the input (a tensor-split leader passes
-        the embedded tokens), ``all_reduce`` sums shard partials."""
-        r, m = job.req, self.model
-        x = r.x if x is None else x
+    def compute_one(self, job: _Job, all_reduce=None) -> tuple[dict, bytes]:
+        """Run one step's chunks in order; ``all_reduce`` sums a tensor-split group's partials
+        (embedding, each block's attention and MLP, head)."""
+        r, m, x = job.req, self.model, job.req.x
+        # Rows of a batch (or a padded row) need explicit positions; a lone unpadded row takes
+        # the single-process path (positions = slots).
+        pad = None if r.pad == (0,) else torch.tensor(r.pad, device=x.device)[:, None]
         outs, off = [], 0
         for t in r.chunks:
             part = x[:, off:off + t]
             off += t
-            h = m.embed(part) if part.dtype == torch.int64 else part.to(m.rope_cos.dtype)
-            outs.append(_run_blocks(m, h, r.start, r.end, job.session.cache, all_reduce=all_reduce))
-        return self._reply(r, torch.cat(outs, dim=1), job.session.length)
+            if part.dtype != torch.int64:
+                h = part.to(m.rope_cos.dtype)
+            else:
+                h = m.embed(part) if all_reduce is None else all_reduce(m.embed(part))
+            positions = None
+            if pad is not None:
+                slot = job.session.length
+                positions = (torch.arange(slot, slot + t, device=x.device)[None] - pad).clamp_min(-1)
+            outs.append(_run_blocks(m, h, r.start, r.end, job.session.cache, positions, all_reduce=all_reduce))
+        return self._reply(r, torch.cat(outs, dim=1), job.session.length, all_reduce)
 
     def _compute_batch(self, group: list[_Job]) -> list[tuple[dict, bytes]]:
         m, r0 = self.model, group[0].req
@@ -415,11 +460,13 @@ class StageServer:
                         kv_of=lambda i: _StackedKV([c.layers[i] for c in caches]))
         return [self._reply(j.req, h[row:row + 1], j.session.length) for row, j in enumerate(group)]
 
-    def _reply(self, r: StepRequest, h: Tensor, length: int) -> tuple[dict, bytes]:
+    def _reply(self, r: StepRequest, h: Tensor, length: int, all_reduce=None) -> tuple[dict, bytes]:
         if r.out == "none":
             return {"length": length}, b""
-        if r.out == "logits":
-            meta, raw = pack_tensor(self.model.head(h[:, -1]).float())
+        if r.out in HEAD_OUTPUTS:
+            logits = self.model.head(h[:, -1])
+            logits = (logits if all_reduce is None else all_reduce(logits)).float()
+            meta, raw = pack_tensor(logits if r.out == "logits" else logits.argmax(dim=-1))
         else:
             meta, raw = pack_tensor(h, WIRE_DTYPES[r.wire])
         return {**meta, "length": length}, raw
@@ -446,18 +493,21 @@ class ServeRole:
         span = spec.blocks if isinstance(spec.blocks, Span) else \
             await self._choose_span(daemon, await asyncio.to_thread(model_config, path))
         config = self.config or ServeConfig(device=daemon.device)
+        executor = torch_thread()
+        loop = asyncio.get_running_loop()
         try:
             if spec.tp is None:
-                model = await asyncio.to_thread(load_model, path, range(span.start, span.end), device=config.device)
+                model = await loop.run_in_executor(executor, functools.partial(
+                    load_model, path, range(span.start, span.end), device=config.device))
             else:
                 from pipeline.tensor_split import load_shard
-                model = await asyncio.to_thread(load_shard, path, span, spec.tp, config.device)
+                model = await loop.run_in_executor(executor, load_shard, path, span, spec.tp, config.device)
         except ValueError as e:  # blocks outside the model, K not dividing the heads
             raise BadRequest(f"cannot serve blocks {span} of {spec.model}: {e}") from e
         extra = {} if spec.tp is None else {"tp": {"group": spec.tp.group, "rank": spec.tp.rank, "k": spec.tp.k},
                                             "serving": False}
         self.server = StageServer(daemon.host, spec.model, model, span, path, config, extra,
-                                  on_change=lambda info: daemon.report(STATS_KEY, info))
+                                  on_change=lambda info: daemon.report(STATS_KEY, info), executor=executor)
         if spec.tp is None:
             await self.server.start()
         elif spec.tp.rank == 0:

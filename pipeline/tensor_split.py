@@ -7,10 +7,15 @@ weights. Per block, two all-reduces of the hidden-state update (after attention,
 use ``collectives.star_all_reduce`` rooted at the leader: two one-way hops, latency-optimal for
 these small tensors, exact (raw fp32) and bit-identical on every member.
 
+The embedding and the head (tied or not) are split over the vocabulary (vocab-parallel): each
+shard holds rows [v0, v1) of the matrix; it embeds the token ids that fall in its rows (zeros
+for the others) and computes the logits of its rows (zeros elsewhere), and one all-reduce sums
+the partials: exact, as every element is one shard's value plus zeros. So every peer holds
+about 1/K of all the weights, embedding included.
+
 The group is one pipeline stage: rank 0 (the leader) is an ordinary ``StageServer`` that faces
-clients (it also holds the embedding / head when the span has them); for every step it embeds
-the input if needed and hands it to the other shards (``serve.tp_step``), then all K compute
-their shard with the same all-reduce tags. The other shards are ``StageServer``s too (same
+clients; for every step it hands the input to the other shards (``serve.tp_step``), then all K
+compute their shard with the same all-reduce tags. The other shards are ``StageServer``s too (same
 session table, limits and expiry) that only take steps from their leader. A member failure
 fails the step (a partial sum would be wrong), so the client fails over to another route.
 """
@@ -23,38 +28,72 @@ import secrets
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from collectives import Group, star_all_reduce
 from pipeline.loading import load_model
-from pipeline.model import Llama, shard_block_weights
+from pipeline.model import Llama, RMSNorm, shard_block_weights, split_bounds
 from pipeline.protocol import TP_CLOSE, TP_STEP, BadRequest, Span, TensorSplitSpec, pack_tensor
 
 log = logging.getLogger("lowband.pipeline.tensor_split")
 
 
-def shard_model(full: Llama, rank: int, k: int, keep_embed: bool, keep_head: bool) -> Llama:
-    """Shard ``rank`` of ``k`` of a model part (its blocks sliced, embedding/head kept only when
-    asked: the leader's job)."""
+class ShardLlama(Llama):
+    """Shard ``rank`` of ``k`` of a model part: its blocks sliced (``LlamaConfig.shard``), the
+    embedding / head, when the part has them, cut to vocabulary rows [v0, v1). ``embed`` and
+    ``head`` return this shard's partials (full shape, zeros outside its rows): the group sums
+    them."""
+
+    def __init__(self, cfg, blocks, rank: int, k: int, with_embed: bool, with_head: bool):
+        super().__init__(cfg.shard(rank, k), blocks, with_embed=False, with_head=False)
+        self.vocab_size = cfg.vocab_size
+        self.v0, v1 = split_bounds(cfg.vocab_size, rank, k)
+        rows = v1 - self.v0
+        self.with_embed, self.with_head = with_embed, with_head
+        self.embedding = nn.Embedding(rows, cfg.dim) if with_embed else None
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if with_head else None
+        self.lm_head = nn.Linear(cfg.dim, rows, bias=False) \
+            if with_head and not (cfg.tie_embeddings and with_embed) else None
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        if self.embedding is None:
+            return super().embed(tokens)  # the error of a part without the embedding
+        local = tokens - self.v0
+        mine = (local >= 0) & (local < self.embedding.num_embeddings)
+        return self.embedding(local.clamp(0, self.embedding.num_embeddings - 1)) * mine.unsqueeze(-1)
+
+    def head(self, h: Tensor) -> Tensor:
+        part = super().head(h)
+        out = part.new_zeros(*part.shape[:-1], self.vocab_size)
+        out[..., self.v0:self.v0 + part.shape[-1]] = part
+        return out
+
+
+def shard_model(full: Llama, rank: int, k: int) -> ShardLlama:
+    """Shard ``rank`` of ``k`` of a model part (``ShardLlama``)."""
     cfg = full.cfg
     with torch.device("meta"):
-        part = Llama(cfg.shard(rank, k), full.block_ids, with_embed=keep_embed and full.with_embed,
-                     with_head=keep_head and full.with_head)
+        part = ShardLlama(cfg, full.block_ids, rank, k, full.with_embed, full.with_head)
     source = full.state_dict()
     state = {}
     for i in full.block_ids:
         prefix = f"blocks.{i}."
         block = {key[len(prefix):]: t for key, t in source.items() if key.startswith(prefix)}
         state.update({prefix + key: t for key, t in shard_block_weights(block, cfg, rank, k).items()})
-    for key in part.state_dict():
-        if not key.startswith("blocks."):
-            state[key] = source[key]
+    v0, v1 = split_bounds(cfg.vocab_size, rank, k)
+    if full.with_embed:
+        state["embedding.weight"] = full.embedding.weight[v0:v1].clone()
+    if full.with_head:
+        state["norm.weight"] = full.norm.weight
+        if part.lm_head is not None:
+            head = full.lm_head.weight if full.lm_head is not None else full.embedding.weight
+            state["lm_head.weight"] = head[v0:v1].clone()
     return part.adopt(state).eval()
 
 
-def load_shard(path, span: Span, tp: TensorSplitSpec, device: str = "cpu") -> Llama:
+def load_shard(path, span: Span, tp: TensorSplitSpec, device: str = "cpu") -> ShardLlama:
     full = load_model(path, range(span.start, span.end), device=device)
-    return shard_model(full, tp.rank, tp.k, keep_embed=tp.rank == 0, keep_head=tp.rank == 0)
+    return shard_model(full, tp.rank, tp.k)
 
 
 @dataclass
@@ -93,17 +132,15 @@ class TensorSplitLeader:
         server.on_free = self._free
 
     async def run(self, job) -> tuple[dict, bytes]:
+        """Run ``job`` on every shard: the same step (input, output kind) goes to each."""
         r, host = job.req, self.server.host
-        x = r.x
-        if r.input == "tokens":
-            x = await asyncio.to_thread(_embed, self.server.model, x)
         prefix = f"tp-{self.nonce}-{next(self._seq)}"
-        meta, raw = pack_tensor(x)
+        meta, raw = pack_tensor(r.x)
         header = {**meta, "owner": job.peer_id, "sid": r.sid, "start": r.start, "end": r.end, "pos": r.pos,
-                  "chunks": r.chunks, "capacity": r.capacity, "input": "hidden", "out": "none",
-                  "members": self.members, "prefix": prefix}
+                  "chunks": r.chunks, "capacity": r.capacity, "pad": list(r.pad), "input": r.input, "out": r.out,
+                  "wire": r.wire, "members": self.members, "prefix": prefix}
         reduce = _Reducer(_group(host, self.members), asyncio.get_running_loop(), prefix, self.timeout)
-        mine = asyncio.to_thread(self.server.compute_one, job, reduce, x)
+        mine = self.server.run_torch(self.server.compute_one, job, reduce)
         calls = [host.call(f, TP_STEP, header, raw, timeout=self.timeout) for f in self.followers]
         results = await asyncio.gather(mine, *calls, return_exceptions=True)
         for res in results:
@@ -114,11 +151,6 @@ class TensorSplitLeader:
     def _free(self, owner: str, sid: str | None) -> None:
         for f in self.followers:
             self.server.spawn(self.server.host.call(f, TP_CLOSE, {"owner": owner, "sid": sid}, timeout=10.0))
-
-
-def _embed(model: Llama, ids: Tensor) -> Tensor:
-    with torch.inference_mode():
-        return model.embed(ids)
 
 
 class TensorSplitFollower:
@@ -152,7 +184,7 @@ class TensorSplitFollower:
         req = self.server.parse_step(header, payload)
         job = self.server.make_job(owner, req)
         reduce = _Reducer(_group(host, members), asyncio.get_running_loop(), prefix, self.timeout)
-        await asyncio.to_thread(self.server.compute_one, job, reduce)
+        await self.server.run_torch(self.server.compute_one, job, reduce)
         return {"length": job.session.length}, b""
 
     async def _on_close(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:

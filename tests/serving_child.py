@@ -30,8 +30,8 @@ def run_liar(join_args: list[str]) -> int:
 
     honest_reply = StageServer._reply
 
-    def lying_reply(self, r, h, length):
-        return honest_reply(self, r, h * 1.1 + 0.1, length)
+    def lying_reply(self, r, h, length, all_reduce=None):
+        return honest_reply(self, r, h * 1.1 + 0.1, length, all_reduce)
 
     StageServer._reply = lying_reply  # the `serve` role plug-in builds its StageServer from this class
     return main(["join", *join_args])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.client import InferenceClient, ServerInfo, plan_route
+from pipeline.generate import Completions, _prompt_ids as client_ids
 from pipeline.protocol import (BadRequest, ContextLimitExceeded, ModelNotFound, NoRoute, ServeSpec, Span,
                                TensorSplitSpec, least_covered_span, parse_serve_argument)
 from pipeline.model import Llama, LlamaConfig
@@ -23,7 +24,8 @@ TOKEN = "serving-test-token"
 MODEL = "smollm2-135m"
 NEW = 12
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
-SPANS = {"s0": "0:10", "s1a": "10:20", "s1b": "10:20", "s2": "20:30"}
+SPANS = {"s0": "0:10", "s1a": "10:20", "s1b": "10:20", "s1c": "10:20", "s2": "20:30"}
+BATCH = [PROMPT, "Once upon a time", "The three primary colors are"]  # three lengths: left padding
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def reference():
 
     model, tok = reference_model()
     return {"chat": generate(model, tok, PROMPT, NEW), "text": generate(model, tok, "Once upon a time", NEW),
-            "long": generate(model, tok, "The three primary colors are", 40)}
+            "long": generate(model, tok, "The three primary colors are", 40),
+            "batch": generate(model, tok, BATCH, NEW), "batch_long": generate(model, tok, BATCH, 30)}
 
 
 def peer_ids(swarm) -> dict[str, str]:
@@ -166,6 +169,27 @@ def test_three_stage_pipeline_matches_single_process(client, reference, swarm):
     wait_until(lambda: not any(sessions(client, swarm).values()), 10, "sessions to be closed")
 
 
+def test_batch_of_prompts_is_one_session_matching_single_process(client, reference, swarm):
+    """A list of prompts runs as one multi-row session (left-padded): the same completions as
+    single-process batched ``pipeline.generate``, one session per server, no per-row sessions."""
+    during: list[dict[str, int]] = []
+
+    async def generate_and_count() -> list[str]:
+        tok = await client.tokenizer(MODEL)
+        prompts = [client_ids(tok, p) for p in BATCH]
+        out = Completions(len(prompts), [tok.eos_id])
+        async for step in client.arows(MODEL, prompts, NEW, stop_ids=(tok.eos_id,)):
+            out.add(step)
+            if not during:
+                during.append({n: (await client.server_info(pid))["sessions"] for pid, n in peer_ids(swarm).items()})
+        return [tok.decode(r) for r in out.rows]
+
+    assert client.generate(MODEL, BATCH, NEW) == reference["batch"]
+    assert client.call(generate_and_count) == reference["batch"]
+    assert sum(during[0].values()) == 3  # one session on each of the three hops
+    wait_until(lambda: not any(sessions(client, swarm).values()), 10, "sessions to be closed")
+
+
 def test_announcements_in_heartbeats(client, swarm):
     infos = {s.peer_id: s for s in client.call(client.servers, MODEL)}
     for pid, name in peer_ids(swarm).items():
@@ -241,11 +265,32 @@ def test_sigkill_mid_generation_gives_identical_output(client, reference, swarm)
             victim = next(h.server.peer_id for h in session.route if h.start == 10)
             killed = by_id[victim]
             swarm[1][killed].kill()
-    assert killed in ("s1a", "s1b")
+    assert killed.startswith("s1")
     assert "".join(pieces) == reference["long"]
     assert client.last_failovers == 1
     assert [a for _, a, _ in client.last_route] == [0, 10, 20]
-    # With the other replica gone too, blocks 10..19 have no server: a clear error.
-    swarm[1]["s1b" if killed == "s1a" else "s1a"].kill()
+
+    # The same for a batch of prompts (one multi-row session; replay keeps the padding).
+    async def batch_with_kill() -> list[list[int]]:
+        tok = await client.tokenizer(MODEL)
+        rows = []
+        async for step in client.arows(MODEL, [client_ids(tok, p) for p in BATCH], 30):
+            rows.append(step)
+            if len(rows) == 5:
+                (session,) = client.active.values()
+                victim = next(h.server.peer_id for h in session.route if h.start == 10)
+                swarm[1][by_id[victim]].kill()
+        return rows
+
+    steps = client.call(batch_with_kill)
+    tok = client.call(client.tokenizer, MODEL)
+    out = Completions(len(BATCH), [tok.eos_id])
+    for step in steps:
+        out.add(step)
+    assert [tok.decode(r) for r in out.rows] == reference["batch_long"]
+    assert client.last_failovers == 1
+    # With the last replica gone too, blocks 10..19 have no server: a clear error.
+    for name in ("s1a", "s1b", "s1c"):
+        swarm[1][name].kill()
     with pytest.raises(NoRoute, match="10..19"):
         client.generate(MODEL, PROMPT, NEW)

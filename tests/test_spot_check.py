@@ -103,6 +103,10 @@ def test_verdict_rule_and_tolerance():
     assert outvoted({"p": far, "c": a, "r": near}, 1e-3) == {"p"}     # the primary lied
     assert outvoted({"p": a, "c": None, "r": a}, 1e-3) == {"c"}       # the checker lied
     assert outvoted({"p": a, "c": far, "r": a * 2}, 1e-3) == {"p", "c", "r"}
+    ids = torch.tensor([5, 40000, 7])  # greedy token ids: equal or not, no tolerance
+    assert outputs_agree(ids, ids.clone(), 1e-3)
+    assert not outputs_agree(ids, ids + torch.tensor([0, 1, 0]), 1e-3)
+    assert not outputs_agree(ids, ids.float(), 1e-3)
     for bad in (-0.1, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="spot_check"):
             InferenceClient("http://127.0.0.1:1", TOKEN, spot_check=bad)
@@ -148,10 +152,10 @@ def test_liar_on_the_route_is_evicted_and_its_step_redone(swarm, reference):
         session.route[0] = Hop(next(s for s in servers if s.peer_id == ids["liar"]), 0, 3)
         out: list[int] = []
         try:
-            logits = await session.step(tok.encode(PROMPT))
+            logits = await session.step(torch.tensor([tok.encode(PROMPT)]))
             while len(out) < NEW and (t := int(logits.argmax())) != tok.eos_id:  # greedy, as generate()
                 out.append(t)
-                logits = await session.step([t])
+                logits = await session.step(torch.tensor([[t]]))
         finally:
             await session.close()
         return tok.decode(out), session

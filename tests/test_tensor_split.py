@@ -18,13 +18,24 @@ K = 3
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_shards_sum_to_the_whole_block():
-    """In one process: K shards' partial updates, summed, equal the unsplit blocks."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_shards_sum_to_the_whole_model(tied):
+    """In one process: K shards' partial embeddings, block updates and logits, summed, equal the
+    unsplit model's (embedding and logits exactly: one shard's value plus zeros)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, dim=72, n_layers=2, n_heads=9, n_kv_heads=3, hidden_dim=96, max_seq_len=32)
+    cfg = LlamaConfig(vocab_size=64, dim=72, n_layers=2, n_heads=9, n_kv_heads=3, hidden_dim=96, max_seq_len=32,
+                      tie_embeddings=tied)
     full = Llama(cfg).eval()
-    shards = [shard_model(full, r, K, keep_embed=r == 0, keep_head=r == 0) for r in range(K)]
-    assert shards[1].embedding is None and shards[1].blocks["0"].q.weight.shape[0] == cfg.dim // K
+    shards = [shard_model(full, r, K) for r in range(K)]
+    assert shards[1].blocks["0"].q.weight.shape[0] == cfg.dim // K
+    whole = sum(p.numel() for p in full.parameters())
+    for s in shards:  # about 1/K of every weight, embedding and head included
+        assert abs(sum(p.numel() for p in s.parameters()) / whole - 1 / K) < 0.02
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(sum(s.embed(ids) for s in shards), full.embed(ids))
+        x = torch.randn(2, 3, cfg.dim)
+        assert torch.allclose(sum(s.head(x) for s in shards), full.head(x), atol=1e-6)
     h = torch.randn(1, 5, cfg.dim)
     ctx = full.context(h, None, None)
     with torch.no_grad():
@@ -36,7 +47,7 @@ def test_shards_sum_to_the_whole_block():
             assert torch.allclose(got, want, atol=1e-5)
             h = want
     with pytest.raises(ValueError, match="divide"):
-        shard_model(full, 0, 2, keep_embed=True, keep_head=True)
+        shard_model(full, 0, 2)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +76,8 @@ def reference():
     with torch.inference_mode():
         logits = model(torch.tensor([ids]))[0, -1]
     return {"ids": ids, "logits": logits, "text": generate(model, tok, PROMPT, 12),
-            "block_params": sum(p.numel() for p in model.blocks["0"].parameters())}
+            "span_params": model.embedding.weight.numel()
+            + sum(p.numel() for i in range(15) for p in model.blocks[str(i)].parameters())}
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +107,9 @@ def test_tensor_split_generation_and_sessions(client, reference, swarm):
     where = {child.ready["peer_id"]: child.ready["address"] for child in swarm[1].values()}
     infos = {name: client.call(client.server_info, child.ready["peer_id"], child.ready["address"])
              for name, child in swarm[1].items()}
-    # Each shard holds about 1/K of the span's block weights (the leader also the embedding).
-    for r in range(1, K):
-        assert abs(infos[f"tp{r}"]["params"] / (15 * reference["block_params"]) - 1 / K) < 0.01
+    # Each shard holds about 1/K of the span's weights: blocks and (vocab-split) embedding.
+    for r in range(K):
+        assert abs(infos[f"tp{r}"]["params"] / reference["span_params"] - 1 / K) < 0.01
     assert infos["tp0"]["tp"]["members"][0] == swarm[1]["tp0"].ready["peer_id"]
     wait_until(lambda: all(client.call(client.server_info, pid, a)["sessions"] == 0 for pid, a in where.items()), 15,
                "every shard's session to be released")
