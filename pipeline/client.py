@@ -617,17 +617,10 @@ class InferenceClient:
             self._host = None
 
     # -- blocking API ------------------------------------------------------------------------
-    def _serve(self) -> None:
-        # The client's tensor work (sampling, packing) is tiny: one intra-op thread (a per-thread
-        # setting under OpenMP). Idle OpenMP helpers spin after every op, taking cores from
-        # servers on the same machine: that cost a 3-stage loopback pipeline 15% of its speed.
-        torch.set_num_threads(1)
-        self._loop.run_forever()
-
     def _run(self, coro, timeout: float | None = None):
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._serve, name="lowband-client", daemon=True)
+            self._thread = threading.Thread(target=self._loop.run_forever, name="lowband-client", daemon=True)
             self._thread.start()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
