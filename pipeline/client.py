@@ -22,8 +22,8 @@ step at batch 8 for SmolLM2, several round trips of TCP slow start on a long lin
 Spot checks (``spot_check=P``, off by default): after each hop's reply, with probability P the
 client replays that hop's inputs so far plus this step's input on another server holding the
 whole span, in a fresh session from position 0 (its KV cache must be built from the same
-prefix), and compares the step's output (hidden states or logits; greedy token ids exactly). Outputs agree when
-max|a − b| <= rtol · max(max|a|, max|b|), rtol = max(1e-3, 2·eps of the wire dtype): fp32
+prefix), and compares the step's output (hidden states or logits; greedy token ids exactly).
+Outputs agree when max|a − b| <= rtol · max(max|a|, max|b|), rtol = max(1e-3, 2·eps of the wire dtype): fp32
 kernels on different machines differ by far less, a perturbation a liar would bother with by far
 more. Verdict rule: on disagreement a third server of the span is asked; a server whose output
 agrees with no other compared output is distrusted (so with no third server, both are). A
@@ -538,8 +538,6 @@ class InferenceClient:
     async def atokens(self, model: str, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> AsyncIterator[int]:
         """Yield generated token ids (a stop id ends it and is not yielded)."""
-        if not prompt_ids:
-            raise BadRequest("the prompt has no tokens")
         # aclosing: the session closes (and last_route is set) when this generator stops, not later.
         async with contextlib.aclosing(self.arows(model, [list(prompt_ids)], max_new_tokens, temperature, top_p,
                                                   seed, stop_ids)) as rows:
