@@ -90,8 +90,8 @@ class PoisoningAverager:
     def group_size(self) -> int:
         return self.inner.group_size
 
-    def start(self, tensors, tag):
-        return self.inner.start(poison_tensors(self.attack, tensors), tag)
+    def start(self, tensors, tag, *, within_s=None):
+        return self.inner.start(poison_tensors(self.attack, tensors), tag, within_s=within_s)
 
 
 # ----------------------------------------------------------------------------- worker (one host)

@@ -7,6 +7,7 @@ Accumulation is fp32 whatever the input dtype; results come back in each input's
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +77,12 @@ def _unflatten_owned(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
 
 async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: str, codec: str | Codec,
                 op: str, timeout: float | None, chunk_bytes: int, gather: bool,
-                codec_options: dict[str, Any],
-                robust: RobustConfig | None = None) -> tuple[Any, list[str], int, list[Offense]]:
+                codec_options: dict[str, Any], robust: RobustConfig | None = None,
+                pace_s: float = 0.0) -> tuple[Any, list[str], int, list[Offense]]:
     if op not in _OPS:
         raise CollectiveError(f"op must be one of {_OPS}, got {op!r}")
+    if isinstance(pace_s, bool) or not isinstance(pace_s, (int, float)) or not 0 <= pace_s < math.inf:
+        raise CollectiveError(f"pace_s must be a finite number of seconds >= 0, got {pace_s!r}")
     if robust is not None and (not isinstance(robust, RobustConfig) or op != "mean"):
         raise CollectiveError("robust must be a RobustConfig, with op='mean' (it estimates a mean)")
     layout = layout_of(tensors, floating=True)
@@ -93,7 +96,7 @@ async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: st
     def deadline_s(members: list[str]) -> float:
         if robust is not None:
             return robust_deadline_s(policy, group.host, members, cod.wire_bytes(numel), numel)
-        return ring_deadline_s(group.with_members(members), numel, cod)
+        return ring_deadline_s(group.with_members(members), numel, cod) + policy.safety * pace_s
 
     async def body(members: list[str], prefix: str, deadline: float) -> tuple[Any, list[str], int, list[Offense]]:
         nonlocal attempts
@@ -106,7 +109,7 @@ async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: st
                             policy=policy, layout_key=layout_key)
             return await run.run(), members, attempts, run.findings
         run = RingRun(group.host, members, prefix, cod, flat, plan, mean=op == "mean", gather=gather,
-                      deadline=deadline, policy=policy, layout_key=layout_key)
+                      deadline=deadline, policy=policy, layout_key=layout_key, pace_s=pace_s)
         out = await run.run()
         if not gather:
             a, b = plan.bounds[(run.rank + 1) % len(members)]
@@ -122,7 +125,7 @@ async def _ring(group: Group, tensors: list[torch.Tensor], *, kind: str, tag: st
 async def all_reduce(group: Group, tensors: list[torch.Tensor], *, tag: str, codec: str | Codec = "int8",
                      op: str = "mean", timeout: float | None = None,
                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, robust: RobustConfig | None = None,
-                     **codec_options: Any) -> Reduced:
+                     pace_s: float = 0.0, **codec_options: Any) -> Reduced:
     """Reduce ``tensors`` (any shapes, floating dtypes, same list on every peer) over the group.
 
     Returns new tensors with the inputs' shapes/dtypes/devices, bit-identical on every peer that
@@ -132,11 +135,15 @@ async def all_reduce(group: Group, tensors: list[torch.Tensor], *, tag: str, cod
     ``robust``: instead of the ring, the robust all-reduce of ``collectives.robust`` (every
     contribution screened at its shard's owner, offenders excluded and reported in
     ``Reduced.offenders`` and to ``robust.on_offender``; op must be "mean").
+    ``pace_s``: spread this peer's sends over about that many seconds instead of bursting at the
+    link's rate (an average that overlaps computation has time to spare; its deadline grows to
+    match). The ring only: the robust all-reduce ignores it.
     Raises ``CollectiveError`` when no result can be produced.
     """
     out, members, attempts, findings = await _ring(
         group, tensors, kind="ar" if robust is None else "rar", tag=tag, codec=codec, op=op,
-        timeout=timeout, chunk_bytes=chunk_bytes, gather=True, codec_options=codec_options, robust=robust)
+        timeout=timeout, chunk_bytes=chunk_bytes, gather=True, codec_options=codec_options, robust=robust,
+        pace_s=pace_s)
     layout = layout_of(tensors, floating=True)
     result = Reduced([t.detach().clone() for t in tensors] if out is None else _unflatten_owned(out, layout))
     result.members, result.attempts = members, attempts

@@ -12,7 +12,9 @@ Pipelining: every (phase, step, chunk) message is independent, so a chunk is for
 as it is reduced while the socket is still busy with earlier ones. A priority queue sends in
 the order the next peer consumes, on one connection so chunks arrive in that order, a small
 window of sends keeps it busy, heavy torch work runs in a thread so the event loop keeps
-pumping, and all-gather chunks are forwarded before (not after) they are decoded.
+pumping, and all-gather chunks are forwarded before (not after) they are decoded. With
+``pace_s`` (an average that overlaps training has time to spare) the sender spaces this peer's
+messages so its bytes leave over about that long instead of in one burst at the link's rate.
 """
 from __future__ import annotations
 
@@ -105,17 +107,26 @@ class Sender:
     peer can forward each as early as possible (striped, a window of them would share the link
     and arrive together, a window-time late)."""
 
-    def __init__(self, host, peer: str, timeout_s: float) -> None:
+    def __init__(self, host, peer: str, timeout_s: float, rate_Bps: float | None = None) -> None:
         self.host, self.peer, self.timeout_s = host, peer, timeout_s
         self.window = send_window(host)
         self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self.seq = itertools.count()
+        self.rate_Bps = rate_Bps  # paced: start sends no faster than this on average
+        self._next_at = 0.0
 
     def put(self, order: tuple[int, int, int], tag: str, header: dict, payload) -> None:
         self.queue.put_nowait((order, next(self.seq), (tag, header, payload)))
 
     def close(self) -> None:
         self.queue.put_nowait(((_END, 0, 0), next(self.seq), None))
+
+    async def _pace(self, nbytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._next_at > now:
+            await asyncio.sleep(self._next_at - now)
+        self._next_at = max(self._next_at, now) + nbytes / self.rate_Bps
 
     async def _send(self, tag: str, header: dict, payload) -> None:
         try:
@@ -130,6 +141,8 @@ class Sender:
                 _, _, item = await self.queue.get()
                 if item is None:
                     break
+                if self.rate_Bps:
+                    await self._pace(len(item[2]))
                 while len(inflight) >= self.window:
                     done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
@@ -146,7 +159,7 @@ class RingRun:
 
     def __init__(self, host, members: list[str], prefix: str, codec: Codec, flat: torch.Tensor,
                  plan: RingPlan, *, mean: bool, gather: bool, deadline: float,
-                 policy: DeadlinePolicy, layout_key: int) -> None:
+                 policy: DeadlinePolicy, layout_key: int, pace_s: float = 0.0) -> None:
         self.host, self.members, self.prefix, self.codec = host, members, prefix, codec
         self.flat, self.plan, self.mean, self.gather = flat, plan, mean, gather
         self.deadline = deadline
@@ -158,6 +171,12 @@ class RingRun:
         window = send_window(host)
         self.stall_s = policy.stall_s(host, self.prev, chunk_wire * window, 4 * plan.chunk * 3)
         self.send_s = policy.stall_s(host, self.next, chunk_wire * window, 4 * plan.chunk * 3)
+        # Paced (pace_s > 0): this peer's sends spread over about pace_s seconds, so a neighbour
+        # may also be silent for the pacing gap of a window of chunks.
+        sent = codec.wire_bytes(flat.numel()) * (self.n - 1) / self.n * (2 if gather else 1)
+        self.rate_Bps = sent / pace_s if pace_s > 0 and sent > 0 else None
+        if self.rate_Bps:
+            self.stall_s += 2 * chunk_wire * window / self.rate_Bps
         self.keys = {"g": fingerprint(members), "l": layout_key}
         self.result = torch.empty_like(flat) if gather else None
         self.shard: torch.Tensor | None = None
@@ -210,7 +229,7 @@ class RingRun:
             await compute(lambda: self._place(meta, payload, a, b), b - a)
 
     async def run(self) -> torch.Tensor:
-        sender = Sender(self.host, self.next, self.send_s)
+        sender = Sender(self.host, self.next, self.send_s, self.rate_Bps)
 
         async def feed() -> None:
             try:
@@ -228,8 +247,9 @@ class RingRun:
 
     def _observe(self) -> None:
         """Bytes after the first arrival over the time they took: a lower bound on the link's
-        rate (upstream compute can only stretch the gaps), which errs towards longer deadlines."""
-        if len(self.arrivals) > 2:
+        rate (upstream compute can only stretch the gaps), which errs towards longer deadlines.
+        Paced runs say nothing about the link."""
+        if len(self.arrivals) > 2 and not self.rate_Bps:
             nbytes = sum(b for _, b in self.arrivals[1:])
             observe_bandwidth(self.host, self.prev, nbytes, self.arrivals[-1][0] - self.arrivals[0][0])
 

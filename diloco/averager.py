@@ -36,6 +36,8 @@ class Averager(Protocol):
     participants (an `AverageResult` when the participant count is known), with the same number,
     shapes and devices of tensors as given. Every peer passes the same `tag` for the same
     operation. The future raises on failure; it never hangs (the implementation owns a deadline).
+    ``within_s`` (a hint): the result is not needed for about that long, so the traffic may be
+    spread over it instead of bursting at the link's rate.
     """
 
     @property
@@ -44,7 +46,7 @@ class Averager(Protocol):
         change on another thread (the trainers weight by the count an average reports)."""
         ...
 
-    def start(self, tensors: list[Tensor], tag: str) -> Future[list[Tensor]]:
+    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None) -> Future[list[Tensor]]:
         ...
 
 
@@ -145,5 +147,5 @@ class LocalAverager:
     def group_size(self) -> int:
         return self.group.size
 
-    def start(self, tensors: list[Tensor], tag: str) -> Future[list[Tensor]]:
-        return self.group._start(self.rank, tensors, tag)
+    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None) -> Future[list[Tensor]]:
+        return self.group._start(self.rank, tensors, tag)  # in-process: nothing to pace

@@ -103,7 +103,7 @@ class OuterTrainer(ABC):
         as a participant), since its pseudo-gradient does not cover a full inner phase."""
         self._zero_next = set(range(len(self.copies)))
 
-    def _launch(self, fragment: int, tag: str) -> InFlight:
+    def _launch(self, fragment: int, tag: str, within_s: float | None = None) -> InFlight:
         copy = self.copies[fragment]
         if fragment in self._zero_next:
             sent = [torch.zeros_like(t) for t in copy.params]
@@ -112,7 +112,7 @@ class OuterTrainer(ABC):
             if self._feedback is not None:
                 sent = self._feedback.quantize(fragment, sent)
         try:
-            future = self.averager.start(sent, tag)
+            future = self.averager.start(sent, tag, within_s=within_s)
         except Exception as e:
             raise AveragingError(f"average {tag!r} could not start: {e}") from e
         self._zero_next.discard(fragment)

@@ -98,8 +98,8 @@ class MeshAverager:
     def group_size(self) -> int:
         return self._size
 
-    def start(self, tensors: list[Tensor], tag: str) -> Future[list[Tensor]]:
-        fut = asyncio.run_coroutine_threadsafe(self._average(tensors, tag), self.loop)
+    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None) -> Future[list[Tensor]]:
+        fut = asyncio.run_coroutine_threadsafe(self._average(tensors, tag, within_s or 0.0), self.loop)
         self._running.add(fut)
         fut.add_done_callback(self._running.discard)
         return fut
@@ -113,7 +113,7 @@ class MeshAverager:
         stats = [self.host.link_stats(p) for p in peers]
         return sum(s.bytes_sent for s in stats), sum(s.bytes_received for s in stats)
 
-    async def _average(self, tensors: list[Tensor], tag: str) -> AverageResult:
+    async def _average(self, tensors: list[Tensor], tag: str, pace_s: float) -> AverageResult:
         t0 = time.perf_counter()
         rv = await self.rendezvous(tag)
         t1 = time.perf_counter()
@@ -123,8 +123,8 @@ class MeshAverager:
         group = Group(self.host, rv.participants,
                       membership=self._alive if self.membership is not None else None)
         try:
-            out = await all_reduce(group, tensors, tag=rv.tag, codec=self.codec,
-                                   timeout=self.timeout_s, robust=self.robust, **self.codec_options)
+            out = await all_reduce(group, tensors, tag=rv.tag, codec=self.codec, timeout=self.timeout_s,
+                                   robust=self.robust, pace_s=pace_s, **self.codec_options)
         except CollectiveError as e:
             raise AveragingError(f"all-reduce {rv.tag} over {len(rv.participants)} peers "
                                  f"failed: {e}") from e

@@ -94,6 +94,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "total_steps": ("--outer-steps", int, "stop the run at this outer step (0 = never)"),
     "codec": ("--codec", str, "all-reduce codec for pseudo-gradients (fp32 fp16 bf16 int8 int4)"),
     "error_feedback": ("--error-feedback", bool, "quantize pseudo-gradients under error feedback"),
+    "zstd": ("--zstd", bool, "compress the codec's bytes with zstd on the wire (lossless)"),
     "outer_lr": ("--outer-lr", float, "outer (Nesterov) learning rate"),
     "outer_momentum": ("--outer-momentum", float, "outer momentum"),
     "inner_lr": ("--inner-lr", float, "inner AdamW learning rate"),
@@ -277,7 +278,7 @@ class TrainRole:
         model = build_model(cfg).to(device)
         optimizer, scheduler = build_optimizer(cfg, model)
         averager = MeshAverager(self.daemon.host, self.loop, self._rendezvous, codec=cfg.codec,
-                                membership=lambda: list(self.daemon.mesh),
+                                zstd=cfg.zstd, membership=lambda: list(self.daemon.mesh),
                                 robust=cfg.robust_config())
         self.trainer = DiLoCo(model, optimizer, data, lm_loss, averager, cfg.outer_config(),
                               scheduler=scheduler)

@@ -46,6 +46,7 @@ class RunConfig:
     inner_seconds: when set, each peer's inner phase is a wall-clock budget (heterogeneous peers
     do as many steps as fit, so all reach the rendezvous together) instead of ``inner_steps``.
     error_feedback: pre-quantize pseudo-gradients with ``codec`` under error feedback (for int4).
+    zstd: compress the codec's bytes with zstd on the wire (lossless; ~8% fewer bytes for int8).
     total_steps: the run ends at this outer step (0 = never).
     sync_timeout_s / min_peers: a rendezvous waits for the peers in lockstep and for at least
     min_peers arrivals, but never longer than sync_timeout_s after the first expected arrival.
@@ -62,6 +63,7 @@ class RunConfig:
     total_steps: int = 0
     codec: str = "int8"
     error_feedback: bool = False
+    zstd: bool = False
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     inner_lr: float = 4e-4

@@ -59,11 +59,17 @@ class StreamingConfig(OuterConfig):
     fragments: int = 4       # P
     overlap_steps: int = 1   # tau: inner steps each fragment's all-reduce overlaps
     alpha: float = 0.5       # local <- (1 - alpha) * global_new + alpha * local at a sync
+    # Spread each fragment's all-reduce over this fraction of its overlap window (tau steps at
+    # the measured step time) instead of bursting at the link's rate: a lower peak outgoing
+    # rate for the same bytes. 0 = no pacing.
+    pace: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.pace < 1:
+            raise ConfigError(f"pace must be in [0, 1) (a fraction of the overlap window), got {self.pace}")
         StreamingSchedule(self.inner_steps, self.fragments, self.overlap_steps)
 
 
@@ -99,6 +105,8 @@ class StreamingDiLoCo(OuterTrainer):
     theta_m,f at the sync has trained tau steps past the snapshot; alpha keeps part of that
     progress (alpha = 0 replaces the fragment with the global copy). Outer gradients can be sent
     4-bit with error feedback (`feedback_codec="int4"`). Global state is identical on every peer.
+    With `pace` > 0 each fragment's all-reduce is spread over that fraction of its overlap
+    window (tau steps at the measured step time), lowering the peak outgoing rate further.
     P = 1, tau = 0, alpha = 0 is DiLoCo with blocking outer steps.
     """
 
@@ -144,10 +152,17 @@ class StreamingDiLoCo(OuterTrainer):
             if self._inflight is not None:
                 raise StateError(f"fragment {self._inflight[0]} still in flight at step {step}")
             tag = f"{self.config.tag_prefix}/frag{f}/sync{step + self.config.overlap_steps}"
-            self._inflight = (f, step, self._launch(f, tag))
+            self._inflight = (f, step, self._launch(f, tag, self._window_s()))
         g = self.schedule.sync_fragment(step)
         if g is not None:
             self._sync(g, step)
+
+    def _window_s(self) -> float | None:
+        """Seconds to spread a fragment's average over (``config.pace``), once steps are timed."""
+        step_s = self.inner.step_time_s
+        if not self.config.pace or step_s is None:
+            return None
+        return self.config.pace * self.config.overlap_steps * step_s
 
     def _sync(self, fragment: int, step: int) -> None:
         if self._inflight is None or self._inflight[0] != fragment:

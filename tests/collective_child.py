@@ -63,6 +63,15 @@ async def scenario_basic(group: Group, index: int, opts: dict) -> dict:
     for codec in CODECS:
         out[f"ar_{codec}"] = list(await all_reduce(group, inputs, tag=f"ar-{codec}", codec=codec))
     out["ar_sum_int8"] = list(await all_reduce(group, inputs, tag="ar-sum", codec="int8", op="sum"))
+    # Paced: the same bytes as unpaced int8, this peer's sends spread over about 1 s.
+    t0 = time.perf_counter()
+    out["ar_paced"] = list(await all_reduce(group, inputs, tag="ar-paced", codec="int8", pace_s=1.0))
+    out["paced_s"] = time.perf_counter() - t0
+    try:
+        await all_reduce(group, inputs, tag="bad-pace", pace_s=float("nan"))
+        out["bad_pace"] = "no error"
+    except CollectiveError as exc:
+        out["bad_pace"] = str(exc)
     # Many tiny chunks: the pipeline with several chunks per shard in flight.
     out["ar_chunked"] = list(await all_reduce(group, make_inputs(2, index), tag="ar-chunked", codec="int8",
                                               chunk_bytes=512))

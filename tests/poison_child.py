@@ -44,11 +44,11 @@ class PoisoningAverager:
     def __init__(self, inner, attacks: list[str]) -> None:
         self.inner, self.attacks, self.calls = inner, attacks, 0
 
-    def start(self, tensors: list[Tensor], tag: str) -> Future:
+    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None) -> Future:
         attack = self.attacks[self.calls % len(self.attacks)]
         self.calls += 1
         print(f"poison: sending a {attack} pseudo-gradient for {tag}", flush=True)
-        return self.inner.start(poisoned(attack, tensors), tag)
+        return self.inner.start(poisoned(attack, tensors), tag, within_s=within_s)
 
     def __getattr__(self, name: str) -> Any:  # group_size, last, cancel: the real averager's
         return getattr(self.inner, name)

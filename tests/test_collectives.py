@@ -142,6 +142,16 @@ def test_results_bit_identical_on_every_peer(basic):
         assert len(digests) == 1, f"{key}: peers disagree bitwise"
 
 
+def test_paced_all_reduce_spreads_the_same_result(basic):
+    """pace_s spreads each peer's sends (the first at once) over about that long; the bytes,
+    hence the result, are those of the unpaced ring (which takes milliseconds here). Shards
+    are block-aligned, so some peers send less than the average the rate is set from."""
+    for res in basic["results"]:
+        assert [_digest(t) for t in res["ar_paced"]] == [_digest(t) for t in res["ar_int8"]]
+        assert 0.5 <= res["paced_s"] < 10.0, res["paced_s"]
+        assert "pace_s" in res["bad_pace"]
+
+
 def test_shapes_dtypes_uneven_empty_and_zero_dim_preserved(basic):
     for res in basic["results"]:
         for key in [f"ar_{c}" for c in CODECS] + ["ar_sum_int8", "star_sum", "alone", "bc_raw"]:

@@ -280,6 +280,26 @@ def test_streaming_schedule_and_validation():
         StreamingSchedule(8, 4, 2)
     with pytest.raises(ConfigError):
         StreamingConfig(inner_steps=8, fragments=4, overlap_steps=2)
+    with pytest.raises(ConfigError, match="pace"):
+        StreamingConfig(inner_steps=8, fragments=4, overlap_steps=1, pace=1.0)
+
+
+def test_streaming_pace_spreads_each_average_over_part_of_the_overlap_window():
+    seen: list = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.group_size = inner, 1
+
+        def start(self, tensors, tag, *, within_s=None):
+            seen.append(within_s)
+            return self.inner.start(tensors, tag, within_s=within_s)
+
+    t = _streaming(0, StreamingConfig(inner_steps=4, fragments=2, overlap_steps=1, pace=0.5))
+    t.averager = Spy(t.averager)
+    t.run_inner(steps=8)  # launches after steps 1, 3, 5, 7: the step time is measured by then
+    assert len(seen) == 4 and all(w is not None and 0 < w < 5 for w in seen), seen
+    assert seen[-1] == pytest.approx(0.5 * 1 * t.inner.step_time_s, rel=0.5)
 
 
 def test_strided_fragments_tiny_and_llama():
@@ -422,8 +442,8 @@ class LocalView:
     def __init__(self, inner):
         self.inner, self.group_size = inner, 1
 
-    def start(self, tensors, tag):
-        fut = self.inner.start(tensors, tag)
+    def start(self, tensors, tag, *, within_s=None):
+        fut = self.inner.start(tensors, tag, within_s=within_s)
         fut.add_done_callback(lambda f: setattr(self, "group_size", f.result().participants))
         return fut
 

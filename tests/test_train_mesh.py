@@ -86,7 +86,7 @@ def test_three_peers_train_with_agreeing_state_hashes(procs, tmp_path):
     url = start_coordinator(procs, tmp_path / "coord").ready["url"]
     data = corpus(tmp_path)
     peers = start_trainers(procs, url, [tmp_path / f"p{i}.key" for i in range(3)], data,
-                           *TRAIN_FLAGS, "--outer-steps", "4", "--min-peers", "3")
+                           *TRAIN_FLAGS, "--outer-steps", "4", "--min-peers", "3", "--zstd")
     # A peer asking for another H than the run's is refused before it starts (exit 2).
     odd = procs.spawn([*PEER_CMD, "join", "--coordinator", url, "--token", TOKEN, "--listen",
                        "127.0.0.1:0", "--key", str(tmp_path / "odd.key"), "--device", "cpu",
@@ -108,7 +108,7 @@ def test_three_peers_train_with_agreeing_state_hashes(procs, tmp_path):
     # The per-step progress line is printed locally too.
     assert peers[0].wait_for_line(f"train {RUN}: step 4 loss", timeout=5)
     summary = api(url, f"/api/runs/{RUN}")
-    assert summary["step"] == 4 and summary["config"]["inner_steps"] == 5
+    assert summary["step"] == 4 and summary["config"]["inner_steps"] == 5 and summary["config"]["zstd"]
     assert all(s["agree"] for s in summary["steps"])
     assert odd.wait(timeout=60) == 2
     assert odd.wait_for_line("inner_steps: run has 5, you asked 7", timeout=5)
