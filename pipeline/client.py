@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 import random
 import secrets
 import threading
@@ -186,6 +187,7 @@ class _Session:
         self.excluded: set[str] = set()
         self.failovers = 0
         self.checks = 0                         # spot checks compared (observability, tests)
+        self.compute_s: list[float] = []        # per step: servers' reported compute (replays, checks included)
         self.route: list[Hop] = []
         self.pool: list[ServerInfo] = []        # reachable servers when opened: the spot checkers
 
@@ -200,6 +202,7 @@ class _Session:
         meta, raw = pack_tensor(ids.to(torch.long))
         t = ids.shape[1]
         x, i = (meta, raw), 0
+        self.compute_s.append(0.0)
         while i < len(self.route):
             hop = self.route[i]
             if hop.server.peer_id in self.client.untrusted:
@@ -230,6 +233,9 @@ class _Session:
                                                  timeout=self.client.step_timeout)
         except RemoteError as e:
             raise _remote(e) from e
+        ms = rh.get("compute_ms")
+        if self.compute_s and isinstance(ms, (int, float)) and math.isfinite(ms) and ms >= 0:
+            self.compute_s[-1] += ms / 1e3
         return {"dtype": rh.get("dtype"), "shape": rh.get("shape")}, bytes(rp)
 
     async def _repair(self, i: int, error: Exception) -> list[tuple[dict, bytes, int]]:
@@ -374,6 +380,7 @@ class InferenceClient:
         self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the latest session
         self.last_failovers = 0
         self.last_checks = 0
+        self.last_compute_s: list[float] = []  # per step of the latest session: servers' compute, summed over hops
 
     # -- plumbing ----------------------------------------------------------------------------
     @property
@@ -533,6 +540,7 @@ class InferenceClient:
             self.last_route = [(h.server.peer_id, h.start, h.end) for h in session.route]
             self.last_failovers = session.failovers
             self.last_checks = session.checks
+            self.last_compute_s = session.compute_s
             await asyncio.shield(session.close())
 
     async def atokens(self, model: str, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
@@ -590,12 +598,17 @@ class InferenceClient:
 
     async def agenerate(self, model: str, prompt: Prompt | list[Prompt], max_new_tokens: int = 128,
                         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                        stop_at_eos: bool = True) -> str | list[str]:
+                        stop_at_eos: bool = True, usage: list[dict] | None = None) -> str | list[str]:
         """The completion of a prompt, or the completions of a list of prompts (one batched
-        session; the stop token is not included)."""
+        session; the stop token is not included). ``usage``, when given, receives one dict per
+        completion as ``astream`` fills it (prompt_tokens, completion_tokens, finish_reason)."""
         if not _is_batch(prompt):
-            return "".join([p async for p in self.astream(model, prompt, max_new_tokens, temperature, top_p, seed,
-                                                          stop_at_eos)])
+            one: dict = {}
+            text = "".join([p async for p in self.astream(model, prompt, max_new_tokens, temperature, top_p, seed,
+                                                           stop_at_eos, one)])
+            if usage is not None:
+                usage[:] = [one]
+            return text
         tok = await self.tokenizer(model)
         try:
             prompts = [_prompt_ids(tok, p) for p in prompt]
@@ -605,6 +618,10 @@ class InferenceClient:
         out = Completions(len(prompts), stops)
         async for step in self.arows(model, prompts, max_new_tokens, temperature, top_p, seed, stops):
             out.add(step)
+        if usage is not None:
+            usage[:] = [{"prompt_tokens": len(p), "completion_tokens": len(r),
+                         "finish_reason": "stop" if done else "length"}
+                        for p, r, done in zip(prompts, out.rows, out.finished)]
         return [tok.decode(r) for r in out.rows]
 
     async def aclose(self) -> None:

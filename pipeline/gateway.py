@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP gateway (aiohttp) in front of the serving swarm.
 
 ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``; ``"stream": true``
-answers with server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``). Requests are
+answers with server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``); a list of
+prompts to ``/v1/completions`` is one batched session (choice i answers prompt i). Requests are
 validated up front; errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
 400 bad parameters / prompt over the context limit, 404 unknown model, 503 when the swarm cannot
 serve (a span without a server, coordinator unreachable), 401 with a wrong API key. A client that disconnects mid-stream
@@ -82,10 +83,14 @@ def _prompt(body: dict, chat: bool):
             raise _BadParam("'messages' must be a non-empty list of {role, content} with string content", "messages")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) and p for p in prompt):
+        if body.get("stream"):
+            raise _BadParam("streaming takes one prompt; send a batch of prompts without 'stream'", "stream")
+        return prompt  # a batch: one session of len(prompt) rows
     if not isinstance(prompt, str) or not prompt:
-        raise _BadParam("'prompt' must be a non-empty string (batches are not supported)", "prompt")
+        raise _BadParam("'prompt' must be a non-empty string or a list of them", "prompt")
     return prompt
 
 
@@ -127,6 +132,8 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     except _BadParam as e:
         return _error(400, str(e), "invalid_request_error", e.param)
     client, model = request.app[CLIENT], p["model"]
+    if not chat and isinstance(prompt, list):
+        return await _complete_batch(client, p, prompt)
     usage: dict[str, Any] = {}
     pieces = client.astream(model, prompt, p["max_new_tokens"], p["temperature"], p["top_p"], p["seed"],
                             usage=usage)
@@ -152,21 +159,16 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
             await response.write_eof()
             return response
         text = (first or "") + "".join([piece async for piece in pieces])
-    except ModelNotFound as e:
-        return _error(404, str(e), "invalid_request_error", "model", "model_not_found")
-    except (ValueError, ContextLimitExceeded) as e:  # BadRequest, context limit, sampler parameters
-        return _error(400, str(e), "invalid_request_error")
-    except LowbandError as e:  # no route, servers gone, coordinator unreachable
+    except (ValueError, LowbandError) as e:
         if response is not None:  # mid-stream: the status is sent; end the event stream with an error
             await response.write(f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
                                  .encode())
             return response
-        return _error(503, str(e), "server_error")
+        return _swarm_error(e)
     finally:
         await pieces.aclose()
     finish = usage.get("finish_reason", "stop")
-    counts = {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0)}
-    counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
+    counts = _counts([usage])
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         obj = "chat.completion"
@@ -175,6 +177,36 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
         obj = "text_completion"
     return web.json_response({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                               "usage": counts})
+
+
+def _swarm_error(e: Exception) -> web.Response:
+    """The HTTP answer to an error of the swarm or of the request it found."""
+    if isinstance(e, ModelNotFound):
+        return _error(404, str(e), "invalid_request_error", "model", "model_not_found")
+    if isinstance(e, (ValueError, ContextLimitExceeded)):  # BadRequest, context limit, sampler parameters
+        return _error(400, str(e), "invalid_request_error")
+    return _error(503, str(e), "server_error")  # no route, servers gone, coordinator unreachable
+
+
+def _counts(usage: list[dict]) -> dict[str, int]:
+    counts = {k: sum(u.get(k, 0) for u in usage) for k in ("prompt_tokens", "completion_tokens")}
+    counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
+    return counts
+
+
+async def _complete_batch(client: InferenceClient, p: dict[str, Any], prompts: list[str]) -> web.Response:
+    """``/v1/completions`` with a list of prompts: one batched session, choice i answers prompt i."""
+    usage: list[dict] = []
+    try:
+        texts = await client.agenerate(p["model"], prompts, p["max_new_tokens"], p["temperature"], p["top_p"],
+                                       p["seed"], usage=usage)
+    except (ValueError, LowbandError) as e:
+        return _swarm_error(e)
+    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": u["finish_reason"]}
+               for i, (text, u) in enumerate(zip(texts, usage))]
+    return web.json_response({"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
+                              "created": int(time.time()), "model": p["model"], "choices": choices,
+                              "usage": _counts(usage)})
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:

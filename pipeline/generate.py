@@ -130,12 +130,12 @@ class Completions:
     def __init__(self, rows: int, stops: Iterable[int]):
         self.stops = set(stops)
         self.rows: list[list[int]] = [[] for _ in range(rows)]
-        self._finished = [False] * rows
+        self.finished = [False] * rows  # the row has produced a stop id
 
     def add(self, tokens: list[int]) -> None:
         for r, t in enumerate(tokens):
-            self._finished[r] = self._finished[r] or t in self.stops
-            if not self._finished[r]:
+            self.finished[r] = self.finished[r] or t in self.stops
+            if not self.finished[r]:
                 self.rows[r].append(t)
 
 

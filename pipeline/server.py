@@ -390,10 +390,12 @@ class StageServer:
                         if not job.future.done():
                             job.future.set_exception(e)
                     continue
-                self._busy_s += time.perf_counter() - t0
+                busy = time.perf_counter() - t0
+                self._busy_s += busy
                 self._tokens += sum(sum(j.req.chunks) for j in group)
                 for job, res in zip(group, results):
                     job.session.last_used = time.monotonic()
+                    res[0]["compute_ms"] = busy * 1e3  # the forward this step shared (observability)
                     if not job.future.done():
                         job.future.set_result(res)
 

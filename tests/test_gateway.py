@@ -18,6 +18,7 @@ TOKEN = "gateway-test-token"
 MODEL = "smollm2-135m"
 NEW = 8
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+BATCH = ["Once upon a time", "The three primary colours are"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def reference():
     from pipeline.generate import generate
 
     model, tok = reference_model()
-    return {"chat": generate(model, tok, MESSAGES, NEW), "text": generate(model, tok, "Once upon a time", NEW)}
+    return {"chat": generate(model, tok, MESSAGES, NEW), "text": generate(model, tok, "Once upon a time", NEW),
+            "batch": generate(model, tok, BATCH, NEW)}
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +108,24 @@ def test_streaming_events(api, reference):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == reference["chat"]
 
 
+def test_batched_prompts(api, reference):
+    """A list of prompts is one batched session; choice i equals single-process batched greedy."""
+    status, body = post(api + "/completions", {"model": MODEL, "prompt": BATCH, "max_tokens": NEW, "temperature": 0})
+    assert status == 200, body
+    assert [(c["index"], c["text"]) for c in body["choices"]] == list(enumerate(reference["batch"]))
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert 0 < body["usage"]["completion_tokens"] <= 2 * NEW and body["usage"]["prompt_tokens"] >= 8
+    status, answer = post(api + "/completions", {"model": MODEL, "prompt": BATCH, "stream": True})
+    assert status == 400 and "one prompt" in answer["error"]["message"], answer
+
+
 @pytest.mark.parametrize("body,status,needle", [
     ({"model": "nope", "prompt": "hi"}, 404, "nope"),
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 9000}, 400, "context limit"),
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL, "prompt": ["hi", ""]}, 400, "prompt"),
     ({"prompt": "hi"}, 400, "model"),
     (b"{not json", 400, "JSON"),
 ])
