@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import secrets
 import statistics
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.baselines.workers import announce, report, run_workers  # noqa: E402
+from bench.baselines.workers import announce, mesh_go, report, run_workers, start_mesh_host  # noqa: E402
 from bench.common import RESULTS, check, write_results  # noqa: E402
 
 N_WORKERS = 4
@@ -100,16 +99,6 @@ def prepare_tokens(path: Path) -> dict:
             "other_id_fraction": float((mapped == VOCAB - 1).mean())}
 
 
-def lr_factor(step: int, steps: int, schedule: str) -> float:
-    """Linear warmup over WARMUP_STEPS, then constant or cosine down to 10% at the last step."""
-    if step < WARMUP_STEPS:
-        return (step + 1) / WARMUP_STEPS
-    if schedule == "constant":
-        return 1.0
-    done = min(1.0, (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS))
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
-
-
 # ----------------------------------------------------------------------------- worker side
 class Trainee:
     """Model, inner AdamW (+ warmup), this worker's shard and the held-out eval windows."""
@@ -118,6 +107,7 @@ class Trainee:
         import numpy as np
         import torch
         from diloco.data import TokenShards
+        from diloco.run_config import inner_optimizer
         from pipeline.model import Llama
 
         torch.set_num_threads(1)
@@ -129,9 +119,9 @@ class Trainee:
         eval_tokens = torch.from_numpy(tokens[split:].astype(np.int64))
         starts = torch.arange(EVAL_WINDOWS) * (args.seq_len + 1)
         self.eval_batch = eval_tokens[starts[:, None] + torch.arange(args.seq_len + 1)]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.inner_lr, betas=(0.9, 0.95),
-                                     weight_decay=0.1)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, args.steps, args.lr_schedule))
+        # The inner AdamW of `peer join --train` (diloco.run_config), this bench's lr and schedule.
+        self.opt, self.sched = inner_optimizer(self.model.parameters(), args.inner_lr, 0.1, WARMUP_STEPS,
+                                               args.steps, args.lr_schedule)
         self.tokens_per_step = N_WORKERS * args.batch * args.seq_len  # over all workers
         self.snapshots: list[tuple[int, dict]] = []
 
@@ -253,20 +243,13 @@ def _mesh_worker(args: argparse.Namespace) -> None:
     from collectives import Group, all_reduce
     from diloco import DiLoCo, DiLoCoConfig, StreamingConfig, StreamingDiLoCo
     from diloco.mesh import MeshAverager, Rendezvous
-    from peer.identity import Identity
-    from peer.transport import PeerHost
 
     algo, codec, feedback, zstd = RUNS[args.run]
     tr = Trainee(args)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="peer-loop", daemon=True).start()
-    host = PeerHost(Identity.generate(), bytes.fromhex(args.token))
-    _run_on_loop(loop, host.start(args.address, 0))
-    go = announce({"port": int(host.address.rsplit(":", 1)[1]), "peer_id": host.peer_id})
+    host, go = _run_on_loop(loop, start_mesh_host(args.address, args.token, args.rank))
     peers = go["peers"]
-    for j, (peer, route) in enumerate(zip(peers, go["routes"][args.rank])):
-        if j != args.rank:
-            host.add_route(peer, route)
     group = Group(host, peers)
     others = [p for p in peers if p != host.peer_id]
     _run_on_loop(loop, all_reduce(group, [torch.zeros(16)], tag="warm", codec="fp32"))
@@ -362,12 +345,10 @@ def run(name: str, args: argparse.Namespace, tokens: Path, measure_fp32_ring: bo
                     "--inner-lr", str(args.inner_lr), "--lr-schedule", args.lr_schedule] + \
                 (["--measure-fp32-ring"] if measure_fp32_ring else [])
 
-        def go(ready: list[dict]) -> dict:
-            if name == "dp":
-                return {"store": f"{links.address(0)}:{ready[0]['port']}"}
-            return {"peers": [r["peer_id"] for r in ready], "routes": links.routes([r["port"] for r in ready])}
+        def store(ready: list[dict]) -> dict:
+            return {"store": f"{links.address(0)}:{ready[0]['port']}"}
 
-        return run_workers(links, argv, go, timeout=_TIMEOUT_S)
+        return run_workers(links, argv, store if name == "dp" else mesh_go(links), timeout=_TIMEOUT_S)
 
 
 def summarize(name: str, res: list[dict], args: argparse.Namespace, fp32_ring_s: float | None) -> dict:

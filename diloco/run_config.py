@@ -175,12 +175,28 @@ def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.inner_lr, betas=(0.9, 0.95),
-                            weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant") -> float:
+    """Inner lr multiplier: linear warmup over ``warmup_steps``, then constant, or ("cosine") down
+    to 10% at ``total_steps``."""
+    warmup = max(1, warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    done = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
+
+
+def inner_optimizer(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int = 0,
+                    schedule: str = "constant"):
+    """The inner AdamW (betas 0.9 / 0.95) and its ``lr_factor`` schedule."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps, schedule))
     return opt, sched
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module):
+    return inner_optimizer(model.parameters(), cfg.inner_lr, cfg.weight_decay, cfg.warmup_steps)
 
 
 def corpus_tokens(cfg: RunConfig, data: str | Path | None,
