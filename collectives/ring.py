@@ -34,11 +34,15 @@ from .deadline import DeadlinePolicy, observe_bandwidth
 from .errors import CollectiveAborted, CollectiveError
 from .layout import fingerprint
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # largest chunk on the wire
+# Largest chunk on the wire. 4 peers, 100 MB fp32 over 100 Mbit/s tbf links, medians of 4:
+# 1 MiB chunks 13.86 s, 512 KiB 13.59 s, 256 KiB 13.41 s (gloo 13.67 s in the same run): the
+# pipeline drains one chunk per hop at the end, and small chunks leave the link less to wait for.
+DEFAULT_CHUNK_BYTES = 256 << 10
 MIN_CHUNK_BYTES = 64 << 10      # smaller chunks only when the caller asks (per-message costs add up)
 CHUNKS_PER_SHARD = 16           # unless that makes chunks smaller than MIN_CHUNK_BYTES
 MIN_SEND_WINDOW = 2             # concurrent sends per neighbour, at least
-_INLINE_NUMEL = 1 << 15         # smaller work runs inline: a thread hop costs more than it saves
+_INLINE_NUMEL = 1 << 17         # smaller work runs inline: a thread hop costs more than it saves
+                                # (a 256 KiB fp32 chunk: loopback 100 MB fp32 1.08 -> 0.84 s)
 _RS, _AG, _END = 0, 1, 2        # send-priority phases
 
 

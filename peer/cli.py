@@ -195,18 +195,30 @@ def add_plugin_commands(sub) -> None:
                   file=sys.stderr)
 
 
-def _idle_threads_sleep(argv: list[str]) -> None:
-    """A serving peer waits on the network between forwards: its idle OpenMP workers should
-    sleep, not spin on cores that co-located stages, clients and heartbeats need (measured: a
-    3-stage loopback pipeline on 2 cores, 70 -> 58 ms per token). Read by the OpenMP runtime
-    when torch loads, which building the parser does (role plug-ins), so it is decided from the
-    raw arguments; a value the user set wins. Training peers keep the default (hot workers)."""
-    if any(a == "--serve" or a.startswith("--serve=") for a in argv):
+def _omp_wait_policy(argv: list[str]) -> None:
+    """How a serving peer's idle OpenMP workers wait, read by the OpenMP runtime when torch loads
+    (which building the parser does: role plug-ins), so decided from the raw arguments; values
+    the user set win. Training peers keep the runtime's default.
+
+    A pipeline stage spins briefly (about 2 ms here) before sleeping: a forward is a few hundred
+    short parallel ops, and waking sleeping workers for each one cost batch-8 stages 15% (3-stage
+    loopback pipeline on 2 cores: servers' compute 95 -> 83 ms per step, the same blocks in one
+    process 81 ms), while a short spin leaves the core to co-located stages between forwards
+    (the runtime's default spin, ~15 ms, made batch 1 70 ms per token instead of 58). A tensor
+    split's peers compute at the same time and wait on each other inside a forward: spinning
+    there takes cores that co-located group members need (batch 8: 202 -> 241 ms), so they sleep."""
+    serve = next((v for k, v in zip(argv, argv[1:] + [""]) if k == "--serve"), None)
+    serve = next((a.split("=", 1)[1] for a in argv if a.startswith("--serve=")), serve)
+    if serve is None:
+        return
+    if ",tp=" in serve:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    elif "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=os.environ.get("GOMP_SPINCOUNT", "20000"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    _idle_threads_sleep(sys.argv[1:] if argv is None else argv)
+    _omp_wait_policy(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "id":
         try:

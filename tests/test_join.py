@@ -266,3 +266,23 @@ def test_peer_waits_for_a_coordinator_that_starts_later(procs, tmp_path):
     start_coordinator(procs, tmp_path / "coord", port)
     line = early.wait_for_line("READY ", timeout=30)
     assert json.loads(line[6:])["peer_id"] in peers_by_id(url)
+
+
+@pytest.mark.parametrize("argv, preset, expect", [
+    (["join", "--serve", "smollm2-135m"], {}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "20000"}),
+    (["join", "--serve=smollm2-135m", "--blocks", "0:10"], {}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    (["join", "--serve", "smollm2-135m,tp=b:0/3"], {}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}),
+    (["join", "--serve", "smollm2-135m"], {"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE",
+                                                                          "GOMP_SPINCOUNT": None}),
+    (["join", "--serve", "smollm2-135m"], {"GOMP_SPINCOUNT": "7"}, {"GOMP_SPINCOUNT": "7"}),
+    (["join", "--train"], {}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}),
+])
+def test_serving_peers_choose_how_idle_openmp_workers_wait(monkeypatch, argv, preset, expect):
+    from peer.cli import _omp_wait_policy
+
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in preset.items():
+        monkeypatch.setenv(key, value)
+    _omp_wait_policy(argv)
+    assert {key: os.environ.get(key) for key in expect} == expect

@@ -131,8 +131,12 @@ def test_joiner_catches_up_and_run_survives_sigkill(procs, tmp_path):
     everyone = first_ids | {jid}
     steps = wait_until(lambda: steps_reported_by(url, everyone, 3), 120,
                        "three steps reported by all three peers")
-    # Its first step (zero contribution) already ends in the same state as the others'.
-    assert steps[0] == joined_at + 1
+    # Its first step (zero contribution) already ends in the same state as the others'. If they
+    # had begun step joined_at + 1 without it, it was told so, synced again and joined the next.
+    synced = [int(x.split("step ")[1].split()[0]) for x in list(joiner.lines) if "state from peer" in x]
+    first_own = min(s for s, rows in reports_by_step(url).items() if jid in rows)
+    assert synced[0] == joined_at and first_own == steps[0]
+    assert first_own - 1 == max(s for s in synced if s < first_own), (synced, first_own)
     assert_hashes_agree(url, steps)
     by_step = reports_by_step(url)
     later = by_step[steps[-1]][jid]
