@@ -207,8 +207,12 @@ def _omp_wait_policy(argv: list[str]) -> None:
     (the runtime's default spin, ~15 ms, made batch 1 70 ms per token instead of 58). A tensor
     split's peers compute at the same time and wait on each other inside a forward: spinning
     there takes cores that co-located group members need (batch 8: 202 -> 241 ms), so they sleep."""
-    serve = next((v for k, v in zip(argv, argv[1:] + [""]) if k == "--serve"), None)
-    serve = next((a.split("=", 1)[1] for a in argv if a.startswith("--serve=")), serve)
+    serve = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--serve="):
+            serve = arg.split("=", 1)[1]
+        elif arg == "--serve" and i + 1 < len(argv):
+            serve = argv[i + 1]
     if serve is None:
         return
     if ",tp=" in serve:
