@@ -6,14 +6,14 @@ process per host, one large fp32 tensor (default 4 hosts, 100 MB).
                                         [--mbytes 100] [--repeats 5] [--codecs fp32,fp16,int8,int4]
                                         [--hivemind-codecs fp32,fp16,8bit]
 
-Links come from bench.links (unshaped loopback; tc tbf 100 Mbit/s namespaces, root only;
-peer.netem relays at 100 Mbit/s and 25 ms one way). Per link kind, in one run: the link rate of
+Links come from testing.links (unshaped loopback; tc tbf 100 Mbit/s namespaces, root only;
+testing.netem relays at 100 Mbit/s and 25 ms one way). Per link kind, in one run: the link rate of
 one raw TCP stream, our ring for every codec, and the anchors where they can run (gloo and
 hivemind learn peer addresses at run time, so they cannot cross per-pair relays). Each repeat
 starts after a tiny all-reduce (a barrier) and lasts until the slowest rank has its result;
 medians of the repeats, the ring lower bound 2(N-1)/N * wire_bytes / link_rate beside each,
 whether all ranks got identical bits, and the issue's targets checked pass/fail.
-Writes bench/results/allreduce.json and allreduce.md (DESIGN.md section 6).
+Writes bench/results/allreduce.json and allreduce.md (docs/architecture.md §Measuring performance).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.baselines.workers import (BaselineError, mesh_go, report, run_workers, slowest_per_repeat,  # noqa: E402
-                                     start_mesh_host)
 from bench.common import check, write_results  # noqa: E402
+from testing.baselines.workers import (BaselineError, mesh_go, report, run_workers, slowest_per_repeat,  # noqa: E402
+                                       start_mesh_host)
 
 _WARMUP_NUMEL = 1 << 20
 _TIMEOUT_S = 900.0
@@ -86,9 +86,9 @@ def run_ours(links, numel: int, repeats: int, codecs: list[str]) -> dict[str, di
 
 def bench_links(kind: str, args: argparse.Namespace, codecs: list[str],
                 hivemind_codecs: list[str]) -> tuple[list[dict], dict, list[str]]:
-    from bench.baselines.gloo_allreduce import run_gloo
-    from bench.baselines.hivemind_allreduce import CODECS as HIVEMIND_CODECS, run_hivemind
-    from bench.links import LinksUnsupported, measure_link_rate, open_links, ring_bound_fields
+    from testing.baselines.gloo_allreduce import run_gloo
+    from testing.baselines.hivemind_allreduce import CODECS as HIVEMIND_CODECS, run_hivemind
+    from testing.links import LinksUnsupported, measure_link_rate, open_links, ring_bound_fields
     from compression import get_codec
 
     numel = args.mbytes * (1 << 20) // 4
@@ -175,7 +175,7 @@ def _load() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--links", default="loopback,tbf100,emu100d25", help="comma-separated bench.links kinds")
+    parser.add_argument("--links", default="loopback,tbf100,emu100d25", help="comma-separated testing.links kinds")
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--mbytes", type=int, default=100)
     # 5: on this shared 2-core VM about a third of the short (int4, ~1.7 s) repeats lose 0.1-0.4 s
@@ -191,9 +191,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         args.rank, args.numel, args.repeats = int(args.rank), int(args.numel), int(args.repeats)
+        from peer.transport import install_event_loop_policy
+        install_event_loop_policy()  # the loop production peers run (uvloop where installed)
         asyncio.run(_worker(args))
         return 0
-    from peer.netns import unavailable_reason
+    from testing.netns import unavailable_reason
 
     codecs = args.codecs.split(",")
     hivemind_codecs = [c for c in args.hivemind_codecs.split(",") if c]

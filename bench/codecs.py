@@ -4,7 +4,7 @@ max error against the documented bound, with a memory-copy anchor measured in th
     .venv/bin/python bench/codecs.py [--sizes 4194304 16777216] [--repeats 7] [--threads 1]
 
 Prints a markdown table and writes bench/results/codecs.json and bench/results/codecs.md.
-The machine is shared and noisy (DESIGN.md section 6): every timing is a median of repeats.
+The machine is shared and noisy (docs/architecture.md §Measuring performance): every timing is a median of repeats.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: medians of repeats, pass/fail checks, result files.
 
-DESIGN.md section 6: the machines are small, shared and noisy, so a benchmark reports medians of
+docs/architecture.md §Measuring performance: the machines are small, shared and noisy, so a benchmark reports medians of
 several repeats, ratios against anchors measured in the same run, and the raw samples in JSON.
 
     from bench.common import Samples, check, write_results   # with the repo root on sys.path
@@ -10,31 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from testing.samples import Samples  # shared with the all-reduce anchors (testing/baselines)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Samples:
-    """Repeated measurements of one quantity (seconds, Mbit/s, ... -- the caller's unit)."""
-
-    values: list[float] = field(default_factory=list)
-
-    def add(self, value: float) -> None:
-        self.values.append(float(value))
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    def as_dict(self) -> dict:
-        return {"median": self.median, "min": min(self.values), "max": max(self.values), "samples": self.values}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Samples:

@@ -14,7 +14,7 @@ Runs (each worker trains on its own TokenShards shard of Shakespeare, reference 
   of the same gradient through the same emulated links).
 - ``diloco-*``: DiLoCo (Douillard et al. 2023), H inner steps per outer step, blocking outer
   step, pseudo-gradients averaged by ``collectives.all_reduce`` (via ``diloco.mesh.MeshAverager``)
-  between ``PeerHost`` peers whose links are ``peer.netem`` relays (bench.links "emu20d50");
+  between ``PeerHost`` peers whose links are ``testing.netem`` relays (testing.links "emu20d50");
   ``-int4`` adds error feedback (``feedback_codec="int4"``), ``-zstd`` zstd on the int8 bytes.
 - ``eager-int4``: DiLoCo with the eager overlapped outer step (Kale et al. 2025).
 - ``streaming-int4``: Streaming DiLoCo (Douillard et al. 2025), P fragments on a staggered
@@ -41,8 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.baselines.workers import announce, mesh_go, report, run_workers, start_mesh_host  # noqa: E402
 from bench.common import RESULTS, check, write_results  # noqa: E402
+from testing.baselines.workers import announce, mesh_go, report, run_workers, start_mesh_host  # noqa: E402
 
 N_WORKERS = 4
 VOCAB = 769            # 768 most frequent reference-tokenizer ids + one "other" id (see _model_config)
@@ -64,7 +64,7 @@ RUNS = {  # name -> (algorithm, wire codec, error-feedback codec, zstd on the co
     "eager-int4": ("eager", "int4", "int4", False),
     "streaming-int4": ("streaming", "int4", "int4", False),
 }
-# Outer optimizer of the bench's DiLoCo runs. DESIGN.md's defaults (lr 0.7, momentum 0.9) are
+# Outer optimizer of the bench's DiLoCo runs. The run defaults (lr 0.7, momentum 0.9) are
 # for long runs: momentum 0.9 averages over ~10 outer steps, the whole of this 10-outer-step run.
 # A sweep here (closing note of issue 4; DiLoCo-int8 eval loss, DP 3.273): momentum 0.9 at lr
 # 0.3-1.0: 3.375-3.438; 0.8: 3.367-3.375; lr 0.6 / momentum 0.7: 3.353; lr 0.7 / 0.6: 3.358.
@@ -330,7 +330,7 @@ def _mesh_worker(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- parent side
 def run(name: str, args: argparse.Namespace, tokens: Path, measure_fp32_ring: bool) -> list[dict]:
-    from bench.links import open_links
+    from testing.links import open_links
 
     token = secrets.token_hex(16)
     kind = "loopback" if name == "dp" else "emu20d50"
@@ -521,7 +521,7 @@ def report_results(summaries: dict[str, dict], args: argparse.Namespace, data_in
         "links is T x (measured compute per step + median time of our fp32 ring all-reduce of a "
         f"gradient-sized tensor through the same 20 Mbit/s 50 ms relays: {fp32_ring_s} s); its peak "
         "out-rate is the link rate (it is link-bound every step).",
-        "DiLoCo runs: 4 processes, PeerHost + peer.netem relays (bench.links emu20d50: 20 Mbit/s, "
+        "DiLoCo runs: 4 processes, PeerHost + testing.netem relays (testing.links emu20d50: 20 Mbit/s, "
         "50 ms one way, per direction of each pair link), diloco.mesh.MeshAverager over "
         "collectives.all_reduce. Bytes = PeerHost link stats bytes_sent (encrypted records, framing "
         "included) during training, median over workers; analytic = outer steps x 2(N-1)/N x codec "

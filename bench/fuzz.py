@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fuzz.py [--wire 100000] [--http 10000] [--seed 1] [--tcp 2000] [--files 600]
 
-Targets and their oracles (DESIGN.md section 2, "Every bad input -> a clear, typed error"):
+Targets and their oracles (docs/architecture.md §Wire layers, "Every bad input -> a clear, typed error"):
 
 - wire: mutated valid frames (bit flips, truncation, lying length fields, msgpack garbage headers,
   random bytes), fed in random splits into ``FrameDecoder``; live handshakes whose flights are
@@ -39,7 +39,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -54,18 +53,22 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
-
 from peer.errors import AuthError, ProtocolError  # noqa: E402
 from peer.handshake import Handshake, State  # noqa: E402
+from peer import messages as msgs  # noqa: E402
 from peer.identity import Identity  # noqa: E402
-from peer.membership import signing_bytes  # noqa: E402
-from peer.secure import RECORD_HEADER_SIZE, SecureChannel  # noqa: E402
-from peer.wire import (DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FIXED_HEADER_SIZE, Frame,  # noqa: E402
-                       FrameDecoder, FrameType, decode_frame, encode_frame)
+from peer.secure import SecureChannel  # noqa: E402
+from peer.wire import DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FrameType, decode_frame  # noqa: E402
+# Generators and oracles shared with tests/test_hostile_input.py.
+from testing.fuzzgen import (U32_EDGES, U64_EDGES, mutate, mutate_json, pieces, random_frame,  # noqa: E402
+                             split_points)
+from testing.hostile import (TOKEN, Coordinator, filesystem_problems, legit_check, signed_body,  # noqa: E402
+                             start_coordinator, tcp_case)
+from testing.tiny_model import write_tiny_gguf, write_tiny_hf  # noqa: E402
+from testing.wire_oracles import (check_channel, check_decode_frame, check_decoder,  # noqa: E402
+                                  check_handshake_outcome, check_roundtrip, run_handshake, seal_raw)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TOKEN = "fuzz-swarm-token"
 MAX_REPRO = 2048  # bytes of a reproducer kept in the report (hex)
 
 
@@ -100,284 +103,6 @@ class Tally:
                        + "\n" + "".join(traceback.format_tb(e.__traceback__)[-3:]), reproducer())
 
 
-# ------------------------------------------------------------------------------ generators
-
-def random_value(rng: random.Random, depth: int = 0) -> Any:
-    """A msgpack/JSON-able hostile value: edge numbers, odd strings, nesting."""
-    kind = rng.randrange(12 if depth < 3 else 8)
-    if kind == 0:
-        return rng.choice([0, 1, -1, 2**31, 2**63 - 1, -2**63, 2**64 - 1, 255, 65536])
-    if kind == 1:
-        return rng.choice([0.0, -0.0, 1e308, -1e-308, 0.5, 3.0])
-    if kind == 2:
-        return rng.choice([True, False, None])
-    if kind == 3:
-        return rng.choice(["", "a", "..", "../../etc/passwd", "\x00", "é✓", "x" * 300, "1", "latest"])
-    if kind == 4:
-        return rng.randbytes(rng.choice([0, 1, 31, 32, 33, 64]))
-    if kind == 5:
-        return rng.randrange(-10, 10**6)
-    if kind == 6:
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randrange(1, 12)))
-    if kind == 7:
-        return rng.randbytes(rng.randrange(0, 64)).hex()
-    if kind in (8, 9):
-        return [random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))]
-    return {random_key(rng): random_value(rng, depth + 1) for _ in range(rng.randrange(0, 4))}
-
-
-def random_key(rng: random.Random) -> str:
-    return rng.choice(["i", "o", "n", "z", "k", "t", "h", "m", "c", "p", "d", "err", "eph", "nonce",
-                       "id", "sig", "mac", "reason", "by", "x", ""])
-
-
-def random_header(rng: random.Random) -> dict:
-    return {random_key(rng): random_value(rng) for _ in range(rng.randrange(0, 6))}
-
-
-def random_frame(rng: random.Random) -> bytes:
-    type_ = rng.choice(list(FrameType) + [0, 5, 99, 255])
-    payload = rng.randbytes(rng.choice([0, 0, 1, 16, 100, 1000, 3000]))
-    return encode_frame(Frame(int(type_), random_header(rng), payload, rng.choice([0, 0, 1, 255])))
-
-
-U32_EDGES = [0, 1, 2, 15, 16, 17, 4095, 4096, 4097, DEFAULT_MAX_HEADER - 1, DEFAULT_MAX_HEADER,
-             DEFAULT_MAX_HEADER + 1, 2**31 - 1, 2**31, 2**32 - 1]
-U64_EDGES = [0, 1, 2, DEFAULT_MAX_PAYLOAD - 1, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD + 1, 2**32,
-             2**63 - 1, 2**63, 2**64 - 1]
-# msgpack bytes that stress a decoder: reserved 0xc1, huge declared containers/strings, deep
-# nesting, ext types, non-string map keys, truncated numbers.
-MSGPACK_GARBAGE = [b"\xc1", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",
-                   b"\xc6\xff\xff\xff\xff", b"\x91" * 3000, b"\x81\xa1a" * 1500 + b"\xc0",
-                   b"\xd4\x01\x00", b"\xc7\xff\x05", b"\xd6\xff\x00\x00\x00\x00", b"\x81\x01\x02",
-                   b"\x81\xc0\xc0", b"\xcf\x00", b"\x90", b"\xa5hello", b"\x80\x80", b"\x81\x91\x01\x02",
-                   b"\xde\x00\x01\xc4\x01a\xc0"]
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    """Apply 1-3 random mutations: bit flips, byte edits, truncation, extension, lying length
-    fields, msgpack garbage in the header, splices, or wholesale random bytes."""
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        op = rng.randrange(11)
-        if op == 0 and buf:  # bit flips
-            for _ in range(rng.randint(1, 8)):
-                i = rng.randrange(len(buf))
-                buf[i] ^= 1 << rng.randrange(8)
-        elif op == 1 and buf:  # byte overwrite, biased to the fixed header
-            i = rng.randrange(min(len(buf), FIXED_HEADER_SIZE + 8)) if rng.random() < 0.6 else rng.randrange(len(buf))
-            buf[i] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
-        elif op == 2:  # truncate
-            del buf[rng.randrange(len(buf) + 1):]
-        elif op == 3:  # extend
-            buf += rng.randbytes(rng.choice([1, 5, 17, 100, 4000]))
-        elif op == 4 and len(buf) >= FIXED_HEADER_SIZE:  # header length lies
-            struct.pack_into("!I", buf, 5, rng.choice(U32_EDGES + [struct.unpack_from("!I", buf, 5)[0] + rng.choice([-1, 1])]) % 2**32)
-        elif op == 5 and len(buf) >= FIXED_HEADER_SIZE:  # payload length lies
-            struct.pack_into("!Q", buf, 9, rng.choice(U64_EDGES + [struct.unpack_from("!Q", buf, 9)[0] + rng.choice([-1, 1])]) % 2**64)
-        elif op == 6 and len(buf) >= FIXED_HEADER_SIZE:  # msgpack garbage as the header, length fixed up
-            junk = rng.choice(MSGPACK_GARBAGE) if rng.random() < 0.7 else rng.randbytes(rng.randrange(1, 64))
-            hlen = struct.unpack_from("!I", buf, 5)[0]
-            rest = bytes(buf[FIXED_HEADER_SIZE + hlen:]) if FIXED_HEADER_SIZE + hlen <= len(buf) else b""
-            struct.pack_into("!I", buf, 5, len(junk))
-            buf[FIXED_HEADER_SIZE:] = junk + rest
-        elif op == 7 and len(buf) >= 4:  # magic / version / type
-            buf[rng.randrange(4)] = rng.randrange(256)
-        elif op == 8:  # splice another frame in
-            other = random_frame(rng)
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = other[:rng.randrange(len(other) + 1)]
-        elif op == 9 and buf:  # delete a range
-            i = rng.randrange(len(buf))
-            del buf[i:i + rng.randrange(1, 32)]
-        else:  # random bytes (sometimes behind a valid magic + version)
-            buf = bytearray((b"LB\x01" if rng.random() < 0.5 else b"") + rng.randbytes(rng.randrange(0, 200)))
-    return bytes(buf)
-
-
-def split_points(rng: random.Random, n: int) -> list[int]:
-    """Cut positions for feeding ``n`` bytes in pieces (none, one-byte pieces, or random cuts)."""
-    mode = rng.randrange(4)
-    if mode == 0 or n < 2:
-        return []
-    if mode == 1 and n <= 400:
-        return list(range(1, n))
-    return sorted(rng.sample(range(1, n), min(n - 1, rng.randint(1, 8))))
-
-
-def pieces(data: bytes, splits: list[int]) -> list[bytes]:
-    cuts = [0, *splits, len(data)]
-    return [data[a:b] for a, b in zip(cuts, cuts[1:])]
-
-
-def mutate_json(rng: random.Random, value: Any) -> Any:
-    """A copy of a JSON value with one node replaced, deleted, retyped or made hostile."""
-    value = json.loads(json.dumps(value))
-    paths: list[tuple] = []
-
-    def walk(v: Any, path: tuple) -> None:
-        paths.append(path)
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(x, path + (k,))
-        elif isinstance(v, list):
-            for i, x in enumerate(v[:20]):
-                walk(x, path + (i,))
-
-    walk(value, ())
-    path = rng.choice(paths)
-    new = rng.choice([
-        lambda: random_value(rng), lambda: None, lambda: [], lambda: {}, lambda: "x" * 100_000,
-        lambda: 10**30, lambda: -1, lambda: 1.5, lambda: True, lambda: nested(rng.randrange(50, 200)),
-        lambda: "../../" + rng.choice(["etc/passwd", "lbfuzz-canary"]), lambda: [1] * 1000,
-    ])()
-    new = jsonable(new)
-    if not path:
-        return new
-    parent = value
-    for k in path[:-1]:
-        parent = parent[k]
-    if rng.random() < 0.2 and isinstance(parent, dict):
-        del parent[path[-1]]
-    elif rng.random() < 0.1 and isinstance(parent, dict):
-        parent[random_key(rng) + "extra"] = new
-    else:
-        parent[path[-1]] = new
-    return value
-
-
-def jsonable(v: Any) -> Any:
-    """``random_value`` output made JSON-encodable (bytes become hex strings)."""
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v).hex()
-    if isinstance(v, list):
-        return [jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    return v
-
-
-def nested(depth: int) -> Any:
-    v: Any = 0
-    for i in range(depth):
-        v = [v] if i % 2 else {"a": v}
-    return v
-
-
-# ------------------------------------------------------------------------------- oracles
-
-def check_decoder(data: bytes, splits: list[int] = (), max_header: int = DEFAULT_MAX_HEADER,
-                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> list[Frame]:
-    """Feed ``data`` in pieces; only ProtocolError may escape and every frame obeys the limits.
-    After a ProtocolError the decoder is abandoned (the connection would be dropped)."""
-    dec = FrameDecoder(max_header=max_header, max_payload=max_payload)
-    frames: list[Frame] = []
-    try:
-        for piece in pieces(data, list(splits)):
-            frames += dec.feed(piece)
-    except ProtocolError:
-        pass
-    for f in frames:
-        assert isinstance(f.header, dict), f"header is {type(f.header).__name__}"
-        assert len(f.payload) <= max_payload, "payload over the limit"
-        assert 0 <= f.type < 256 and 0 <= f.flags < 256
-    return frames
-
-
-def check_roundtrip(frames: list[bytes], splits: list[int]) -> None:
-    """Untampered frames fed in any split decode to exactly what was encoded."""
-    stream = b"".join(frames)
-    got = check_decoder(stream, splits)
-    want = [decode_frame(f) for f in frames]
-    assert len(got) == len(want), f"decoded {len(got)} of {len(want)} frames"
-    for g, w in zip(got, want):
-        assert (g.type, g.header, bytes(g.payload), g.flags) == (w.type, w.header, bytes(w.payload), w.flags)
-
-
-def check_decode_frame(data: bytes) -> None:
-    try:
-        f = decode_frame(data)
-    except ProtocolError:
-        return
-    assert isinstance(f.header, dict) and len(f.payload) <= DEFAULT_MAX_PAYLOAD
-
-
-Tamper = Callable[[int, bytes], bytes]
-
-
-def run_handshake(ident_i: Identity, ident_r: Identity, token_i: bytes, token_r: bytes,
-                  tamper: Tamper | None = None, splitter: Callable[[bytes], list[bytes]] | None = None,
-                  expected_peer_id: str | None = None) -> tuple[Handshake, Handshake]:
-    """Drive an initiator and a responder to completion, passing each flight through ``tamper``
-    (flight index, bytes) -> bytes. Raises only what the oracle allows: nothing — AuthError and
-    ProtocolError are part of the protocol and are swallowed here; the caller checks outcomes."""
-    i = Handshake(ident_i, token_i, initiator=True, expected_peer_id=expected_peer_id)
-    r = Handshake(ident_r, token_r, initiator=False)
-    sides = (i, r)
-    turn = 0
-    for k in range(8):
-        src, dst = sides[turn], sides[1 - turn]
-        data = src.data_to_send()
-        if tamper is not None:
-            data = tamper(k, data)
-        if not data or dst.state in (State.DONE, State.FAILED):
-            break
-        try:
-            for piece in (splitter(data) if splitter else [data]):
-                if dst.state is State.DONE:  # later bytes are session records, not handshake input
-                    break
-                dst.receive_data(piece)
-        except (AuthError, ProtocolError):
-            assert dst.state is State.FAILED, f"error raised but state is {dst.state}"
-        turn = 1 - turn
-    return i, r
-
-
-def check_handshake_outcome(i: Handshake, r: Handshake, *, tampered: bool, same_token: bool) -> None:
-    """Security properties: both sides done => same transcript and crossed keys; a wrong token
-    never completes; an untampered exchange with the right token always completes."""
-    if i.done and r.done:
-        assert i.result and r.result
-        assert i.result.transcript_hash == r.result.transcript_hash, "sides finished on different transcripts"
-        assert i.result.send_key == r.result.recv_key and i.result.recv_key == r.result.send_key
-        assert i.result.peer_id == r.identity.peer_id and r.result.peer_id == i.identity.peer_id
-    if not same_token:
-        assert not i.done and not r.done, "handshake completed with different swarm tokens"
-    if not tampered and same_token:
-        assert i.done and r.done, f"clean handshake did not complete: {i.state} / {r.state}"
-    for side in (i, r):  # a finished or failed handshake refuses further input with the typed error
-        if side.state in (State.DONE, State.FAILED):
-            try:
-                side.receive_data(b"LB")
-                raise AssertionError("terminal handshake accepted more input")
-            except ProtocolError:
-                pass
-
-
-def seal_raw(key: bytes, counter: int, plaintext: bytes) -> bytes:
-    """An AEAD record around arbitrary plaintext (what an authenticated but hostile peer can send)."""
-    clen = len(plaintext) + 16
-    head = struct.pack("!IQ", clen, counter)
-    return head + AESGCM(key).encrypt(counter.to_bytes(12, "big"), plaintext, head)
-
-
-def check_channel(recv: SecureChannel, stream: bytes, splits: list[int]) -> list[Frame]:
-    """Feed a record stream; only ProtocolError may escape, and a broken channel stays broken."""
-    frames: list[Frame] = []
-    try:
-        for piece in pieces(stream, splits):
-            frames += recv.feed(piece)
-    except ProtocolError:
-        try:
-            recv.feed(b"\x00" * RECORD_HEADER_SIZE)
-            raise AssertionError("channel accepted records after a fatal error")
-        except ProtocolError:
-            pass
-    for f in frames:
-        assert isinstance(f.header, dict) and len(f.payload) <= recv.max_payload
-    return frames
-
-
 # ----------------------------------------------------------------------------- wire target
 
 def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
@@ -391,7 +116,8 @@ def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
     run_handshake(idents[0], idents[1], token, token, tamper=lambda k, d: (flights.append(d), d)[1])
     n_hs = n // 10
     n_ch = n // 8
-    n_dec = n - n_hs - n_ch
+    n_msg = n // 10
+    n_dec = n - n_hs - n_ch - n_msg
     for _ in range(n_dec):
         frames = [rng.choice(corpus) if rng.random() < 0.5 else random_frame(rng) for _ in range(rng.randint(1, 3))]
         stream = b"".join(frames)
@@ -414,6 +140,8 @@ def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
         fuzz_handshake_case(tally, rng, idents, flights)
     for _ in range(n_ch):
         fuzz_channel_case(tally, rng, corpus)
+    for _ in range(n_msg):
+        fuzz_message_case(tally, rng)
     tally.seconds["wire"] = time.perf_counter() - t0
 
 
@@ -512,86 +240,49 @@ def fuzz_channel_case(tally: Tally, rng: random.Random, corpus: list[bytes]) -> 
                 lambda: {"key": k1.hex(), "stream": stream[:MAX_REPRO].hex(), "splits": splits})
 
 
+def fuzz_message_case(tally: Tally, rng: random.Random) -> None:
+    """peer.messages through SecureChannel, as a PeerHost receives them: one message chunked over
+    1-3 lanes (one channel each), lanes interleaved at random; clean ones must come back exactly,
+    tampered chunk headers or duplicated chunks may only raise ProtocolError."""
+    cid, text = rng.randrange(2**40), rng.randbytes(rng.randrange(8)).hex()
+    msg = rng.choice([msgs.Mail(text, {"a": cid}), msgs.Request(cid, text, {}), msgs.Response(cid, {"b": text}, 0.5),
+                      msgs.Error(cid, rng.choice(list(msgs.ErrorCode)), text, "KeyError")])
+    payload = rng.randbytes(rng.randrange(0, 6000))
+    out = msgs.OutgoingMessage(rng.randrange(2**32), msg, payload, rng.randint(1, 2048), striped=rng.random() < 0.5)
+    lanes = min(rng.randint(1, 3), len(out.offsets))
+    chunks = [(k, h, bytes(c)) for k in range(lanes) for h, c in out.lane(k, lanes)]
+    order = rng.sample(range(len(chunks)), len(chunks))  # sealed as delivered: any order is a valid stream
+    mode = rng.randrange(3)  # 0 clean, 1 tampered header field, 2 duplicated / dropped chunk
+    if mode == 1:
+        victim = chunks[rng.randrange(len(chunks))][1]
+        victim[rng.choice([*victim, "zz"])] = rng.choice([-1, 0, 2**64 - 1, rng.choice(U32_EDGES), "x", [1], {}, None,
+                                                         rng.choice("mqre")])
+    elif mode == 2 and rng.random() < 0.5:
+        order.insert(rng.randrange(len(order) + 1), rng.choice(order))
+    elif mode == 2:
+        order.pop()
+    record = {"message": repr(msg), "chunks": [(k, h, len(c)) for k, h, c in chunks], "order": order}
+
+    def case() -> None:
+        pairs = {k: (SecureChannel(b"\x05" * 32, b"\x06" * 32), SecureChannel(b"\x06" * 32, b"\x05" * 32))
+                 for k in range(lanes)}
+        asm, got = msgs.Reassembler(1 << 16, 1 << 17, 8), []
+        for i in order:
+            k, h, c = chunks[i]
+            tx, rx = pairs[k]
+            for frame in rx.receive_data(tx.seal_frame(FrameType.DATA, h, c, out.flags)):
+                d = asm.add_chunk("p", k, frame.header, frame.payload, frame.flags)
+                if d is not None:
+                    got.append(d)
+        if mode == 0:
+            assert len(got) == 1 and got[0].message == msg and got[0].payload == payload, "clean message lost"
+        for d in got:
+            assert isinstance(d.payload, bytearray) and len(d.payload) <= 1 << 16
+
+    tally.guard("wire.messages", case, (ProtocolError,) if mode else (), lambda: record)
+
+
 # ---------------------------------------------------------------------------- files target
-
-def write_tiny_gguf(path: Path, meta: dict[str, Any] | None = None) -> None:
-    """A 2-block llama GGUF (F32, F16 and Q8_0 tensors) that ``load_model`` accepts, with the
-    llama.* metadata values in ``meta`` replaced (any type; None drops the key)."""
-    import gguf
-    import numpy as np
-
-    vocab, dim, hidden, heads, kv = 64, 32, 64, 4, 2
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    values = {"block_count": 2, "context_length": 64, "embedding_length": dim, "feed_forward_length": hidden,
-              "attention.head_count": heads, "attention.head_count_kv": kv,
-              "attention.layer_norm_rms_epsilon": 1e-5, "rope.freq_base": 10000.0, "vocab_size": vocab}
-    values.update(meta or {})
-    for key, value in values.items():
-        key = "llama." + key
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            (w.add_int32 if value < 0 else w.add_uint32 if value < 2**32 else w.add_uint64)(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
-    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, dim), dtype=np.float32))
-    w.add_tensor("output_norm.weight", np.ones(dim, dtype=np.float32))
-    head = dim // heads
-    shapes = {"attn_norm": (dim,), "attn_q": (dim, dim), "attn_k": (kv * head, dim), "attn_v": (kv * head, dim),
-              "attn_output": (dim, dim), "ffn_norm": (dim,), "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim),
-              "ffn_down": (dim, hidden)}
-    for b in range(2):
-        for name, shape in shapes.items():
-            arr = rng.standard_normal(shape, dtype=np.float32)
-            if name == "ffn_up":  # one quantized and one half tensor exercise dequantize
-                q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(f"blk.{b}.{name}.weight", q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            elif name == "ffn_gate":
-                w.add_tensor(f"blk.{b}.{name}.weight", arr.astype(np.float16))
-            else:
-                w.add_tensor(f"blk.{b}.{name}.weight", arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def write_tiny_hf(folder: Path, gguf_path: Path) -> None:
-    """The same model as a Hugging Face folder (config.json + model.safetensors)."""
-    from safetensors.torch import save_file
-
-    from pipeline.loading import _TO_HF, load_gguf
-
-    model = load_gguf(gguf_path)
-    cfg = model.cfg
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim,
-        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings}))
-    state = {}
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        if key == "embedding.weight":
-            name = "model.embed_tokens.weight"
-        elif key == "norm.weight":
-            name = "model.norm.weight"
-        else:
-            _, b, part, _ = key.split(".")
-            name = f"model.layers.{b}.{_TO_HF[part]}.weight"
-        state[name] = t.contiguous().clone()
-    save_file(state, str(folder / "model.safetensors"))
-
 
 def mutate_file(rng: random.Random, data: bytes, hot: int) -> bytes:
     """Truncation, bit flips, edge-valued u32/u64 fields and zeroed ranges, biased to the first
@@ -866,122 +557,6 @@ def files_worker(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- http target
-
-@dataclass
-class Coordinator:
-    """A real coordinator process whose working directory is ``parent`` and whose data dir is
-    ``parent/data`` (so anything it writes outside the data dir lands where we look)."""
-
-    proc: subprocess.Popen
-    url: str
-    host: str
-    port: int
-    parent: Path
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM if hasattr(signal, "SIGTERM") else signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def log_records(self) -> list[tuple[str, str, str]]:
-        """(level, logger, text with traceback) of every log record."""
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        starts = list(re.finditer(r"^\d{4}-\d\d-\d\d [\d:,]+ (\w+) ([\w.]+): ", text, re.M))
-        return [(m.group(1), m.group(2), text[m.start():nxt.start() if nxt else len(text)])
-                for m, nxt in zip(starts, starts[1:] + [None])]
-
-    def log_problems(self) -> tuple[list[str], int]:
-        """Records that mean an input reached code that did not expect it, and the number of
-        tracebacks aiohttp logs from its own code (e.g. for every request its parser rejects
-        with a 400): log noise a hostile client can cause, not a failure of ours."""
-        problems, noise = [], 0
-        for level, logger, text in self.log_records():
-            if logger == "aiohttp.server" and "/coordinator/" not in text and "/peer/" not in text:
-                noise += 1  # inside aiohttp only: its parser's 400s, writes to a client already gone
-            elif level in ("ERROR", "CRITICAL") or "Traceback" in text:
-                problems.append(text[:3000])
-        return problems, noise
-
-
-def start_coordinator(parent: Path, log: Path, timeout: float = 60.0) -> Coordinator:
-    parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "coordinator", "start", "--host", "127.0.0.1", "--port", "0",
-           "--data-dir", str(parent / "data"), "--token", TOKEN, "--heartbeat-interval", "5",
-           "--peer-timeout", "600", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    out = open(log, "w")
-    proc = subprocess.Popen(cmd, cwd=parent, env=env, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("READY "):
-                ready = json.loads(line[6:])
-                return Coordinator(proc, ready["url"], "127.0.0.1", ready["port"], parent, log)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"coordinator did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-# What the coordinator may create under its data dir (coordinator/store.py, coordinator/checkpoints.py).
-_DATA_FILES = re.compile(r"(coordinator\.sqlite3(-wal|-shm|-journal)?|token"
-                         r"|checkpoints/\.tmp/[0-9a-f]+\.part"
-                         r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/chunks/[0-9a-f]{2}/[0-9a-f]{64}"
-                         r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/manifests/\d{12}\.json)\Z")
-_DATA_DIRS = re.compile(r"(checkpoints|checkpoints/\.tmp|checkpoints/runs"
-                        r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(/chunks(/[0-9a-f]{2})?|/manifests)?)\Z")
-
-
-def filesystem_problems(parent: Path, canary: str, extra_roots: tuple[Path, ...] = ()) -> list[str]:
-    """Everything written where it should not be: entries of ``parent`` besides the data dir,
-    data-dir entries outside the documented layout, and any file or folder whose name carries
-    the canary (used in every path-traversal attempt) under ``parent`` or ``extra_roots``."""
-    problems = [f"outside the data dir: {p}" for p in parent.iterdir() if p.name != "data"]
-    data = parent / "data"
-    for dirpath, dirnames, filenames in os.walk(data):
-        rel_dir = Path(dirpath).relative_to(data).as_posix()
-        for d in dirnames:
-            rel = f"{rel_dir}/{d}" if rel_dir != "." else d
-            if not _DATA_DIRS.match(rel):
-                problems.append(f"unexpected folder in the data dir: {rel}")
-        for f in filenames:
-            rel = f"{rel_dir}/{f}" if rel_dir != "." else f
-            if not _DATA_FILES.match(rel):
-                problems.append(f"unexpected file in the data dir: {rel}")
-    for root in (parent, *extra_roots):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in (".git", ".venv", "node_modules", "__pycache__")]
-            for name in dirnames + filenames:
-                if canary in name and not Path(dirpath, name).resolve().is_relative_to(
-                        (data / "checkpoints" / "runs").resolve()):
-                    problems.append(f"traversal canary written: {Path(dirpath, name)}")
-    return problems
-
-
-def signed_body(ident: Identity, action: str, body: dict, rng: random.Random | None = None) -> dict:
-    """Sign ``body`` for ``action``; with ``rng``, sometimes spoil the signature instead."""
-    body = dict(body)
-    body.pop("signature", None)
-    try:
-        sig = ident.sign(signing_bytes(action, body)).hex()
-    except (TypeError, ValueError):  # the mutated body is not canonical JSON: no valid signature exists
-        sig = "00" * 64
-    if rng is not None and rng.random() < 0.3:
-        sig = rng.choice(["", "zz" * 64, "00" * 64, sig[:-2], sig + "00", sig.upper(), 12, None, [sig],
-                          ident.sign(b"other").hex()])
-    body["signature"] = sig
-    return body
-
 
 def hostile_segment(rng: random.Random, canary: str, valid: list[str]) -> str:
     """One URL path segment, already percent-encoded as it goes on the wire."""
@@ -1410,89 +985,6 @@ def start_peer(log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, dict
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"peer did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def hostile_session_frames(rng: random.Random) -> list[tuple[int, dict, bytes, int]]:
-    """Frames an authenticated but hostile peer might send inside valid records: DATA chunks
-    with wrong types, off-grid offsets, oversized totals, bad message kinds, PING/PONG with odd
-    ids, unknown frame types — and some valid requests in between."""
-    D = int(FrameType.DATA)
-    ok = {"i": 1, "o": 0, "n": 3, "z": 1 << 20, "k": "q", "c": 1, "m": "echo", "h": {}}
-    variants = [
-        (D, dict(ok), b"abc", 0),
-        (D, {**ok, "i": "x"}, b"abc", 0), (D, {**ok, "z": 0}, b"abc", 0), (D, {**ok, "n": 2**62}, b"abc", 0),
-        (D, {**ok, "o": 5}, b"abc", 0), (D, {**ok, "n": 10}, b"abc", 0), (D, {**ok, "o": -1}, b"abc", 0),
-        (D, {**ok, "k": "zz"}, b"abc", 0), (D, {**ok, "k": None}, b"abc", 0), (D, {**ok, "m": 5}, b"abc", 0),
-        (D, {**ok, "c": [1]}, b"abc", 0), (D, {**ok, "c": "1"}, b"abc", 0), (D, {**ok, "h": []}, b"abc", 0),
-        (D, {**ok, "k": "m", "t": 5}, b"abc", 0), (D, {**ok, "k": "m", "t": "tag", "h": "x"}, b"abc", 0),
-        (D, {**ok, "k": "r", "c": 999, "h": {}}, b"abc", 0), (D, {**ok, "k": "r", "c": [1]}, b"abc", 0),
-        (D, {**ok, "k": "r", "c": {"a": 1}}, b"abc", 0), (D, {**ok, "k": "e", "c": [], "err": 1}, b"abc", 0),
-        (D, {**ok, "m": "nope"}, b"abc", 0), (D, {**ok, "n": 4, "z": 2, "o": 2}, b"ab", 1),
-        (D, {**ok, "n": 2**31, "z": 1, "i": rng.randrange(2**40)}, b"a", 1),
-        (int(FrameType.PING), {"p": [1]}, b"", 0), (int(FrameType.PING), {"p": {"a": 1}}, b"", 0),
-        (int(FrameType.PONG), {"p": [1]}, b"", 0), (int(FrameType.PONG), {"p": {}}, b"", 0),
-        (int(FrameType.PONG), {}, b"", 0), (int(FrameType.PING), {}, b"", 0),
-        (int(FrameType.HELLO), {}, b"", 0), (99, {}, b"", 0), (int(FrameType.REJECT), {"reason": 1}, b"", 0),
-    ]
-    frames = [rng.choice(variants) for _ in range(rng.randint(1, 4))]
-    if rng.random() < 0.3:
-        frames.append((D, random_header(rng), rng.randbytes(rng.randrange(0, 64)), rng.choice([0, 1])))
-    return frames
-
-
-async def tcp_case(address: str, rng: random.Random, idents: list[Identity], flights: list[bytes],
-                   corpus: list[bytes]) -> str:
-    """One hostile connection; returns its kind. The server's verdict is read from its log and
-    from a legitimate peer's calls afterwards."""
-    host, port = address.rsplit(":", 1)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 10)
-    kind = rng.choice(["random", "mutated-handshake", "garbage-records", "hostile-frames", "hostile-frames"])
-    try:
-        if kind == "random":
-            writer.write(rng.randbytes(rng.randrange(1, 5000)))
-        elif kind == "mutated-handshake":
-            writer.write(mutate(rng, rng.choice(flights)))
-        else:
-            hs = Handshake(rng.choice(idents), TOKEN.encode(), initiator=True)
-            writer.write(hs.data_to_send())
-            while not hs.done:
-                data = await asyncio.wait_for(reader.read(4096), 10)
-                if not data:
-                    return kind + " (refused)"
-                hs.receive_data(data)
-                writer.write(hs.data_to_send())
-            assert hs.result is not None
-            channel = SecureChannel(hs.result.send_key, hs.result.recv_key, max_payload=1 << 20)
-            if kind == "garbage-records":
-                out = b"".join(bytes(channel.seal_frame(FrameType.PING, {"p": 1})) for _ in range(rng.randint(0, 2)))
-                writer.write(mutate(rng, out + bytes(channel.seal_frame(FrameType.PING, {"p": 2}))))
-            else:
-                for type_, header, payload, flags in hostile_session_frames(rng):
-                    writer.write(bytes(channel.seal_frame(type_, header, payload, flags)))
-                if rng.random() < 0.3:  # authenticated garbage plaintext
-                    writer.write(seal_raw(hs.result.send_key, channel._send_ctr, mutate(rng, rng.choice(corpus))))
-        await writer.drain()
-        try:  # give the server a moment to act; it may also just keep the connection
-            await asyncio.wait_for(reader.read(1 << 16), 0.05)
-        except asyncio.TimeoutError:
-            pass
-    except (OSError, ProtocolError, AuthError):
-        pass  # the server dropped us: expected
-    finally:
-        writer.close()
-    return kind
-
-
-async def legit_check(client, server: dict) -> bool:
-    """A well-behaved peer can still connect and call the server."""
-    from peer.errors import LowbandError
-
-    try:
-        await client.connect(server["address"], expected_peer_id=server["peer_id"])
-        hdr, payload = await client.call(server["peer_id"], "echo", {"x": 1}, b"hello", timeout=15)
-        return hdr == {"echo": {"x": 1}} and bytes(payload) == b"hello"
-    except (LowbandError, OSError):
-        return False
 
 
 def peer_log_problems(log: Path) -> list[str]:

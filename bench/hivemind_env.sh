@@ -1,7 +1,7 @@
 #!/bin/sh
 # Creates bench/.venv-hivemind: the separate environment the hivemind anchor runs in.
 # Separate because hivemind's 8-bit codecs need numpy<2 (with numpy 2 they fail to decode and
-# the averager silently keeps local values -- DESIGN.md section 6), while the project uses numpy 2.
+# the averager silently keeps local values -- docs/architecture.md §Measuring performance), while the project uses numpy 2.
 # Idempotent: a stamp file records a finished install.  Usage: sh bench/hivemind_env.sh [python3]
 set -eu
 PYTHON="${1:-python3}"

@@ -159,7 +159,7 @@ def _child(args: list[str], procs: list[subprocess.Popen], timeout: float = 300.
 
 def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
     """A coordinator plus one ``peer join --serve ARG --blocks SPAN`` process per entry of
-    ``serve``, optionally each behind a ``peer.netem`` relay adding ``delay_ms`` one way (so
+    ``serve``, optionally each behind a ``testing.netem`` relay adding ``delay_ms`` one way (so
     every client<->server hop costs 2 x delay_ms of RTT); generation through InferenceClient.
     A batch is one session of several rows (``InferenceClient.arows``), as a batch is one
     ``generate_tokens`` call in ``single``."""
@@ -184,7 +184,7 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
         port = free_port()
         announce = []
         if delay_ms:
-            relay = _child(["-m", "peer.netem", "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{port}",
+            relay = _child(["-m", "testing.netem", "--listen", "127.0.0.1:0", "--target", f"127.0.0.1:{port}",
                             "--delay-ms", str(delay_ms)], procs)
             announce = ["--announce", relay["listen"]]
         servers.append(_child(["-m", "peer.cli", "join", "--coordinator", url, "--token", token, "--listen",

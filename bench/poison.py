@@ -4,7 +4,7 @@ what the robust all-reduce costs next to the ring.
     .venv/bin/python bench/poison.py [--attacks flip,huge,nan] [--defences none,detect,trimmed,cclip]
                                      [--outer 10] [--inner 10] [--timing-numel 25000000]
 
-Four worker processes on loopback (bench.links), each a real PeerHost, train a tiny Llama
+Four worker processes on loopback (testing.links), each a real PeerHost, train a tiny Llama
 (pipeline.model.LlamaConfig.tiny, byte tokens) with DiLoCo on disjoint Shakespeare shards
 (diloco.data), averaging pseudo-gradients through diloco.mesh.MeshAverager -> collectives
 all_reduce (int8). Runs, all from the same seed: clean (ring, plain mean); then per attack, the
@@ -19,7 +19,7 @@ the sender's codec check is bypassed, as a malicious peer would). Worker 0 (hone
 global model on a held-out shard after every outer step; the acceptance check is final eval loss
 within 5% of the clean run's at the same step. Then all-reduce timing of --timing-numel fp32
 values (int8 on the wire): ring vs robust modes, medians of repeats (slowest rank per repeat).
-Writes bench/results/poison.json and poison.md (DESIGN.md section 6).
+Writes bench/results/poison.json and poison.md (docs/architecture.md §Measuring performance).
 """
 from __future__ import annotations
 
@@ -28,70 +28,21 @@ import asyncio
 import json
 import math
 import secrets
-import struct
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.baselines.workers import mesh_go, report, run_workers, slowest_per_repeat, start_mesh_host  # noqa: E402
 from bench.common import check, write_results  # noqa: E402
+from testing.baselines.workers import mesh_go, report, run_workers, slowest_per_repeat, start_mesh_host  # noqa: E402
+from testing.poison import PoisoningAverager, install_payload_poisoner  # noqa: E402
 
 ATTACKS = ("flip", "huge", "nan")
 DEFENCES = ("none", "detect", "trimmed", "cclip")
-HUGE_SCALE = 1e3
 N_HOSTS = 4
 EVAL_SHARDS = N_HOSTS + 1   # shard N_HOSTS of the corpus is held out for evaluation
-_NAN = struct.pack("<f", math.nan)
 _TIMEOUT_S = 1800.0
-
-
-# ----------------------------------------------------------------------------- the adversary
-def poison_tensors(attack: str, tensors: list) -> list:
-    """What a malicious peer sends instead of its pseudo-gradient (value attacks)."""
-    if attack == "flip":
-        return [-t for t in tensors]
-    if attack == "huge":
-        return [t * HUGE_SCALE for t in tensors]
-    return tensors
-
-
-def corrupt_payload(payload) -> bytes:
-    """A crafted payload that the sender's codec would refuse to produce: its first 4 bytes become
-    a NaN (the first block scale of int codecs, a value pair of fp16/bf16, a value of fp32)."""
-    raw = bytearray(payload)
-    raw[:4] = _NAN[:len(raw[:4])]
-    return bytes(raw)
-
-
-def install_payload_poisoner(host) -> Callable[[], None]:
-    """Make ``host`` corrupt every contribution it sends in an all-reduce (robust: '|c|', ring
-    reduce-scatter: '|rs|'), below the codecs, as a malicious peer crafting bytes would.
-    Returns the function that makes it honest again."""
-    real_send = host.send
-
-    async def send(peer, tag, header, payload=b"", **options):
-        if ("|c|" in tag or "|rs|" in tag) and isinstance(header, dict) and "m" in header:
-            payload = corrupt_payload(payload)
-        return await real_send(peer, tag, header, payload, **options)
-    host.send = send
-    return lambda: setattr(host, "send", real_send)
-
-
-class PoisoningAverager:
-    """An Averager that hands a poisoned version of every pseudo-gradient to the real one."""
-
-    def __init__(self, inner, attack: str) -> None:
-        self.inner, self.attack = inner, attack
-
-    @property
-    def group_size(self) -> int:
-        return self.inner.group_size
-
-    def start(self, tensors, tag, *, within_s=None):
-        return self.inner.start(poison_tensors(self.attack, tensors), tag, within_s=within_s)
 
 
 # ----------------------------------------------------------------------------- worker (one host)
@@ -263,7 +214,7 @@ def main() -> int:
         args.rank = int(args.rank)
         asyncio.run(_worker(args))
         return 0
-    from bench.links import open_links
+    from testing.links import open_links
 
     attacks, defences = args.attacks.split(","), args.defences.split(",")
     if not set(attacks) <= set(ATTACKS) or not set(defences) <= set(DEFENCES):

@@ -1,12 +1,12 @@
 """Transport throughput: encrypted PeerHost vs raw asyncio sockets, on loopback and on an
-emulated WAN link (peer.netem relay: 100 Mbit/s each way, 50 ms RTT).
+emulated WAN link (testing.netem relay: 100 Mbit/s each way, 50 ms RTT).
 
     .venv/bin/python bench/transport.py [--mbytes 256] [--repeats 5] [--wan-mbytes 48] [--wan-repeats 3]
 
 Every peer runs in its own process: one receiver process per kind (raw / PeerHost) stays up, and
 each sample is a fresh sender process that connects, warms up, then times one transfer until
 the receiver confirms it has everything. Configurations are interleaved round by round so a
-burst of load from other users of this shared machine hits them alike (DESIGN.md section 6).
+burst of load from other users of this shared machine hits them alike (docs/architecture.md §Measuring performance).
 Writes bench/results/transport.json and transport.md.
 
 Targets (the mesh issue): encrypted single connection >= 0.5x raw single stream; PeerHost pool
@@ -212,7 +212,7 @@ async def sender(args: argparse.Namespace) -> dict:
 
 async def relay_set(target: str, count: int) -> None:
     """`count` shaped relays in this one process (as a collectives bench runs a relay per link)."""
-    from peer.netem import LinkEmulatorSet, LinkSpec, parse_address
+    from testing.netem import LinkEmulatorSet, LinkSpec, parse_address
 
     spec = LinkSpec.from_ms(WAN_DELAY_MS, rate_mbit=WAN_RATE_MBIT)
     async with LinkEmulatorSet() as links:
@@ -296,9 +296,9 @@ def run_sender(mode: str, address: str, token: str, nbytes: int, conns: int, mes
 
 
 def relay(children: Children, target: str, shaped: bool = True) -> tuple[str, int]:
-    """Start a peer.netem relay process; returns its address and pid."""
+    """Start a testing.netem relay process; returns its address and pid."""
     shaping = ["--delay-ms", str(WAN_DELAY_MS), "--rate-mbit", str(WAN_RATE_MBIT)] if shaped else []
-    ready = children.start(["-m", "peer.netem", "--listen", "127.0.0.1:0", "--target", target, *shaping])
+    ready = children.start(["-m", "testing.netem", "--listen", "127.0.0.1:0", "--target", target, *shaping])
     return ready["listen"], ready["pid"]
 
 

@@ -135,6 +135,8 @@ async def all_reduce(group: Group, tensors: list[torch.Tensor], *, tag: str, cod
     ``robust``: instead of the ring, the robust all-reduce of ``collectives.robust`` (every
     contribution screened at its shard's owner, offenders excluded and reported in
     ``Reduced.offenders`` and to ``robust.on_offender``; op must be "mean").
+    ``chunk_bytes``: ring message size on the wire; on links measured fast (a grown chunk still
+    moves in ``ring.GROW_CHUNK_S``) up to 4x that, fewer messages costing less CPU.
     ``pace_s``: spread this peer's sends over about that many seconds instead of bursting at the
     link's rate (an average that overlaps computation has time to spare; its deadline grows to
     match). The ring only: the robust all-reduce ignores it.

@@ -1,4 +1,4 @@
-"""Deadlines derived from measured links and payload size (DESIGN.md section 3: never a constant).
+"""Deadlines derived from measured links and payload size (docs/architecture.md §Collectives: never a constant).
 
 Every estimate is ``floor + safety * expected`` where ``expected`` adds the time to push the
 payload through the slowest measured link (transport stats, else what the collectives observed
@@ -33,6 +33,13 @@ def observed_bandwidth(host, peer: str) -> float | None:
     return _observed.get(host, {}).get(peer)
 
 
+def _stats(host, peer: str):
+    try:
+        return host.link_stats(peer)
+    except Exception:  # noqa: BLE001 - an unknown peer simply has no measurement yet
+        return None
+
+
 @dataclass(frozen=True)
 class DeadlinePolicy:
     safety: float = 4.0                    # multiplies every expected duration
@@ -54,14 +61,17 @@ class DeadlinePolicy:
 
     def link(self, host, peer: str) -> tuple[float, float]:
         """(rtt_s, bandwidth_Bps) of the link to ``peer``, measured where available."""
-        try:
-            stats = host.link_stats(peer)
-        except Exception:  # noqa: BLE001 - an unknown peer simply has no measurement yet
-            stats = None
+        stats = _stats(host, peer)
         rtt = getattr(stats, "rtt_s", None) or self.unmeasured_rtt_s
         bw = (getattr(stats, "bandwidth_Bps", None) or observed_bandwidth(host, peer)
               or self.unmeasured_bandwidth_Bps)
         return float(rtt), float(bw)
+
+    def measured_bandwidth(self, host, peer: str) -> float | None:
+        """Bytes/s of the link from ``peer`` as measured: the collectives' own pipelined receives
+        first (a lower bound; the transport times large sends by when the socket took them,
+        which can overstate a slow link), else the transport's; None until either measured."""
+        return observed_bandwidth(host, peer) or getattr(_stats(host, peer), "bandwidth_Bps", None)
 
     def worst_link(self, host, peers: Iterable[str]) -> tuple[float, float]:
         links = [self.link(host, p) for p in peers] or [(self.unmeasured_rtt_s, self.unmeasured_bandwidth_Bps)]

@@ -3,7 +3,7 @@
 A collective works on one contiguous fp32 vector so it can cut it into shards and chunks that
 ignore tensor boundaries; ``Layout`` remembers each tensor's shape, dtype and device so the
 result comes back as new tensors exactly like the inputs. Specs are (dtype name, shape) pairs:
-small msgpack-able metadata, never the tensor data itself (DESIGN.md section 2).
+small msgpack-able metadata, never the tensor data itself (docs/architecture.md §Wire layers).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Point-to-point and small-group collectives: send/recv, broadcast, all-gather, star all-reduce.
 
-Bit parity as in the ring (DESIGN.md section 3): whoever produces a value quantizes it once, the
+Bit parity as in the ring (docs/architecture.md §Bit parity): whoever produces a value quantizes it once, the
 bytes are forwarded verbatim, and the producer keeps decode(encode(x)) itself, so every peer
 returns identical tensors. ``codec=None`` (the default here) moves exact raw bytes of any dtype.
 """

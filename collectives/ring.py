@@ -1,9 +1,11 @@
-"""Pipelined ring reduce-scatter + all-gather over one flat fp32 vector (DESIGN.md section 3).
+"""Pipelined ring reduce-scatter + all-gather over one flat fp32 vector (docs/architecture.md §Collectives).
 
 The vector is cut into one shard per member (balanced, aligned to the codec block) and each
-shard into chunks of at most ``chunk_bytes`` on the wire (see ``RingPlan.make``). Ring
-position r sends shard r-s at reduce-scatter step s and receives shard r-s-1, so after n-1
-steps it owns shard r+1, fully reduced. Per hop the running partial sum is decoded, accumulated in fp32 with the local values
+shard into chunks of at most ``chunk_bytes`` on the wire (see ``RingPlan.make``); on fast
+measured links a shard's originator may use 2x or 4x chunks (``GROWS``), which every message of
+that shard states and every later hop keeps (elementwise arithmetic on block-aligned ranges, so
+the result does not depend on it). Ring position r sends shard r-s at reduce-scatter step s and
+receives shard r-s-1, so after n-1 steps it owns shard r+1, fully reduced. Per hop the running partial sum is decoded, accumulated in fp32 with the local values
 and re-quantized. In the all-gather the owner quantizes its shard once; every other peer
 forwards those bytes verbatim and the owner keeps decode(encode(x)), so every peer decodes the
 same bytes and ends bit-identical.
@@ -30,6 +32,7 @@ import torch
 from compression import Codec, get_codec
 from peer.errors import TransportTimeout
 
+from .buffers import empty_f32
 from .deadline import DeadlinePolicy, observe_bandwidth
 from .errors import CollectiveAborted, CollectiveError
 from .layout import fingerprint
@@ -41,9 +44,21 @@ DEFAULT_CHUNK_BYTES = 256 << 10
 MIN_CHUNK_BYTES = 64 << 10      # smaller chunks only when the caller asks (per-message costs add up)
 CHUNKS_PER_SHARD = 16           # unless that makes chunks smaller than MIN_CHUNK_BYTES
 MIN_SEND_WINDOW = 2             # concurrent sends per neighbour, at least
-_INLINE_NUMEL = 1 << 17         # smaller work runs inline: a thread hop costs more than it saves
-                                # (a 256 KiB fp32 chunk: loopback 100 MB fp32 1.08 -> 0.84 s)
+# Smaller work runs inline: a thread hop (executor wake-up, GIL hand-offs with the busy loop)
+# costs more than it saves; the kernel's socket buffers keep the link busy meanwhile. Up to 1 Mi
+# values covers every default chunk, grown ones included, but int4's largest (4 peers, loopback,
+# 100 MB, 2 cores: int8 total CPU per all-reduce 0.51-0.70 -> 0.42-0.46 s, fp32 within noise).
+_INLINE_NUMEL = 1 << 20
 _RS, _AG, _END = 0, 1, 2        # send-priority phases
+# On fast links a shard's originator may send chunks GROWS[i] times the plan's: each message costs
+# CPU on both ends whatever its size (loopback, 4 peers, 100 MB fp32: 0.51 -> 0.37 CPU s per rank
+# with 1 MiB chunks), while the drain at the end grows by one chunk time per hop. A chunk grows
+# only while it still moves in GROW_CHUNK_S at the rate the ring measured, so a grown chunk never
+# takes longer per hop than a 256 KiB one on the 100 Mbit/s links the plan was tuned on (21 ms),
+# and those links keep the plan's chunks. (A CPU-bound ring measures its own pace, not the link:
+# loopback under load reads 45-65 MB/s.)
+GROWS = (1, 2, 4)
+GROW_CHUNK_S = 0.016
 
 
 def resolve_codec(codec: str | Codec, **options: Any) -> Codec:
@@ -87,9 +102,11 @@ class RingPlan:
         bounds = tuple((min(j * per, numel), min((j + 1) * per, numel)) for j in range(n))
         return cls(bounds, chunk)
 
-    def chunks(self, shard: int) -> list[tuple[int, int]]:
+    def chunks(self, shard: int, grow: int = 1) -> list[tuple[int, int]]:
+        """Element ranges of the shard's chunks, ``grow`` times the plan's chunk each."""
         a, b = self.bounds[shard]
-        return [(s, min(s + self.chunk, b)) for s in range(a, b, self.chunk)]
+        step = self.chunk * grow
+        return [(s, min(s + step, b)) for s in range(a, b, step)]
 
 
 async def compute(fn: Callable[[], Any], numel: int) -> Any:
@@ -132,11 +149,16 @@ class Sender:
             await asyncio.sleep(self._next_at - now)
         self._next_at = max(self._next_at, now) + nbytes / self.rate_Bps
 
-    async def _send(self, tag: str, header: dict, payload) -> None:
-        try:
-            await asyncio.wait_for(self.host.send(self.peer, tag, header, payload, lane=0), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise TransportTimeout(f"send to {self.peer[:8]} stalled for {self.timeout_s:.1f}s") from None
+    async def _wait(self, inflight: set[asyncio.Task]) -> set[asyncio.Task]:
+        """Wait until a send in flight finishes; the ones still pending. Sends on one connection
+        finish in order, so none finishing for ``timeout_s`` is a stalled link (one timeout here
+        instead of a wait_for task around every message)."""
+        done, pending = await asyncio.wait(inflight, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise TransportTimeout(f"send to {self.peer[:8]} stalled for {self.timeout_s:.1f}s")
+        for task in done:
+            task.result()
+        return pending
 
     async def run(self) -> None:
         inflight: set[asyncio.Task] = set()
@@ -148,11 +170,12 @@ class Sender:
                 if self.rate_Bps:
                     await self._pace(len(item[2]))
                 while len(inflight) >= self.window:
-                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()
-                inflight.add(asyncio.get_running_loop().create_task(self._send(*item)))
-            await asyncio.gather(*inflight)
+                    inflight = await self._wait(inflight)
+                tag, header, payload = item
+                inflight.add(asyncio.get_running_loop().create_task(
+                    self.host.send(self.peer, tag, header, payload, lane=0)))
+            while inflight:
+                inflight = await self._wait(inflight)
         finally:
             for task in inflight:
                 task.cancel()
@@ -171,10 +194,12 @@ class RingRun:
         self.rank = members.index(host.peer_id)
         self.prev = members[(self.rank - 1) % self.n]
         self.next = members[(self.rank + 1) % self.n]
-        chunk_wire = codec.wire_bytes(plan.chunk)
+        # Silences allow for the largest chunk a neighbour may choose (GROWS).
+        chunk_wire = codec.wire_bytes(plan.chunk) * GROWS[-1]
         window = send_window(host)
-        self.stall_s = policy.stall_s(host, self.prev, chunk_wire * window, 4 * plan.chunk * 3)
-        self.send_s = policy.stall_s(host, self.next, chunk_wire * window, 4 * plan.chunk * 3)
+        self.stall_s = policy.stall_s(host, self.prev, chunk_wire * window, 4 * plan.chunk * GROWS[-1] * 3)
+        self.send_s = policy.stall_s(host, self.next, chunk_wire * window, 4 * plan.chunk * GROWS[-1] * 3)
+        self.grow = 1 if pace_s > 0 else self._choose_grow(policy, codec.wire_bytes(plan.chunk))
         # Paced (pace_s > 0): this peer's sends spread over about pace_s seconds, so a neighbour
         # may also be silent for the pacing gap of a window of chunks.
         sent = codec.wire_bytes(flat.numel()) * (self.n - 1) / self.n * (2 if gather else 1)
@@ -182,15 +207,41 @@ class RingRun:
         if self.rate_Bps:
             self.stall_s += 2 * chunk_wire * window / self.rate_Bps
         self.keys = {"g": fingerprint(members), "l": layout_key}
-        self.result = torch.empty_like(flat) if gather else None
+        self.result = empty_f32(flat.numel(), flat.device) if gather else None
         self.shard: torch.Tensor | None = None
         self.heard_prev = False
         self.arrivals: list[tuple[float, int]] = []  # (time, bytes) of messages from prev
 
+    def _choose_grow(self, policy: DeadlinePolicy, chunk_wire: int) -> int:
+        """Chunk multiplier for the shard this peer starts, from the measured rate of the link
+        from ``prev`` (the ring's own receive rate: ring links are alike, and nothing measures
+        the link to ``next`` on the ring's traffic). Unmeasured links keep the plan's chunks."""
+        bw = policy.measured_bandwidth(self.host, self.prev) or 0.0
+        return max(g for g in GROWS if g == 1 or g * chunk_wire <= bw * GROW_CHUNK_S)
+
     def _tag(self, phase: str, step: int, chunk: int) -> str:
         return f"{self.prefix}{phase}|{step}|{chunk}"
 
-    async def _recv(self, phase: str, step: int, chunk: int, numel: int) -> tuple[dict, bytes]:
+    async def _recv_shard(self, phase: str, step: int, shard: int):
+        """Receive one shard's chunks from prev in order: yields (chunk, a, b, header, payload).
+        The shard's originator chose its chunk size; every message of the shard carries it."""
+        if not self.plan.chunks(shard):
+            return
+        hdr, payload = await self._recv(phase, step, 0)
+        grow = hdr.get("k", 1)
+        if type(grow) is not int or grow not in GROWS:
+            raise CollectiveError(f"peer {self.prev[:8]} sent a chunk multiplier {grow!r} outside {GROWS}")
+        for c, (a, b) in enumerate(self.plan.chunks(shard, grow)):
+            if c:
+                hdr, payload = await self._recv(phase, step, c)
+                if hdr.get("k", 1) != grow:
+                    raise CollectiveError(f"peer {self.prev[:8]} changed the chunk size within a shard")
+            meta = hdr.get("m")
+            if not isinstance(meta, dict) or meta.get("numel") != b - a:
+                raise CollectiveError(f"peer {self.prev[:8]} sent a chunk of the wrong size")
+            yield c, a, b, hdr, payload
+
+    async def _recv(self, phase: str, step: int, chunk: int) -> tuple[dict, bytes]:
         loop = asyncio.get_running_loop()
         timeout = self.deadline - loop.time()
         if self.heard_prev:  # after the first message, silence longer than a few chunk times = stall
@@ -203,14 +254,19 @@ class RingRun:
                                   "codec or op (inputs must match on every peer)")
         if hdr.get("g") != self.keys["g"]:
             raise CollectiveAborted(f"peer {self.prev[:8]} has another membership view")
-        meta = hdr.get("m")
-        if not isinstance(meta, dict) or meta.get("numel") != numel:
-            raise CollectiveError(f"peer {self.prev[:8]} sent a chunk of the wrong size")
         return hdr, payload
 
     def _reduce(self, meta: dict, payload, a: int, b: int) -> torch.Tensor:
-        acc = self.codec.decode(meta, payload, device=self.flat.device)
-        return acc.add_(self.flat[a:b])
+        return self.codec.decode(meta, payload, device=self.flat.device, add=self.flat[a:b],
+                                 out=self._payload_as_result(meta, payload, b - a))
+
+    def _payload_as_result(self, meta: dict, payload, numel: int) -> torch.Tensor | None:
+        """A received payload (a bytearray this peer owns) as the fp32 tensor to reduce into,
+        where the codec decodes in place: no fresh temporary per chunk and one pass less."""
+        if (not self.codec.decodes_in_place or meta.get("zstd") or self.flat.device.type != "cpu"
+                or not isinstance(payload, bytearray) or numel == 0 or len(payload) != 4 * numel):
+            return None
+        return torch.frombuffer(payload, dtype=torch.float32)
 
     def _finish(self, meta: dict, payload, a: int, b: int):
         acc = self._reduce(meta, payload, a, b)
@@ -218,11 +274,11 @@ class RingRun:
             acc.div_(self.n)
         if not self.gather:
             return acc, None, None
-        out_meta, out = self.codec.encode(acc)
+        out_meta, out = self.codec.encode(acc, share=True)  # acc is ours and no longer changes
         return acc, out_meta, out
 
     def _place(self, meta: dict, payload, a: int, b: int) -> None:
-        self.result[a:b] = self.codec.decode(meta, payload, device=self.flat.device)
+        self.codec.decode(meta, payload, device=self.flat.device, out=self.result[a:b])
 
     async def _decoder(self, queue: asyncio.Queue) -> None:
         """Decode all-gather chunks into the result in arrival order, off the forwarding path:
@@ -259,9 +315,10 @@ class RingRun:
 
     async def _produce(self, sender: Sender) -> None:
         """Reduce-scatter step 0: encode and send this peer's own shard."""
-        for c, (a, b) in enumerate(self.plan.chunks(self.rank)):
-            meta, payload = await compute(lambda a=a, b=b: self.codec.encode(self.flat[a:b]), b - a)
-            sender.put((_RS, 0, c), self._tag("rs", 0, c), {**self.keys, "m": meta}, payload)
+        for c, (a, b) in enumerate(self.plan.chunks(self.rank, self.grow)):
+            # inputs do not change while the call runs and each payload is sealed (copied) when sent
+            meta, payload = await compute(lambda a=a, b=b: self.codec.encode(self.flat[a:b], share=True), b - a)
+            sender.put((_RS, 0, c), self._tag("rs", 0, c), {**self.keys, "m": meta, "k": self.grow}, payload)
 
     async def _consume(self, sender: Sender) -> None:
         n, r = self.n, self.rank
@@ -270,28 +327,28 @@ class RingRun:
         decoder = asyncio.get_running_loop().create_task(self._decoder(decodes)) if self.gather else None
         try:
             for s in range(n - 1):
-                for c, (a, b) in enumerate(self.plan.chunks((r - s - 1) % n)):
-                    hdr, payload = await self._recv("rs", s, c, b - a)
+                async for c, a, b, hdr, payload in self._recv_shard("rs", s, (r - s - 1) % n):
                     if s < n - 2:
-                        meta, out = await compute(lambda: self.codec.encode(self._reduce(hdr["m"], payload, a, b)),
-                                                  b - a)
-                        sender.put((_RS, s + 1, c), self._tag("rs", s + 1, c), {**self.keys, "m": meta}, out)
+                        meta, out = await compute(
+                            lambda: self.codec.encode(self._reduce(hdr["m"], payload, a, b), share=True), b - a)
+                        sender.put((_RS, s + 1, c), self._tag("rs", s + 1, c),
+                                   {**self.keys, "m": meta, "k": hdr.get("k", 1)}, out)
                         continue
                     acc, meta, out = await compute(lambda: self._finish(hdr["m"], payload, a, b), b - a)
                     if decoder is None:
                         parts.append(acc)
                         continue
-                    sender.put((_AG, 0, c), self._tag("ag", 0, c), {**self.keys, "m": meta}, out)
+                    sender.put((_AG, 0, c), self._tag("ag", 0, c), {**self.keys, "m": meta, "k": hdr.get("k", 1)},
+                               out)
                     # The owner keeps exactly what everyone else will decode from these bytes.
                     decodes.put_nowait((meta, out, a, b))
             if decoder is None:
                 self.shard = torch.cat(parts) if parts else self.flat.new_empty(0)
                 return
             for s in range(n - 1):
-                for c, (a, b) in enumerate(self.plan.chunks((r - s) % n)):
+                async for c, a, b, hdr, payload in self._recv_shard("ag", s, (r - s) % n):
                     if decoder.done():
                         decoder.result()  # a failed decode ends the attempt now
-                    hdr, payload = await self._recv("ag", s, c, b - a)
                     if s < n - 2:  # forward the owner's bytes verbatim before decoding them ourselves
                         sender.put((_AG, s + 1, c), self._tag("ag", s + 1, c), hdr, payload)
                     decodes.put_nowait((hdr["m"], payload, a, b))

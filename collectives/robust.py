@@ -16,7 +16,7 @@ One attempt, three message rounds:
 3. all-gather: each owner aggregates its shard over the accepted contributions (mean, trimmed
    mean or centered clipping), quantizes it once and sends those bytes to every peer, naming the
    exclusions it applied in the header; the owner keeps decode(encode(x)), so every peer ends
-   bit-identical (DESIGN.md section 3).
+   bit-identical (docs/architecture.md §Bit parity).
 
 A peer whose own input is non-finite (a diverged replica) abstains instead of failing: it tells
 the owners, is reported as "non-finite" and still receives the result.
@@ -344,7 +344,7 @@ class RobustRun:
             def encode(a=a, b=b):
                 meta, out = self.codec.encode(agg[a - a0:b - a0])
                 # The owner keeps exactly what everyone else will decode from these bytes.
-                self.result[a:b] = self.codec.decode(meta, out, device=self.flat.device)
+                self.codec.decode(meta, out, device=self.flat.device, out=self.result[a:b])
                 return meta, out
             meta, out = await compute(encode, b - a)
             for p in self.others:
@@ -375,8 +375,8 @@ class RobustRun:
                 raise CollectiveError(f"shard owner {owner[:8]} sent its shard with other exclusions or "
                                       "a malformed header")
             try:
-                self.result[a:b] = await compute(
-                    lambda: self.codec.decode(meta, payload, device=self.flat.device), b - a)
+                await compute(lambda: self.codec.decode(meta, payload, device=self.flat.device,
+                                                        out=self.result[a:b]), b - a)
             except CodecError as exc:
                 raise CollectiveError(f"shard owner {owner[:8]} sent an undecodable shard: {exc}") from exc
 

@@ -2,10 +2,11 @@
 
 Every codec does its arithmetic with vectorized torch ops on the input's device and makes one
 `.cpu()` copy of the finished payload. Decoding uses elementwise ops only (no reductions), so the
-same payload decodes to bit-identical float32 values on every machine (DESIGN.md section 3).
+same payload decodes to bit-identical float32 values on every machine (docs/architecture.md §Bit parity).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,6 +31,9 @@ class Codec(ABC):
     zstd: bool = False
     zstd_level: int = 3
     name: ClassVar[str]
+    # decode(out=) may alias the payload (each value depends on the same-offset wire value only,
+    # and the wire holds fp32): a receiver that owns the payload reduces into it, no temporary.
+    decodes_in_place: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.zstd, bool):
@@ -53,11 +57,15 @@ class Codec(ABC):
     def _bound(self, x: torch.Tensor) -> float:
         """error_bound for a validated, non-empty input."""
 
-    def encode(self, x: torch.Tensor) -> tuple[dict[str, Any], memoryview | bytes]:
+    def encode(self, x: torch.Tensor, *, share: bool = False) -> tuple[dict[str, Any], memoryview | bytes]:
         """Encode a 1-D float tensor; returns (meta, payload). Raises CodecError for inputs the
-        codec cannot represent (non-finite values, out of range)."""
+        codec cannot represent (non-finite values, out of range).
+
+        ``share``: the payload may be a view of x's own memory when the wire format is x's bytes
+        (fp32 on fp32): the caller keeps x unchanged until the payload is consumed. Otherwise
+        the payload never aliases x."""
         x = self._check_input(x)
-        buf, extra = self._encode(x)
+        buf, extra = self._encode_shared(x) if share else self._encode(x)
         raw = payload_view(buf)
         meta = {"codec": self.name, "numel": x.numel(), **self._params(), **extra}
         if not self.zstd:
@@ -65,14 +73,31 @@ class Codec(ABC):
         payload, meta["zstd"] = zstd_compress(raw, self.zstd_level)
         return meta, payload
 
-    def decode(self, meta: dict[str, Any], payload, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decode(self, meta: dict[str, Any], payload, device: torch.device | str = "cpu", *,
+               out: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
         """Decode to a float32 1-D tensor on `device`. Raises CodecError when the meta does not
-        match this codec or the payload's length does not match the meta."""
+        match this codec or the payload's length does not match the meta.
+
+        ``out``: write the values into this contiguous fp32 tensor of `numel` values (on `device`)
+        and return it, instead of a new tensor (on CodecError its contents are undefined).
+        ``add``: return decoded + add (fp32, `numel` values), bit for bit what
+        ``decode(...).add_(add)`` gives, in the same cache-hot pass.
+        ``out`` may be the payload's own memory (a writable fp32 payload, see
+        :attr:`decodes_in_place`): the payload is then overwritten with the result.
+        A collective's reduce step and its result buffer use both to avoid temporaries."""
         numel = self._check_meta(meta)
         expected = self.wire_bytes(numel)
         if meta.get("zstd", False):
             payload = zstd_decompress(payload, expected)
-        return self._decode(payload_tensor(payload, expected, device), numel, meta)
+        raw = payload_tensor(payload, expected, device)
+        for name, t in (("out", out), ("add", add)):
+            if t is not None and (t.dtype != torch.float32 or t.shape != (numel,) or t.device != raw.device):
+                raise ValueError(f"{self.name}.decode: {name} must be fp32 of shape ({numel},) on {raw.device}")
+        if out is None:
+            out = torch.empty(numel, device=raw.device)
+        elif not out.is_contiguous():
+            raise ValueError(f"{self.name}.decode: out must be contiguous")
+        return self._decode(raw, numel, meta, out, add)
 
     # -- for subclasses ----------------------------------------------------------------------
     @abstractmethod
@@ -80,9 +105,15 @@ class Codec(ABC):
         """x (1-D, contiguous, on its device) -> (uint8 tensor of wire_bytes(numel) on x's device,
         per-payload meta entries)."""
 
+    def _encode_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """_encode, allowed to return a view of x (see encode's ``share``)."""
+        return self._encode(x)
+
     @abstractmethod
-    def _decode(self, raw: torch.Tensor, numel: int, meta: dict[str, Any]) -> torch.Tensor:
-        """uint8 tensor of exactly wire_bytes(numel) on the target device -> float32 values;
+    def _decode(self, raw: torch.Tensor, numel: int, meta: dict[str, Any], out: torch.Tensor,
+                add: torch.Tensor | None) -> torch.Tensor:
+        """uint8 tensor of exactly wire_bytes(numel) on the target device -> float32 values
+        (+ `add` when given) written into `out` (contiguous, numel values), which it returns;
         `meta` has passed _check_meta (per-payload entries are the subclass's to check)."""
 
     def _params(self) -> dict[str, Any]:
@@ -117,8 +148,17 @@ class Codec(ABC):
         return numel
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No inf/NaN in x, in one read-only pass (aminmax; isfinite().all() writes a mask first)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def absmax(x: torch.Tensor) -> float:
-    """max |x| without an abs() copy (amax and amin are single read-only passes); NaN if any NaN."""
+    """max |x| without an abs() copy, in one read-only pass (aminmax); NaN if any NaN."""
     if x.numel() == 0:
         return 0.0
-    return float(torch.maximum(x.amax(), x.amin().neg()))
+    lo, hi = torch.aminmax(x)
+    return float(torch.maximum(hi, lo.neg()))

@@ -149,7 +149,8 @@ class BlockCodec(Codec):
             self._store(self._rounding(t).view(-1), data, e0, e1, scratch)
         return out, self._exp_meta(exp)
 
-    def _decode(self, raw: torch.Tensor, numel: int, meta: dict) -> torch.Tensor:
+    def _decode(self, raw: torch.Tensor, numel: int, meta: dict, out: torch.Tensor,
+                add: torch.Tensor | None) -> torch.Tensor:
         side_bytes = self._side_bytes(numel)
         stored = raw[:side_bytes].view(_SCALE_DTYPES[self.scale_dtype]).view(self.side_arrays, -1)
         side = torch.stack(self._unpack_side(list(stored), self._meta_exp(meta)))
@@ -159,12 +160,13 @@ class BlockCodec(Codec):
         if side.numel() and (not bool(torch.isfinite(self._peak(side)).all()) or bool((side[0] <= 0).any())):
             raise CodecError(f"{self.name}: corrupt payload (scales must be positive, side info finite)")
         columns = [values.unsqueeze(1) for values in side]
-        out = torch.empty(numel + 1, device=raw.device)  # +1: room for int4's pad nibble
         data = raw[side_bytes:]
         for r0, r1, e0, e1 in self._chunks(numel, raw.device):
             levels = self._load(data, e0, e1, out).view(r1 - r0, -1)
             self._from_levels(levels, [c[r0:r1] for c in columns])
-        return out[:numel]
+            if add is not None:  # while the chunk is in cache; same fp32 add as a later add_
+                levels.add_(add[e0:e1].view(r1 - r0, -1))
+        return out
 
     # -- block iteration ---------------------------------------------------------------------
     def _chunks(self, numel: int, device: torch.device) -> Iterator[tuple[int, int, int, int]]:
@@ -306,11 +308,15 @@ class Int4Codec(AbsmaxCodec):
         data[e0 // 2 : (e1 + 1) // 2].copy_(packed)
 
     def _load(self, data, e0, e1, out):
+        # e0 is even (blocks are); out ends at e1, so an odd count's pad nibble is skipped.
         packed = data[e0 // 2 : (e1 + 1) // 2]
-        dest = out[e0 : e0 + 2 * packed.numel()].view(-1, 2)
-        dest[:, 0].copy_(packed & 15)
-        dest[:, 1].copy_(packed >> 4)
-        return dest.view(-1)[: e1 - e0].sub_(8)
+        half = (e1 - e0) // 2
+        dest = out[e0 : e0 + 2 * half].view(-1, 2)
+        dest[:, 0].copy_(packed[:half] & 15)
+        dest[:, 1].copy_(packed[:half] >> 4)
+        if (e1 - e0) % 2:
+            out[e1 - 1 : e1].copy_(packed[half:] & 15)
+        return out[e0:e1].sub_(8)
 
 
 @dataclass(frozen=True, kw_only=True)

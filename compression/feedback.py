@@ -1,12 +1,13 @@
 """Error feedback (error compensation) around a lossy codec.
 
 Per tensor key k with residual e_k (fp32, on the input's device):
-    v   = x + gamma * e_k          # gamma = 1: classic error feedback (1-bit Adam, DESIGN.md 4)
+    v   = x + gamma * e_k          # gamma = 1: classic error feedback (1-bit Adam)
     send C(v)
     e_k = v - D(C(v))
 With gamma = 1 nothing is lost, only delayed: sum_t D(C(v_t)) = sum_t x_t - e_T, and each
 residual is bounded by the codec's error bound for that step. gamma < 1 damps the feedback
 (EControl, Gao et al., regulates its strength for heterogeneous, non-IID workers).
+How DiLoCo uses it: docs/architecture.md §DiLoCo rules.
 """
 from __future__ import annotations
 

@@ -10,13 +10,12 @@ likewise rejects payloads holding inf/NaN.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from .base import Codec, absmax
+from .base import Codec, absmax, all_finite
 from .errors import CodecError
 
 
@@ -37,23 +36,45 @@ class CastCodec(Codec):
     def _bound(self, x: torch.Tensor) -> float:
         return absmax(x) * self.unit_roundoff + self.subnormal_half_ulp
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_range(self, x: torch.Tensor) -> None:
         peak = absmax(x)
         if not peak < self.overflow:  # also catches NaN
             raise CodecError(f"{self.name}: input has non-finite or out-of-range values (max |x| = {peak})")
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        self._check_range(x)
         # A fresh buffer even for fp32 input: the payload must not alias the caller's tensor.
         out = torch.empty(x.numel(), dtype=self.wire_dtype, device=x.device)
         out.copy_(x)
         return out.view(torch.uint8), {}
 
-    def _decode(self, raw: torch.Tensor, numel: int, meta: dict) -> torch.Tensor:
+    def _encode_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if x.dtype != self.wire_dtype:
+            return self._encode(x)
+        self._check_range(x)
+        return x.view(torch.uint8), {}  # the wire bytes are x's: no copy pass
+
+    def _decode(self, raw: torch.Tensor, numel: int, meta: dict, out: torch.Tensor,
+                add: torch.Tensor | None) -> torch.Tensor:
         values = raw.view(self.wire_dtype)
-        # Encoders never send inf/NaN, so one here is corruption or a poisoned peer; checking
-        # costs two read-only passes over the (narrower) wire values and keeps decoded values
-        # finite for every codec.
-        if not math.isfinite(absmax(values)):
+        # Widening is exact, so the sum is the one fp32 add of decode(...).add_(add).
+        if add is None:
+            out.copy_(values)
+        else:
+            torch.add(values, add, out=out)
+        # Encoders never send inf/NaN, so one here is corruption or a poisoned peer: rejecting it
+        # keeps decoded values finite for every codec. One pass over the fp32 result while it is
+        # still in cache; only a non-finite sum needs a look at the inputs themselves.
+        if all_finite(out):
+            return out
+        if add is None:
             raise CodecError(f"{self.name}: corrupt payload (non-finite values)")
-        return values.clone() if self.wire_dtype == torch.float32 else values.float()
+        if out.data_ptr() != values.data_ptr():
+            if not all_finite(values):
+                raise CodecError(f"{self.name}: corrupt payload (non-finite values)")
+        elif all_finite(add):  # decoded in place: the payload is gone, but the local side is fine
+            raise CodecError(f"{self.name}: corrupt payload (non-finite values, or a sum beyond fp32's range)")
+        return out  # non-finite local values: the caller's next encode rejects them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +82,7 @@ class Fp32Codec(CastCodec):
     """Identity: 4 bytes per value, lossless."""
 
     name: ClassVar[str] = "fp32"
+    decodes_in_place: ClassVar[bool] = True
     wire_dtype: ClassVar[torch.dtype] = torch.float32
     overflow: ClassVar[float] = float("inf")
     unit_roundoff: ClassVar[float] = 0.0

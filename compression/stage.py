@@ -25,9 +25,12 @@ def payload_tensor(payload, expected: int, device: torch.device | str) -> torch.
         raise CodecError(f"payload is {view.nbytes} bytes, metadata implies {expected}")
     if expected == 0:
         return torch.empty(0, dtype=torch.uint8, device=device)
-    with warnings.catch_warnings():
-        # Read-only buffers (bytes) are fine: decoding never writes into its input.
-        warnings.simplefilter("ignore", UserWarning)
+    if view.readonly:
+        with warnings.catch_warnings():
+            # Read-only buffers (bytes) are fine: decoding never writes into its input.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(view, dtype=torch.uint8)
+    else:  # received payloads are bytearrays: skip the costly warnings context
         raw = torch.frombuffer(view, dtype=torch.uint8)
     return raw.to(device)
 

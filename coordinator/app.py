@@ -11,6 +11,7 @@ from aiohttp import web
 
 from coordinator.checkpoint_routes import RetentionPolicy, setup_checkpoint_routes
 from coordinator.checkpoints import Backend, open_backend
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.membership import setup_membership
 from coordinator.metrics import setup_metrics
 from coordinator.offenses import DEFAULT_BAN_AFTER, setup_offenses
@@ -106,15 +107,16 @@ async def rate_limit(request: web.Request, handler):
 
 
 def create_app(config: CoordinatorConfig, store: Store,
-               backend: Backend | None = None) -> web.Application:
+               backend: Backend | None = None, *, clock: Clock = SYSTEM_CLOCK) -> web.Application:
     """Build the app on an opened store (the caller owns the store's lifecycle). ``backend``:
-    the checkpoint store, already opened and checked; by default opened from the config."""
+    the checkpoint store, already opened and checked; by default opened from the config.
+    ``clock``: failure detection's and rendezvous deadlines' time (tests pass a fake one)."""
     # json_errors is outermost, so refusals by rate_limit get the JSON answer too
     app = web.Application(middlewares=[json_errors, rate_limit],
                           client_max_size=config.max_request_bytes)
     app[RATE_LIMITERS] = {"peer": RateLimiter(config.peer_rate_per_s, config.peer_burst),
                           "address": RateLimiter(config.address_rate_per_s, config.address_burst)}
-    registry = MembershipRegistry(store, Timing(config.heartbeat_interval, config.peer_timeout))
+    registry = MembershipRegistry(store, Timing(config.heartbeat_interval, config.peer_timeout), clock=clock)
     setup_membership(app, registry, config.token, config.max_clock_skew, config.max_peers)
     setup_status(app, store, registry)
     if backend is None:

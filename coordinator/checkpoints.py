@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
 
+from coordinator.defaults import DEFAULT_GRACE_S
+from peer.progress import Progress
 from peer.blobs import (CHUNK_SIZE, MAX_CHUNK_BYTES, BlobError, InvalidName, Manifest,
                         ManifestError, TensorEntry, check_run, check_sha, check_step, sha256_hex,
                         split_chunks)
@@ -38,8 +41,9 @@ from peer.blobs import (CHUNK_SIZE, MAX_CHUNK_BYTES, BlobError, InvalidName, Man
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("lowband.checkpoints")
+
 CHECKPOINT_DIR = "checkpoints"  # LocalBackend root under the coordinator's --data-dir
-DEFAULT_GRACE_S = 3600.0  # GC never deletes younger unreferenced chunks: an upload may be in flight
 
 # A key segment may not start with "." so "..", "." and our own ".tmp" staging dir are unreachable.
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}\Z")
@@ -558,19 +562,21 @@ def load_state(store: CheckpointStore, step: int | None = None, *, device: str |
         if absent:
             raise MissingChunk(absent, f"checkpoint {store.run}@{m.step}")
     out: dict[str, torch.Tensor] = {}
-    for e in m.tensors:
-        buf = bytearray(e.nbytes)
-        off = 0
-        for sha in e.chunks:
-            data = store.get_chunk(sha, sources)
-            if off + len(data) > e.nbytes:
-                raise ManifestError(f"tensor {e.name}: chunks exceed its {e.nbytes} bytes")
-            buf[off:off + len(data)] = data
-            off += len(data)
-        if off != e.nbytes:
-            raise ManifestError(f"tensor {e.name}: chunks hold {off} of its {e.nbytes} bytes")
-        raw = torch.frombuffer(buf, dtype=torch.uint8) if e.nbytes else torch.empty(0, dtype=torch.uint8)
-        out[e.name] = raw.view(torch_dtypes()[e.dtype]).reshape(e.shape).to(device)
+    with Progress(f"checkpoint {store.run}@{m.step} read", m.nbytes, logger=log) as progress:
+        for e in m.tensors:
+            buf = bytearray(e.nbytes)
+            off = 0
+            for sha in e.chunks:
+                data = store.get_chunk(sha, sources)
+                if off + len(data) > e.nbytes:
+                    raise ManifestError(f"tensor {e.name}: chunks exceed its {e.nbytes} bytes")
+                buf[off:off + len(data)] = data
+                off += len(data)
+                progress.update(len(data))
+            if off != e.nbytes:
+                raise ManifestError(f"tensor {e.name}: chunks hold {off} of its {e.nbytes} bytes")
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if e.nbytes else torch.empty(0, dtype=torch.uint8)
+            out[e.name] = raw.view(torch_dtypes()[e.dtype]).reshape(e.shape).to(device)
     return out, dict(m.meta)
 
 

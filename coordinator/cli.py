@@ -1,38 +1,35 @@
 """`coordinator start`: run the membership coordinator (HTTP JSON API + status page).
 
-Prints human-readable lines, then one machine-readable line ``READY {json}`` (url, host, port,
-data_dir, pid) once it is listening. SIGINT/SIGTERM stop it cleanly (exit 0).
+Logs what it serves (address, status page, data dir, checkpoint store, token source), then prints
+one machine-readable line ``READY {json}`` (url, host, port, data_dir, pid) on stdout once it is
+listening; everything else goes through `logging` on stderr (``--log-format json``: one JSON
+object per line), except a failure to start (exit 2), which is one ``coordinator: ...`` line on
+stderr like any usage error. SIGINT/SIGTERM stop it cleanly (exit 0).
 
 `coordinator ban PEER_ID` / `coordinator unban PEER_ID` write to the database under the data dir
 directly (the operator's access to that dir is the authority; every peer holds the swarm token,
 so no HTTP route may ban). A running coordinator reads bans on every request, so they hold at once.
+
+Building the parser imports nothing heavy (aiohttp, the app, the store load when a command runs),
+so `coordinator --help` answers at once.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import logging
 import os
 import secrets
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+from coordinator.defaults import DEFAULT_BAN_AFTER, DEFAULT_DATA_DIR, DEFAULT_GRACE_S, DEFAULT_PORT
+from peer.runtime import CommandParser, add_logging_args, add_token_args, read_token, setup_logging
 
-from coordinator.app import CoordinatorConfig, create_app
-from coordinator.checkpoint_routes import RetentionPolicy
-from coordinator.checkpoints import (DEFAULT_GRACE_S, CheckpointError, cli_export, cli_list,
-                                     list_runs, open_backend)
-from coordinator.offenses import DEFAULT_BAN_AFTER, OFFENSES_MIGRATIONS, forget_reports
-from coordinator.registry import MEMBERSHIP_MIGRATIONS, ban_peer, unban_peer
-from coordinator.store import DB_NAME, Store, StoreError
-from peer.runtime import add_logging_args, read_token, setup_logging, wait_for_stop_signal
-from peer.transport import install_event_loop_policy
+if TYPE_CHECKING:
+    from coordinator.app import CoordinatorConfig
 
-DEFAULT_DATA_DIR = Path.home() / ".lowband" / "coordinator"
-DEFAULT_PORT = 8470
+log = logging.getLogger("lowband.coordinator")
 
 
 def resolve_token(args: argparse.Namespace, data_dir: Path) -> tuple[str, str]:
@@ -58,55 +55,51 @@ def resolve_token(args: argparse.Namespace, data_dir: Path) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="coordinator",
         description="lowband coordinator: membership registry (join/heartbeat/leave, failure "
                     "detection), JSON API under /api and a status page at /. State lives in "
                     "SQLite under the data dir, so a restart (even after kill -9) loses nothing.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     start = sub.add_parser("start", help="run the coordinator until SIGINT/SIGTERM",
                            description="Run the coordinator. Prints 'READY {json}' when listening.")
     start.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    start.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+                       help="address to bind (0.0.0.0 for all interfaces)")
+    start.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0 picks a free one)")
     start.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                       help=f"directory for the SQLite database and token (default {DEFAULT_DATA_DIR})")
-    tok = start.add_mutually_exclusive_group()
-    tok.add_argument("--token", help="swarm token peers must present (visible in ps; prefer --token-file)")
-    tok.add_argument("--token-file", help="file holding the swarm token. Without --token/--token-file "
-                                          "the token is $LOWBAND_TOKEN or <data-dir>/token (generated)")
+                       help="directory for the SQLite database and token")
+    add_token_args(start.add_mutually_exclusive_group(),
+                   "$LOWBAND_TOKEN, else <data-dir>/token, generated once")
     start.add_argument("--heartbeat-interval", type=float, default=2.0,
-                       help="seconds between peer heartbeats, told to peers (default 2)")
+                       help="seconds between peer heartbeats, told to peers")
     start.add_argument("--peer-timeout", type=float, default=10.0,
-                       help="a peer silent this long is dead, half as long suspect (default 10)")
+                       help="a peer silent this long is dead, half as long suspect")
     start.add_argument("--max-clock-skew", type=float, default=300.0,
-                       help="accepted clock difference on signed peer requests, seconds (default 300)")
+                       help="accepted clock difference on signed peer requests, seconds")
     start.add_argument("--peer-rate", type=float, default=50.0, metavar="PER_S",
                        help="signed requests per second per peer id, bursts of 4x that; more get "
-                            "HTTP 429 (default 50)")
+                            "HTTP 429")
     start.add_argument("--address-rate", type=float, default=200.0, metavar="PER_S",
-                       help="other requests per second per remote address, bursts of 5x that "
-                            "(default 200)")
+                       help="other requests per second per remote address, bursts of 5x that")
     start.add_argument("--max-peers", type=int, default=10_000,
-                       help="live peers accepted; joins beyond it get HTTP 429 (default 10000)")
+                       help="live peers accepted; joins beyond it get HTTP 429")
     start.add_argument("--ban-after", type=int, default=DEFAULT_BAN_AFTER, metavar="N",
                        help="ban a peer once N distinct peers reported it for poisoned updates "
-                            f"(robust training runs); 0: only 'coordinator ban' (default {DEFAULT_BAN_AFTER})")
+                            "(robust training runs); 0: only 'coordinator ban'")
     ckpt = start.add_argument_group("checkpoint store")
     ckpt.add_argument("--checkpoint-store", metavar="s3://BUCKET[/PREFIX]",
                       help="keep checkpoints in an S3-compatible bucket (needs the 's3' extra; "
-                           "credentials from the usual AWS env vars / config files) instead of "
-                           "<data-dir>/checkpoints")
+                           "credentials from the usual AWS env vars / config files; default: "
+                           "<data-dir>/checkpoints)")
     ckpt.add_argument("--endpoint-url", help="S3 endpoint for MinIO, moto, ... (default: AWS)")
     ckpt.add_argument("--keep-last", type=int, default=5, metavar="N",
                       help="after each commit keep the N newest checkpoints of the run, delete "
-                           "older ones (default 5; 0 keeps every checkpoint)")
+                           "older ones (0 keeps every checkpoint)")
     ckpt.add_argument("--keep-every", type=int, metavar="M",
-                      help="also keep every checkpoint whose step is a multiple of M")
+                      help="also keep every checkpoint whose step is a multiple of M (default: none)")
     ckpt.add_argument("--gc-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
                       help="unreferenced chunks younger than this are kept, as an upload may "
-                           f"still need them (default {DEFAULT_GRACE_S:g})")
+                           "still need them")
     add_logging_args(start)
     add_checkpoint_commands(sub)
     add_ban_commands(sub)
@@ -122,8 +115,7 @@ def add_ban_commands(sub: argparse._SubParsersAction) -> None:
     unban = sub.add_parser("unban", help="lift a ban (and forget the peer's offense reports)")
     unban.add_argument("peer", metavar="PEER_ID", help="peer id, or a unique prefix of a banned one")
     for p in (ban, unban):
-        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                       help=f"coordinator data dir (default {DEFAULT_DATA_DIR})")
+        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="coordinator data dir")
 
 
 def _resolve_peer(conn, text: str) -> str:
@@ -143,6 +135,13 @@ def _resolve_peer(conn, text: str) -> str:
 
 def run_ban(args: argparse.Namespace) -> int:
     """`coordinator ban|unban PEER_ID`: errors -> exit 1."""
+    import asyncio
+    import time
+
+    from coordinator.offenses import OFFENSES_MIGRATIONS, forget_reports
+    from coordinator.registry import MEMBERSHIP_MIGRATIONS, ban_peer, unban_peer
+    from coordinator.store import DB_NAME, Store, StoreError
+
     if not (args.data_dir / DB_NAME).is_file():
         print(f"coordinator: no coordinator database in {args.data_dir}; pass its --data-dir",
               file=sys.stderr)
@@ -182,14 +181,17 @@ def add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("out", type=Path, help="output directory")
     export.add_argument("--run", help="run name (default: the only run in the store)")
     for p in (listing, export):
-        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                       help=f"coordinator data dir (default {DEFAULT_DATA_DIR})")
-        p.add_argument("--s3", metavar="s3://BUCKET[/PREFIX]", help="read from S3 instead of the data dir")
-        p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, moto, ...)")
+        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="coordinator data dir")
+        p.add_argument("--s3", metavar="s3://BUCKET[/PREFIX]",
+                       help="read from S3 instead of the data dir (default: the data dir)")
+        p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, moto, ...; default: AWS)")
+        add_logging_args(p)  # export reads every chunk: progress goes to the log
 
 
 def run_checkpoints(args: argparse.Namespace) -> int:
     """`coordinator checkpoints list|export`: print the library's text; errors -> exit 1."""
+    from coordinator.checkpoints import CheckpointError, cli_export, cli_list, list_runs, open_backend
+
     try:
         if args.checkpoints_command == "list":
             print(cli_list(args.data_dir, args.run, s3_url=args.s3, endpoint_url=args.endpoint_url))
@@ -210,6 +212,16 @@ def run_checkpoints(args: argparse.Namespace) -> int:
 
 
 async def serve(config: CoordinatorConfig, token_source: str) -> int:
+    import asyncio
+    import json
+
+    from aiohttp import web
+
+    from coordinator.app import create_app
+    from coordinator.checkpoints import CheckpointError, open_backend
+    from coordinator.store import Store, StoreError
+    from peer.runtime import wait_for_stop_signal
+
     try:  # a misconfigured bucket must stop the start, not fail the first upload an hour later
         backend = open_backend(config.data_dir, config.checkpoint_store, config.s3_endpoint_url)
         await asyncio.to_thread(backend.check)
@@ -236,13 +248,14 @@ async def serve(config: CoordinatorConfig, token_source: str) -> int:
     port = runner.addresses[0][1]
     shown_host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     url = f"http://{shown_host}:{port}"
-    print(f"coordinator listening on {config.host}:{port}")
-    print(f"status page: {url}/")
-    print(f"data dir: {config.data_dir}")
+    log.info("coordinator listening on %s:%s", config.host, port)
+    log.info("status page: %s/", url)
+    log.info("data dir: %s", config.data_dir)
     keep = config.retention
-    print(f"checkpoints: {backend} (" + (f"keep last {keep.keep_last}" if keep.keep_last else "keep all")
-          + (f", every step divisible by {keep.keep_every}" if keep.keep_every else "") + ")")
-    print(f"swarm token: {token_source}")
+    log.info("checkpoints: %s (%s%s)", backend,
+             f"keep last {keep.keep_last}" if keep.keep_last else "keep all",
+             f", every step divisible by {keep.keep_every}" if keep.keep_every else "")
+    log.info("swarm token: %s", token_source)
     print("READY " + json.dumps({"url": url, "host": config.host, "port": port,
                                  "data_dir": str(config.data_dir), "pid": os.getpid()}), flush=True)
     try:
@@ -250,23 +263,36 @@ async def serve(config: CoordinatorConfig, token_source: str) -> int:
     finally:
         await runner.cleanup()
         store.close()
-    print("coordinator stopped", flush=True)
+    log.info("coordinator stopped")
     return 0
+
+
+def _quiet_libraries(level: str) -> None:
+    if level == "debug":
+        return
+    # aiohttp logs every malformed request (scanners, fuzzers) with a traceback at ERROR;
+    # it already answers 400, and handler errors are logged by the app's middleware.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in ..." per client
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "checkpoints":
+        setup_logging(args.log_format, args.log_level)
+        _quiet_libraries(args.log_level)
         return run_checkpoints(args)
     if args.command in ("ban", "unban"):
         return run_ban(args)
+    import asyncio
+
+    from coordinator.app import CoordinatorConfig
+    from coordinator.checkpoint_routes import RetentionPolicy
+    from peer.transport import install_event_loop_policy
+
     setup_logging(args.log_format, args.log_level)
-    if args.log_level != "debug":
-        # aiohttp logs every malformed request (scanners, fuzzers) with a traceback at ERROR;
-        # it already answers 400, and handler errors are logged by the app's middleware.
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-        logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in ..." per client
+    _quiet_libraries(args.log_level)
     token, source = resolve_token(args, args.data_dir)
     try:
         config = CoordinatorConfig(data_dir=args.data_dir, token=token, host=args.host,

@@ -156,7 +156,7 @@ async def list_peers(request: web.Request) -> web.Response:
 async def _failure_detector(registry: MembershipRegistry) -> None:
     period = max(0.05, min(1.0, registry.timing.peer_timeout / 10))
     while True:
-        await asyncio.sleep(period)
+        await registry.clock.sleep(period)
         try:
             for peer_id, state in await registry.sweep():
                 log.info("peer %s is now %s", peer_id[:12], state)

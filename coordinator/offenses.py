@@ -23,6 +23,7 @@ from typing import Sequence
 
 from aiohttp import web
 
+from coordinator.defaults import DEFAULT_BAN_AFTER
 from coordinator.registry import check_not_banned, select_bans
 from coordinator.runs import RUNS, RunService, body_int, run_member, run_name_of, run_row, signed_body
 from coordinator.store import add_event
@@ -45,7 +46,6 @@ OFFENSES_MIGRATIONS: Sequence[str] = (
     """,
 )
 
-DEFAULT_BAN_AFTER = 2
 MAX_OFFENSES = 64        # per report: one per other participant is all a peer can catch
 MAX_DETAIL = 300
 MAX_LISTED = 50          # offenders shown in /api/status

@@ -18,10 +18,10 @@ import json
 import logging
 import secrets
 import sqlite3
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.store import Store, add_event
 from coordinator.validation import ApiError
 
@@ -106,10 +106,12 @@ def _row_to_dict(row: sqlite3.Row, now: float) -> dict:
 class MembershipRegistry:
     """Async façade over the peers table; all SQL runs on the store's writer thread."""
 
-    def __init__(self, store: Store, timing: Timing, *, started_at: float | None = None) -> None:
+    def __init__(self, store: Store, timing: Timing, *, started_at: float | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
         self.timing = timing
-        self.started_at = time.time() if started_at is None else started_at
+        self.clock = clock  # every liveness decision reads this (tests pass a fake one)
+        self.started_at = clock.time() if started_at is None else started_at
         store.apply_schema("membership", MEMBERSHIP_MIGRATIONS)
         self._keys: dict[str, bytes] = {}  # peer_id -> public key, cache for heartbeat checks
         # Every join/heartbeat answer carries the live view (id, address, state of each live
@@ -173,7 +175,7 @@ class MembershipRegistry:
     async def join(self, peer_id: str, public_key: bytes, address: str, meta: PeerMeta) -> dict:
         self._keys[peer_id] = public_key
         try:
-            return await self.store.run(_join, peer_id, public_key.hex(), address, meta, time.time())
+            return await self.store.run(_join, peer_id, public_key.hex(), address, meta, self.clock.time())
         finally:
             self._view_changed()
 
@@ -183,7 +185,7 @@ class MembershipRegistry:
         per batch instead of per heartbeat, which is what 1,000 peers at 1 Hz need. Each caller
         still returns only after its own heartbeat is committed."""
         done = asyncio.get_running_loop().create_future()
-        self._pending_heartbeats.append((peer_id, stats, time.time(), done))
+        self._pending_heartbeats.append((peer_id, stats, self.clock.time(), done))
         if self._heartbeat_writer is None or self._heartbeat_writer.done():
             self._heartbeat_writer = asyncio.ensure_future(self._write_heartbeats())
         try:
@@ -213,23 +215,23 @@ class MembershipRegistry:
 
     async def leave(self, peer_id: str) -> None:
         try:
-            await self.store.run(_leave, peer_id, time.time())
+            await self.store.run(_leave, peer_id, self.clock.time())
         finally:
             self._view_changed()
 
     async def ban(self, peer_id: str, reason: str, source: str) -> bool:
         """Ban ``peer_id`` (see the module docstring); False when it already was."""
         try:
-            return await self.store.run(ban_peer, peer_id, reason, source, time.time())
+            return await self.store.run(ban_peer, peer_id, reason, source, self.clock.time())
         finally:
             self._view_changed()
 
     async def peers(self, states: Sequence[str] = ALL_STATES) -> list[dict]:
-        return await self.store.run(_select_peers, tuple(states), time.time())
+        return await self.store.run(_select_peers, tuple(states), self.clock.time())
 
     async def sweep(self) -> list[tuple[str, str]]:
         """Demote silent peers; returns (peer_id, new_state) for each change."""
-        now = time.time()
+        now = self.clock.time()
         may_kill = now >= self.grace_until
         changes = await self.store.run(_sweep, now, self.timing.suspect_after,
                                        self.timing.peer_timeout, may_kill)

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import sqlite3
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -207,6 +206,7 @@ class RunService:
                  limits: RunLimits = RunLimits()) -> None:
         self.store = store
         self.registry = registry
+        self.clock = registry.clock  # one time source for liveness and rendezvous deadlines
         self.backend = backend
         self.limits = limits
         self._held = 0  # sync requests waiting for their window to close
@@ -232,7 +232,7 @@ class RunService:
         settings = _run_settings(config)
         live = await self.live(("joining", "active", "suspect"))
         answer = await self.store.run(_join_run, run, peer_id, config, explicit,
-                                      settings["data_shards"], set(live), time.time(),
+                                      settings["data_shards"], set(live), self.clock.time(),
                                       self.limits.max_runs)
         if answer["conflicts"]:
             return answer
@@ -252,7 +252,7 @@ class RunService:
         incarnation = live_inc.get(peer_id, 0)
         async with self._lock:
             info = await self.store.run(_arrive, run, peer_id, incarnation, step, base_hash,
-                                        live_inc, time.time())
+                                        live_inc, self.clock.time())
             key = (run, info["generation"], step)
             if info["state"] == "open":
                 event = self._closed.setdefault(key, asyncio.Event())
@@ -298,7 +298,7 @@ class RunService:
                 live = await self.live()
                 async with self._lock:
                     state = await self.store.run(_maybe_close, run, generation, step, live,
-                                                 time.time())
+                                                 self.clock.time())
                     if state != "open":
                         # Waiters hold the event; later askers learn "closed" from the store.
                         self._watchers.pop(key, None)
@@ -306,7 +306,7 @@ class RunService:
                         if state == "closed" and event is not None:
                             event.set()
                         return
-                await asyncio.sleep(WATCH_PERIOD_S)
+                await self.clock.sleep(WATCH_PERIOD_S)
         except asyncio.CancelledError:
             raise
         except Exception:  # the next arrival starts a new watcher; waiters ask again
@@ -317,7 +317,7 @@ class RunService:
     async def report(self, run: str, peer_id: str, step: int, state_hash: str,
                      metrics: dict, slot_position: int | None) -> dict:
         return await self.store.run(_report, run, peer_id, step, state_hash, metrics,
-                                    slot_position, time.time(), self.limits.max_reports_per_run)
+                                    slot_position, self.clock.time(), self.limits.max_reports_per_run)
 
 
 # -- SQL (runs on the store's writer thread inside a transaction) -------------------------------
@@ -656,7 +656,7 @@ async def leave(request: web.Request) -> web.Response:
     run = run_name_of(request)
     _, peer_id = await signed_body(request, "run_leave")
     return web.json_response(await request.app[RUNS].store.run(_leave_run, run, peer_id,
-                                                               time.time()))
+                                                               request.app[RUNS].clock.time()))
 
 
 async def list_runs(request: web.Request) -> web.Response:

@@ -315,7 +315,7 @@ def run_training(swarm: Swarm, args: argparse.Namespace) -> TrainResult:
     while True:
         swarm.check()
         for c in trainers:
-            failed = [line for line in c.lines if line.startswith(f"train {RUN}: stopped:")]
+            failed = [line for line in c.lines if f"train {RUN}: stopped:" in line]
             if failed:
                 raise DemoError(f"{c.name} stopped training: {failed[-1]}\n{c.tail()}")
         before = len(shown)

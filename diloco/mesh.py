@@ -5,7 +5,7 @@ The trainer runs in its own thread; ``start`` hands the work to the peer's async
 ``asyncio.run_coroutine_threadsafe`` and returns its ``concurrent.futures.Future`` at once.
 The all-reduce's fault handling (abort, agree on survivors, retry) drops a peer that dies mid
 operation, so the step completes with the survivors and ``participants`` says how many remain.
-Results are bit-identical on every participant (DESIGN.md section 3), which keeps the global
+Results are bit-identical on every participant (docs/architecture.md §Bit parity), which keeps the global
 state hash equal everywhere.
 
 With ``robust`` set, the average is the robust all-reduce (collectives.robust): peers whose

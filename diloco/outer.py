@@ -66,7 +66,7 @@ class GlobalCopy:
 
 
 class FeedbackQuantizer:
-    """Error feedback around a lossy outer-gradient codec (DESIGN.md section 4):
+    """Error feedback around a lossy outer-gradient codec (docs/architecture.md §DiLoCo rules):
     e <- e + Delta ; send q = D(C(e)) ; e <- e - q, one residual per fragment.
 
     A fragment's tensors are flattened in order before quantizing, as collectives.all_reduce

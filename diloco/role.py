@@ -1,7 +1,9 @@
 """The ``train`` role plug-in: ``peer join --train RUN`` trains one model with DiLoCo over the mesh.
 
-Entry point (pyproject.toml): ``[project.entry-points."lowband.roles"] train =
-"diloco.role:TrainRole"``. The daemon calls ``TrainRole(run_name, options)`` and ``start(daemon)``.
+Entry points (pyproject.toml): ``[project.entry-points."lowband.roles"] train =
+"diloco.role:TrainRole"``; its `peer join` flags come from the torch-free diloco/train_options.py
+(group ``lowband.role_options``). The daemon calls ``TrainRole(run_name, options)`` and
+``start(daemon)``.
 
 What a peer does (coordinator routes: coordinator/runs.py, coordinator/checkpoint_routes.py):
 
@@ -23,7 +25,7 @@ What a peer does (coordinator routes: coordinator/runs.py, coordinator/checkpoin
    or its hash lost the majority vote), it reloads from a donor. Every ``checkpoint_every``
    steps the coordinator designates one participant to upload a checkpoint (params, outer
    momentum, step, config, hash) — only missing chunks.
-4. Coordinator outage (DESIGN.md section 1: collectives go on with the last known membership):
+4. Coordinator outage (docs/architecture.md §Coordinator outage: collectives go on with the last known membership):
    when the coordinator has not answered a rendezvous for ``OFFLINE_AFTER_S`` (refused, timed
    out, 5xx), the peers of the last completed average take the next steps without it, meeting
    over the mesh (``mesh.offline_rendezvous``); step reports queue up and are sent, oldest
@@ -39,7 +41,6 @@ global state (fp32) lives on the CPU, the model and batches on the daemon's devi
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -50,12 +51,12 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any, Coroutine, TypeVar
 
 from peer.blobs import CHUNK_SIZE, InvalidName, Manifest, check_run
 from peer.errors import LowbandError
 from peer.membership import CoordinatorError, CoordinatorUnavailable
+from peer.progress import waiting
 
 from .diloco import DiLoCo
 from .errors import AveragingError, ConfigError, DiLoCoError, StateError
@@ -63,9 +64,9 @@ from .inner import InnerReport
 from .mesh import (AverageStats, MeshAverager, NotAParticipant, Rendezvous, offline_rendezvous,
                    step_tag)
 from .run_client import RunClient
-from .run_config import (CODECS, PRESETS, ROBUST_MODES, RunConfig, build_model, build_optimizer,
-                         corpus_tokens, lm_loss, shard)
+from .run_config import RunConfig, build_model, build_optimizer, corpus_tokens, lm_loss, shard
 from .state_io import build_manifest, global_tensors, pack, snapshot_from_tensors, unpack
+from .train_options import TrainOptions
 
 log = logging.getLogger("lowband.train")
 T = TypeVar("T")
@@ -82,55 +83,9 @@ OFFLINE_AFTER_S = 3.0
 PROBE_TIMEOUT_S = 5.0
 MAX_QUEUED_REPORTS = 10_000    # step reports kept for the coordinator (oldest dropped first)
 
-# RunConfig field -> `peer join` flag (see TrainRole.add_arguments); argparse dests are
-# _PREFIX + field, and _DATA_DEST for --data.
-_PREFIX = "train_"
-_DATA_DEST = "train_data"
-_FLAGS: dict[str, tuple[str, type, str]] = {
-    "preset": ("--preset", str, "model preset (micro, tiny, smollm2-135m)"),
-    "inner_steps": ("--inner-steps", int, "H: inner steps per outer step"),
-    "inner_seconds": ("--inner-seconds", float,
-                      "wall-clock inner-phase budget per outer step (heterogeneous peers)"),
-    "total_steps": ("--outer-steps", int, "stop the run at this outer step (0 = never)"),
-    "codec": ("--codec", str, "all-reduce codec for pseudo-gradients (fp32 fp16 bf16 int8 int4)"),
-    "error_feedback": ("--error-feedback", bool, "quantize pseudo-gradients under error feedback"),
-    "zstd": ("--zstd", bool, "compress the codec's bytes with zstd on the wire (lossless)"),
-    "outer_lr": ("--outer-lr", float, "outer (Nesterov) learning rate"),
-    "outer_momentum": ("--outer-momentum", float, "outer momentum"),
-    "inner_lr": ("--inner-lr", float, "inner AdamW learning rate"),
-    "seq_len": ("--seq-len", int, "tokens per training sequence"),
-    "batch_size": ("--batch-size", int, "sequences per inner step"),
-    "seed": ("--seed", int, "run seed (model init and data order)"),
-    "checkpoint_every": ("--checkpoint-every", int, "outer steps between checkpoints (0 = never)"),
-    "sync_timeout_s": ("--sync-timeout", float, "seconds a rendezvous waits for stragglers"),
-    "min_peers": ("--min-peers", int, "a rendezvous waits for this many peers (up to the timeout)"),
-    "robust": ("--robust", str, "average over the robust all-reduce: detect (exclude poisoned "
-                                "pseudo-gradients and report their senders), trimmed / clip (and "
-                                "trimmed mean / centered clipping of the rest); off: the ring"),
-}
-
 
 class Stopping(DiLoCoError):
     """The peer is shutting down; the training thread unwinds."""
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """This peer's options: run config values it sets explicitly, and local settings."""
-
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    data: str | None = None
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> "TrainOptions":
-        """From the parsed `peer join` options of this role (``TrainRole.add_arguments`` dests:
-        ``train_data`` and ``train_<RunConfig field>``; None = not given)."""
-        given = {k: v for k, v in (options or {}).items() if v is not None}
-        unknown = sorted(k for k in given if k != _DATA_DEST and k.removeprefix(_PREFIX) not in _FLAGS)
-        if unknown:
-            raise ConfigError(f"unknown train options {unknown}")
-        data = given.pop(_DATA_DEST, None)
-        return cls({k.removeprefix(_PREFIX): v for k, v in given.items()}, data)
 
 
 class TrainRole:
@@ -165,24 +120,6 @@ class TrainRole:
         self._report_lock = asyncio.Lock()   # one sender of the queue at a time
         self._answered = asyncio.Event()     # the coordinator answered since the last failure
         self._uploads: list[Future] = []
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """`peer join` options of this role (passed back as the ``options`` dict)."""
-        group = parser.add_argument_group("train role (with --train RUN)")
-        group.add_argument("--data", dest=_DATA_DEST, metavar="PATH",
-                           help="text file or folder to train on (default: Shakespeare)")
-        for field_name, (flag, kind, help_text) in _FLAGS.items():
-            dest = _PREFIX + field_name
-            if kind is bool:
-                group.add_argument(flag, dest=dest, action="store_true", default=None,
-                                   help=help_text)
-            else:
-                choices = {"preset": sorted(PRESETS), "codec": CODECS,
-                           "robust": tuple(ROBUST_MODES)}.get(field_name)
-                group.add_argument(flag, dest=dest, type=kind, default=None, choices=choices,
-                                   metavar=None if choices else kind.__name__.upper(),
-                                   help=help_text)
 
     # -- daemon lifecycle ----------------------------------------------------------------------
     async def start(self, daemon) -> None:
@@ -239,8 +176,10 @@ class TrainRole:
                     fut.cancel()
                     raise TimeoutError(f"no answer within {timeout:.0f}s") from None
 
-    def _say(self, line: str) -> None:
-        print(f"train {self.run}: {line}", flush=True)
+    def _say(self, line: str, level: int = logging.INFO) -> None:
+        """The role's own progress lines ("train RUN: step 4 loss ..."), through logging so
+        ``--log-format json`` keeps them one JSON object per line."""
+        log.log(level, "train %s: %s", self.run, line)
 
     def _thread_main(self, answer: dict[str, Any]) -> None:
         try:
@@ -249,7 +188,7 @@ class TrainRole:
             pass
         except Exception as e:  # the peer stays up (serving snapshots); say why training stopped
             log.exception("training stopped")
-            self._say(f"stopped: {type(e).__name__}: {e}")
+            self._say(f"stopped: {type(e).__name__}: {e}", logging.ERROR)
         finally:
             self.finished.set()
             try:  # it joined the run: stop being waited for
@@ -305,9 +244,11 @@ class TrainRole:
 
     def _from_peer(self, donor: str) -> None:
         assert self.daemon is not None
-        header, payload = self._call(
-            self.daemon.host.call(donor, SNAPSHOT_METHOD, {"run": self.run}, b"",
-                                  timeout=SNAPSHOT_TIMEOUT_S), SNAPSHOT_TIMEOUT_S + 10)
+        # one RPC answer: nothing to count until it arrives, so the elapsed time is shown
+        with waiting(f"train {self.run}: state from peer {donor[:12]}", logger=log):
+            header, payload = self._call(
+                self.daemon.host.call(donor, SNAPSHOT_METHOD, {"run": self.run}, b"",
+                                      timeout=SNAPSHOT_TIMEOUT_S), SNAPSHOT_TIMEOUT_S + 10)
         n = int(header["manifest_bytes"])
         view = memoryview(payload)
         manifest, tensors = unpack(json.loads(bytes(view[:n])), view[n:], int(header["chunk_size"]))

@@ -4,6 +4,7 @@ holder cannot act as another peer in a rendezvous."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import Any
@@ -13,9 +14,12 @@ from torch import Tensor
 
 from peer.blobs import Manifest, ManifestError
 from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable, signing_bytes
+from peer.progress import Progress
 
 from .errors import StateError
 from .state_io import tensors_from_chunks
+
+log = logging.getLogger("lowband.train")
 
 # The coordinator holds a rendezvous request up to 15 s (runs.HOLD_S); allow for that plus slack.
 SYNC_REQUEST_TIMEOUT_S = 40.0
@@ -125,8 +129,13 @@ class RunClient(CoordinatorClient):
 
     async def download_checkpoint(self, manifest: Manifest) -> dict[str, Tensor]:
         """The tensors of ``manifest``, every chunk fetched once and verified."""
-        chunks = {sha: await self._raw("GET", f"/runs/{quote(manifest.run)}/chunks/{sha}")
-                  for sha in manifest.chunk_shas()}
+        shas = manifest.chunk_shas()
+        chunks = {}
+        with Progress(f"checkpoint {manifest.run}@{manifest.step} download", len(shas), "chunks",
+                      logger=log) as progress:
+            for sha in shas:
+                chunks[sha] = await self._raw("GET", f"/runs/{quote(manifest.run)}/chunks/{sha}")
+                progress.update()
         return tensors_from_chunks(manifest, chunks.__getitem__)
 
     async def upload_checkpoint(self, manifest: Manifest,
@@ -137,9 +146,12 @@ class RunClient(CoordinatorClient):
         todo = (await self._request("POST", f"/runs/{run}/checkpoints/missing",
                                     {"shas": list(chunks)}))["missing"]
         sent = 0
-        for sha in todo:
-            await self._raw("PUT", f"/runs/{run}/chunks/{sha}", bytes(chunks[sha]))
-            sent += len(chunks[sha])
+        with Progress(f"checkpoint {manifest.run}@{manifest.step} upload",
+                      sum(len(chunks[sha]) for sha in todo), logger=log) as progress:
+            for sha in todo:
+                await self._raw("PUT", f"/runs/{run}/chunks/{sha}", bytes(chunks[sha]))
+                sent += len(chunks[sha])
+                progress.update(len(chunks[sha]))
         await self._request("PUT", f"/runs/{run}/checkpoints/{manifest.step}", manifest.to_dict())
         return {"chunks_sent": len(todo), "chunks_skipped": len(chunks) - len(todo),
                 "bytes_sent": sent}

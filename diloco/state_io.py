@@ -18,7 +18,7 @@ from peer.blobs import CHUNK_SIZE, Manifest, ManifestError, TensorEntry, sha256_
 from .errors import StateError
 
 MOMENTUM_PREFIX = "outer_momentum."
-_DTYPE = "F32"  # the global state is fp32 by construction (DESIGN.md section 4)
+_DTYPE = "F32"  # the global state is fp32 by construction (docs/architecture.md §DiLoCo rules)
 
 
 def global_tensors(snapshot: dict[str, Any]) -> dict[str, Tensor]:

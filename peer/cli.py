@@ -1,31 +1,45 @@
 """The `peer` command: `peer join` (run a daemon), `peer status` (membership table), `peer id`.
 
-`peer join` prints human-readable lines (peer id, listen address, coordinator) and then one line
-``READY {json}`` (peer_id, address, listen, coordinator, device, pid) once it has joined, for
-scripts and tests. It exits 0 after a clean leave on SIGINT/SIGTERM, 2 on a usage/config error
-(wrong swarm token included), 1 on a fatal runtime error.
+`peer join` logs what it is (peer id, listen address, coordinator), then prints one line
+``READY {json}`` (peer_id, address, listen, coordinator, device, pid) on stdout once it has
+joined, for scripts and tests. Everything else it says while up (role progress, per-step lines,
+errors) goes through `logging` on stderr, so ``--log-format json`` gives one JSON object per
+line; a failure to start is one ``peer: ...`` line on stderr, like any usage error. It exits 0 after a clean leave on SIGINT/SIGTERM, 2 on a usage/config error (wrong swarm token
+included), 1 on a fatal runtime error.
+
+Building the parser imports nothing heavy (no torch, aiohttp or the role plug-ins: their flags
+come from light ``lowband.role_options`` modules), so `peer --help`, `peer id` and
+`peer status` answer at once; each command imports what it needs when it runs.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import logging
 import os
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peer.daemon import DEFAULT_KEY_PATH, DEFAULT_LISTEN, DaemonConfig, DaemonError, PeerDaemon
-from peer.errors import LowbandError
-from peer.identity import Identity
-from peer.membership import CoordinatorClient, CoordinatorError, PeerInfo
-from peer.roles import add_role_arguments
-from peer.runtime import add_logging_args, read_token, setup_logging, wait_for_stop_signal
-from peer.transport import install_event_loop_policy
+from peer.defaults import DEFAULT_KEY_PATH, DEFAULT_LISTEN
+from peer.roles import add_role_arguments, plugin_entry_points
+from peer.runtime import CommandParser, add_logging_args, add_token_args, read_token, setup_logging
+
+if TYPE_CHECKING:
+    from peer.daemon import DaemonConfig
+    from peer.membership import PeerInfo
+
+log = logging.getLogger("lowband.peer")
 
 
 # -- peer join -----------------------------------------------------------------------------------
 async def run_join(config: DaemonConfig) -> int:
+    import asyncio
+    import json
+
+    from peer.daemon import PeerDaemon
+    from peer.errors import LowbandError
+    from peer.runtime import wait_for_stop_signal
+
     daemon = PeerDaemon(config)
     # Stop signals count from the very start: Ctrl-C while still waiting for the coordinator
     # is a clean exit too.
@@ -36,7 +50,7 @@ async def run_join(config: DaemonConfig) -> int:
         starter.cancel()
         await asyncio.gather(starter, return_exceptions=True)
         await daemon.stop()
-        print("peer stopped before joining", flush=True)
+        log.info("peer stopped before joining")
         return 0
     error = starter.exception()
     if error is not None:
@@ -44,15 +58,15 @@ async def run_join(config: DaemonConfig) -> int:
         await daemon.stop()
         if not isinstance(error, LowbandError):
             raise error
-        print(f"peer: {error}", file=sys.stderr, flush=True)
+        print(f"peer: {error}", file=sys.stderr, flush=True)  # like any usage error: one line
         return 2
     assert daemon.host is not None
-    print(f"peer id: {daemon.peer_id}")
-    print(f"listening on {daemon.host.address}, announced as {daemon.address}")
-    print(f"coordinator: {config.coordinator} (heartbeat every {daemon.heartbeat_interval:g}s)")
-    print(f"device: {daemon.device}, roles: {', '.join(sorted(config.roles)) or 'none'}")
+    log.info("peer id: %s", daemon.peer_id)
+    log.info("listening on %s, announced as %s", daemon.host.address, daemon.address)
+    log.info("coordinator: %s (heartbeat every %gs)", config.coordinator, daemon.heartbeat_interval)
+    log.info("device: %s, roles: %s", daemon.device, ", ".join(sorted(config.roles)) or "none")
     if daemon.metrics_url:
-        print(f"metrics: {daemon.metrics_url}")
+        log.info("metrics: %s", daemon.metrics_url)
     print("READY " + json.dumps({"peer_id": daemon.peer_id, "address": daemon.address,
                                  "listen": daemon.host.address, "coordinator": config.coordinator,
                                  "device": daemon.device, "metrics_url": daemon.metrics_url,
@@ -62,12 +76,12 @@ async def run_join(config: DaemonConfig) -> int:
     code = 0
     if runner.done():
         code = 1
-        print(f"peer: {runner.exception() or 'daemon stopped unexpectedly'}", file=sys.stderr)
+        log.error("%s", runner.exception() or "daemon stopped unexpectedly")
     for task in (runner, stopper):
         task.cancel()
     await asyncio.gather(runner, stopper, return_exceptions=True)
     await daemon.stop()
-    print("peer stopped", flush=True)
+    log.info("peer stopped")
     return code
 
 
@@ -105,13 +119,17 @@ def format_table(peers: list[PeerInfo]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-async def run_status(url: str, token: str | None, as_json: bool) -> int:
-    async with CoordinatorClient(url, token, None) as client:
-        try:
-            status = await client.status()
-        except CoordinatorError as e:
-            print(f"peer: {e}", file=sys.stderr)
-            return 1
+def run_status(url: str, token: str | None, as_json: bool) -> int:
+    import json
+    import time
+
+    from peer.membership import CoordinatorError, PeerInfo, read_status
+
+    try:
+        status = read_status(url, token)
+    except CoordinatorError as e:
+        print(f"peer: {e}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
@@ -125,9 +143,9 @@ async def run_status(url: str, token: str | None, as_json: bool) -> int:
 
 # -- argument parsing ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="peer", description="lowband peer: join a swarm, inspect membership, show identity.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     join = sub.add_parser(
         "join", help="run a peer daemon until SIGINT/SIGTERM",
@@ -137,43 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
                     "'READY {json}' once joined.",
         epilog="Exit status: 0 after a clean stop (SIGINT/SIGTERM), 2 when it cannot start "
                "(wrong swarm token, bad flags, missing role plug-in, port in use), 1 on a fatal "
-               "error while running. The token may also come from $LOWBAND_TOKEN.")
+               "error while running.")
     join.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://HOST:8470")
-    join.add_argument("--token", help="swarm token (visible in ps; prefer --token-file or $LOWBAND_TOKEN)")
-    join.add_argument("--token-file", help="file holding the swarm token")
+    add_token_args(join)
     join.add_argument("--listen", default=DEFAULT_LISTEN,
-                      help=f"HOST:PORT for peer connections (default {DEFAULT_LISTEN}; port 0 = any)")
+                      help="HOST:PORT for peer connections (port 0 = any)")
     join.add_argument("--announce", help="HOST:PORT other peers dial (default: the listen address; "
                                          "for 0.0.0.0 the local IP that routes to the coordinator)")
     join.add_argument("--key", type=Path, default=DEFAULT_KEY_PATH,
-                      help=f"Ed25519 identity key file, created if missing (default {DEFAULT_KEY_PATH})")
+                      help="Ed25519 identity key file, created if missing")
     join.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="compute device reported to the swarm (auto: cuda if torch sees one)")
-    join.add_argument("--train", metavar="NAME",
-                      help="also run the 'train' role plug-in (entry-point group lowband.roles)")
-    join.add_argument("--serve", metavar="MODEL",
-                      help="also run the 'serve' role plug-in (entry-point group lowband.roles)")
-    join.add_argument("--blocks", metavar="A:B",
-                      help="with --serve: serve blocks A..B-1 (default: where the swarm has the least coverage)")
     join.add_argument("--ping-interval", type=float, default=2.0,
-                      help="seconds between RTT pings to each live peer (default 2)")
+                      help="seconds between RTT pings to each live peer")
     join.add_argument("--metrics-port", type=int, metavar="PORT",
                       help="serve Prometheus GET /metrics on the --listen host at PORT (0: any free "
-                           "port, shown in the READY line); default: no metrics server")
+                           "port, shown in the READY line; default: no metrics server)")
     add_logging_args(join)
-    parser.set_defaults(role_dests=add_role_arguments(join))
+    roles = join.add_argument_group("roles (plug-ins of entry-point group lowband.roles)")
+    roles.add_argument("--train", metavar="RUN", help="also train in run RUN (default: no training)")
+    roles.add_argument("--serve", metavar="MODEL",
+                       help="also serve MODEL[,tp=GROUP:RANK/K][@A:B|@N] (default: no serving)")
+    serve = join.add_argument_group("serve role (needs --serve MODEL)")
+    serve.add_argument("--blocks", metavar="A:B",
+                       help="serve blocks A..B-1 (default: where the swarm has the least coverage)")
+    parser.set_defaults(role_actions=add_role_arguments(join))
 
     status = sub.add_parser("status", help="print the coordinator's membership table",
                             description="Print every peer the coordinator knows: state, address, "
                                         "roles, device, memory, heartbeat age, throughput, links.")
     status.add_argument("--coordinator", required=True, help="coordinator URL")
-    status.add_argument("--token", help="swarm token (status is readable without one)")
+    add_token_args(status, "$LOWBAND_TOKEN; status is readable without one")
     status.add_argument("--json", action="store_true", help="print the raw /api/status JSON")
 
     ident = sub.add_parser("id", help="print this peer's id (creates the key if missing)",
                            description="Print the peer id (hex sha256 prefix of the public key).")
-    ident.add_argument("--key", type=Path, default=DEFAULT_KEY_PATH,
-                       help=f"identity key file (default {DEFAULT_KEY_PATH})")
+    ident.add_argument("--key", type=Path, default=DEFAULT_KEY_PATH, help="identity key file")
     add_plugin_commands(sub)
     return parser
 
@@ -185,9 +202,7 @@ def add_plugin_commands(sub) -> None:
     """Subcommands from installed plug-ins (entry-point group ``lowband.commands``): each entry
     point is ``fn(subparsers)`` adding its parser with ``set_defaults(run=fn(args) -> int)``, so
     peer/ never imports the packages that implement them (``peer generate``, ``peer gateway``)."""
-    from importlib.metadata import entry_points
-
-    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+    for ep in plugin_entry_points(COMMANDS_GROUP):
         try:
             ep.load()(sub)
         except Exception as e:  # a broken plug-in must not take `peer join/status` down with it
@@ -196,9 +211,9 @@ def add_plugin_commands(sub) -> None:
 
 
 def _omp_wait_policy(argv: list[str]) -> None:
-    """How a serving peer's idle OpenMP workers wait, read by the OpenMP runtime when torch loads
-    (which building the parser does: role plug-ins), so decided from the raw arguments; values
-    the user set win. Training peers keep the runtime's default.
+    """How a serving peer's idle OpenMP workers wait, read by the OpenMP runtime when torch loads,
+    so set in the environment before anything imports torch (decided from the raw arguments;
+    values the user set win). Training peers keep the runtime's default.
 
     A pipeline stage spins briefly (about 2 ms here) before sleeping: a forward is a few hundred
     short parallel ops, and waking sleeping workers for each one cost batch-8 stages 15% (3-stage
@@ -221,10 +236,26 @@ def _omp_wait_policy(argv: list[str]) -> None:
         os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=os.environ.get("GOMP_SPINCOUNT", "20000"))
 
 
+def role_flag_errors(args: argparse.Namespace, roles: dict[str, str]) -> list[str]:
+    """Role options given without their role (``--inner-steps`` without ``--train``): an error,
+    as silently ignoring them would train or serve with other settings than asked for."""
+    errors = []
+    for name, actions in sorted(args.role_actions.items()):
+        given = [a.option_strings[0] for a in actions if getattr(args, a.dest) is not None]
+        if given and name not in roles:
+            errors.append(f"{', '.join(given)} {'is a' if len(given) == 1 else 'are'} {name} role "
+                          f"option{'s' if len(given) > 1 else ''}; add --{name}")
+    if args.blocks and "serve" not in roles:
+        errors.append("--blocks is a serve role option; add --serve MODEL")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     _omp_wait_policy(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "id":
+        from peer.identity import Identity
+
         try:
             print(Identity.load_or_create(args.key).peer_id)
         except (OSError, ValueError) as e:
@@ -234,16 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is not None:
         return args.run(args)
     if args.command == "status":
-        return asyncio.run(run_status(args.coordinator, read_token(args.token, None), args.json))
-    setup_logging(args.log_format, args.log_level)
+        return run_status(args.coordinator, read_token(args.token, args.token_file), args.json)
     roles = {name: value for name, value in (("train", args.train), ("serve", args.serve)) if value}
+    errors = role_flag_errors(args, roles)
+    if errors:
+        print("\n".join(f"peer join: error: {e}" for e in errors), file=sys.stderr)
+        return 2
+    setup_logging(args.log_format, args.log_level)
     if args.blocks:
-        if "serve" not in roles:
-            print("peer: --blocks needs --serve MODEL", file=sys.stderr)
-            return 2
         roles["serve"] += "@" + args.blocks
-    role_options = {name: {dest: getattr(args, dest) for dest in args.role_dests[name]}
-                    for name in roles if name in args.role_dests}
+    role_options = {name: {a.dest: getattr(args, a.dest) for a in args.role_actions[name]}
+                    for name in roles if name in args.role_actions}
+    from peer.daemon import DaemonConfig, DaemonError
+    from peer.transport import install_event_loop_policy
+
     try:
         config = DaemonConfig(coordinator=args.coordinator,
                               token=read_token(args.token, args.token_file) or "",
@@ -255,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peer: {e}", file=sys.stderr)
         return 2
     install_event_loop_policy()  # uvloop where installed; plain asyncio otherwise
+    import asyncio
+
     return asyncio.run(run_join(config))
 
 

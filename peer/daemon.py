@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from peer import metrics
+from peer.defaults import DEFAULT_KEY_PATH, DEFAULT_LISTEN
 from peer.errors import LowbandError
 from peer.identity import Identity
 from peer.membership import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
@@ -31,8 +32,6 @@ from peer.transport import PeerHost, split_address
 
 log = logging.getLogger("lowband.peer.daemon")
 
-DEFAULT_KEY_PATH = Path.home() / ".lowband" / "peer.key"
-DEFAULT_LISTEN = "0.0.0.0:7070"
 PING_METHOD = "lowband.ping"
 
 

@@ -20,7 +20,25 @@ class PeerUnavailable(LowbandError):
 
 
 class RemoteError(LowbandError):
-    """A remote handler raised; the message carries its exception type and text."""
+    """A remote handler raised or refused the call. The text reads "peer: Type: message";
+    ``remote_type`` and ``detail`` carry the type name and message as sent (typed, no parsing)."""
+
+    def __init__(self, message: str = "", *, remote_type: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.detail = detail
+
+
+class RemoteBusy(RemoteError):
+    """The remote peer runs its limit of handlers for us; retry later."""
+
+
+class RemoteRateLimited(RemoteError):
+    """The remote peer's request rate limit for us is exhausted; retry later."""
+
+
+class NoSuchMethod(RemoteError):
+    """The remote peer has no handler for the method called."""
 
 
 class TransportTimeout(LowbandError, TimeoutError):

@@ -13,12 +13,13 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from peer.errors import LowbandError
 from peer.identity import Identity
+
+if TYPE_CHECKING:
+    import aiohttp
 
 API_PREFIX = "/api"
 SIGNING_CONTEXT = b"lowband-coordinator/v1\n"
@@ -164,6 +165,8 @@ class CoordinatorClient:
                         content_type: str | None = None) -> tuple[int, bytes]:
         """One HTTP request with the swarm token: ``(status, body)``; no answer at all (refused,
         timed out, connection lost) raises ``CoordinatorUnavailable``."""
+        import aiohttp  # here: `peer status` (read_status) and the parsers never load it
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout))
@@ -183,27 +186,49 @@ class CoordinatorClient:
             status, raw = await self._exchange(method, path)
         else:
             status, raw = await self._exchange(method, path, canonical_json(body), "application/json")
-        text = raw.decode("utf-8")  # the coordinator answers UTF-8 JSON (aiohttp's json_response)
-        try:
-            payload = json.loads(text) if text else {}
-        except ValueError:
-            payload = {"message": text[:200]}
-        if status < 400:
-            if not isinstance(payload, dict):
-                raise CoordinatorError(f"coordinator {self.url} sent a non-object answer",
-                                       status=status)
-            return payload
-        message = str(payload.get("message") or payload.get("error") or f"HTTP {status}")
-        code = str(payload.get("error", "error"))
-        if status == 401:
-            raise CoordinatorAuthError(f"coordinator {self.url} rejected the swarm token: {message}",
-                                       status=status, code=code)
-        if status in (404, 410) and code in NOT_REGISTERED_CODES:
-            raise NotRegistered(message, status=status, code=code)
-        if status == 403 and code == "peer_banned":
-            raise PeerBanned(f"coordinator {self.url}: {message}", status=status, code=code)
-        if status >= 500:
-            raise CoordinatorUnavailable(f"coordinator {self.url}: HTTP {status}: {message}",
-                                         status=status, code=code)
-        raise CoordinatorError(f"coordinator {self.url}: HTTP {status}: {message}",
-                               status=status, code=code)
+        return json_answer(self.url, status, raw)
+
+
+def json_answer(url: str, status: int, raw: bytes) -> dict:
+    """The JSON object of a coordinator answer, or its error as the matching CoordinatorError."""
+    text = raw.decode("utf-8")  # the coordinator answers UTF-8 JSON (aiohttp's json_response)
+    try:
+        payload = json.loads(text) if text else {}
+    except ValueError:
+        payload = {"message": text[:200]}
+    if status < 400:
+        if not isinstance(payload, dict):
+            raise CoordinatorError(f"coordinator {url} sent a non-object answer", status=status)
+        return payload
+    message = str(payload.get("message") or payload.get("error") or f"HTTP {status}")
+    code = str(payload.get("error", "error"))
+    if status == 401:
+        raise CoordinatorAuthError(f"coordinator {url} rejected the swarm token: {message}",
+                                   status=status, code=code)
+    if status in (404, 410) and code in NOT_REGISTERED_CODES:
+        raise NotRegistered(message, status=status, code=code)
+    if status == 403 and code == "peer_banned":
+        raise PeerBanned(f"coordinator {url}: {message}", status=status, code=code)
+    if status >= 500:
+        raise CoordinatorUnavailable(f"coordinator {url}: HTTP {status}: {message}",
+                                     status=status, code=code)
+    raise CoordinatorError(f"coordinator {url}: HTTP {status}: {message}", status=status, code=code)
+
+
+def read_status(url: str, token: str | None, timeout: float = 10.0) -> dict:
+    """GET /api/status synchronously with the standard library: what `peer status` shows, without
+    loading aiohttp and an event loop for one request (so the command answers at once)."""
+    import urllib.error
+    import urllib.request
+
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url + API_PREFIX + "/status", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json_answer(url, resp.status, resp.read())
+    except urllib.error.HTTPError as e:
+        return json_answer(url, e.code, e.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: a malformed URL
+        raise CoordinatorUnavailable(f"coordinator {url} unreachable: {type(e).__name__}: "
+                                     f"{getattr(e, 'reason', e)}") from e

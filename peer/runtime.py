@@ -1,15 +1,17 @@
 """Process plumbing shared by the `peer` and `coordinator` commands: logging (text or JSON
-lines), stop signals (portable), and where the swarm token comes from."""
+lines), stop signals (portable), where the swarm token comes from, and the flags and help format
+every subcommand shares. Cheap to import (no asyncio, aiohttp or torch at import time): the
+parsers are built from it before any command runs."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -21,11 +23,43 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default: argparse's "(default: X)" unless the help text already
+    says it, or there is none to show (None: the help says what happens instead; a flag's
+    False: off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if "default" in text or action.required or nothing:
+            return text
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (its subcommands' included) shows every option's default."""
+
+    def __init__(self, *args: Any, formatter_class: type = HelpFormatter, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    """--log-format / --log-level, for every long-running command."""
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="log lines as text or one JSON object per line (default text)")
+                        help="log lines as text or one JSON object per line on stderr; progress "
+                             "bars only with text on a terminal")
     parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"), help="default info")
+                        choices=("debug", "info", "warning", "error"), help="least severe level logged")
+
+
+def add_token_args(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup,
+                   fallback: str = "$LOWBAND_TOKEN") -> None:
+    """--token / --token-file, for every command that takes the swarm token (``read_token``)."""
+    parser.add_argument("--token", help="swarm token; visible in ps, prefer --token-file "
+                                        f"(default without --token/--token-file: {fallback})")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help=f"file holding the swarm token (default without --token/--token-file: "
+                             f"{fallback})")
 
 
 def setup_logging(fmt: str, level: str) -> None:
@@ -41,6 +75,8 @@ def setup_logging(fmt: str, level: str) -> None:
 async def wait_for_stop_signal() -> None:
     """Return on SIGINT or SIGTERM. Uses loop.add_signal_handler where the loop has it and
     falls back to signal.signal (Windows' event loops lack it)."""
+    import asyncio  # here, not at import time: building the parsers stays cheap
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -10,14 +10,16 @@ must drop the connection — there is no recovery inside a broken stream.
 """
 from __future__ import annotations
 
+import functools
 import struct
+from typing import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from peer.errors import ProtocolError
 from peer.wire import (DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FIXED_HEADER_SIZE, Frame, decode_frame,
-                       frame_prefix)
+                       decode_frame_owned, frame_prefix)
 
 _RECORD = struct.Struct("!IQ")
 RECORD_HEADER_SIZE = _RECORD.size
@@ -27,6 +29,18 @@ _MAX_COUNTER = 2**64 - 1
 
 def _nonce(counter: int) -> bytes:
     return counter.to_bytes(12, "big")
+
+
+_uninitialized: Callable[[int], bytearray] = bytearray  # other interpreters: zero-filled
+try:  # CPython: a bytearray without the zero fill (decryption writes every byte before any use)
+    import ctypes
+
+    _new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    _new_bytearray.restype = ctypes.py_object
+    _new_bytearray.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
+    _uninitialized = functools.partial(_new_bytearray, None)
+except (ImportError, AttributeError):
+    pass
 
 
 class SecureChannel:
@@ -41,8 +55,11 @@ class SecureChannel:
         self.max_header = max_header
         self.max_payload = max_payload
         self.max_record = FIXED_HEADER_SIZE + max_header + max_payload + TAG_SIZE
-        self._inbuf = bytearray()
         self._scratch = bytearray()
+        self._head = bytearray(RECORD_HEADER_SIZE)  # incremental decoder state, see recv_buffer()
+        self._body = bytearray()
+        self._filled = 0
+        self._need = 0  # ciphertext length of the record being read; 0 while reading its header
         self._broken: str | None = None
 
     # ---------------------------------------------------------------- sending
@@ -51,14 +68,18 @@ class SecureChannel:
         """Largest record on the wire, header included (a buffer this big fits any record)."""
         return RECORD_HEADER_SIZE + self.max_record
 
+    def record_size(self, payload_len: int, header_len: int = 256) -> int:
+        """Bytes of the record for a frame with this payload and a header of about ``header_len``."""
+        return RECORD_HEADER_SIZE + FIXED_HEADER_SIZE + header_len + payload_len + TAG_SIZE
+
     def seal_frame(self, type_: int, header: dict, payload: bytes | memoryview = b"", flags: int = 0,
                    out: bytearray | None = None) -> bytearray | memoryview:
         """Encode a frame and encrypt it into one record, ready for a single socket write.
 
         The plaintext is gathered in a reused scratch buffer and encrypted straight into the
-        record: into a new bytearray, or into ``out`` (at least ``max_record_bytes`` long; a
-        view of its first bytes is returned) so a sender can recycle large record buffers
-        instead of paying page faults for a fresh megabyte per record.
+        record: into ``out`` when it is large enough (a view of its first bytes is returned; see
+        :meth:`record_size`), else into a new bytearray, so a sender can recycle large record
+        buffers instead of paying page faults for a fresh megabyte per record.
         """
         prefix = frame_prefix(type_, header, len(payload), flags)
         n = len(prefix) + len(payload)
@@ -72,7 +93,7 @@ class SecureChannel:
         plain[:len(prefix)] = prefix
         plain[len(prefix):] = payload
         size = RECORD_HEADER_SIZE + n + TAG_SIZE
-        record = bytearray(size) if out is None else memoryview(out)[:size]
+        record = bytearray(size) if out is None or len(out) < size else memoryview(out)[:size]
         _RECORD.pack_into(record, 0, n + TAG_SIZE, self._send_ctr)
         view = memoryview(record)
         self._send.encrypt_into(_nonce(self._send_ctr), plain, view[:RECORD_HEADER_SIZE], view[RECORD_HEADER_SIZE:])
@@ -101,33 +122,80 @@ class SecureChannel:
 
         The frame's payload is a view into ``out``: consume it before reusing the buffer.
         """
-        clen = self.record_length(header)
+        return self._open(self.record_length(header), header, ciphertext, out)
+
+    def _open(self, clen: int, header: bytes | memoryview, ciphertext: bytes | memoryview,
+              out: bytearray | memoryview | None) -> Frame:
+        """Authenticate + decrypt; into ``out`` (payload: a view), or with ``out`` None into a
+        new buffer that becomes the frame's own payload (a bytearray, no copy)."""
         if len(ciphertext) != clen:
             raise self._fatal(f"record body is {len(ciphertext)} bytes, header says {clen}")
-        plain = memoryview(out)[:clen - TAG_SIZE]
+        owned = _uninitialized(clen - TAG_SIZE) if out is None else None
+        plain = memoryview(out if owned is None else owned)[:clen - TAG_SIZE]
         try:
             self._recv.decrypt_into(_nonce(self._recv_ctr), ciphertext, bytes(header[:RECORD_HEADER_SIZE]), plain)
         except InvalidTag:
             raise self._fatal(f"record {self._recv_ctr} failed authentication (tampered or forged)") from None
+        finally:
+            plain.release()  # an owned buffer is trimmed in place below: no export may remain
         self._recv_ctr += 1
         try:
-            return decode_frame(plain, self.max_header, self.max_payload)
+            if owned is not None:
+                return decode_frame_owned(owned, self.max_header, self.max_payload)
+            return decode_frame(memoryview(out)[:clen - TAG_SIZE], self.max_header, self.max_payload)
         except ProtocolError as e:
             raise self._fatal(str(e)) from e
 
     def open_record(self, header: bytes | memoryview, ciphertext: bytes | memoryview) -> Frame:
         """Like :meth:`open_record_into`, into a new buffer owned by the returned frame."""
-        return self.open_record_into(header, ciphertext, bytearray(max(0, len(ciphertext) - TAG_SIZE)))
+        return self._open(self.record_length(header), header, ciphertext, None)
+
+    # ---------------------------------------------------------------- incremental decoder
+    # One decoder for every receive path: the asyncio connection lets the kernel write straight
+    # into recv_buffer() (a BufferedProtocol), tests and the fuzzer go through feed(); both end
+    # in received(). A read never crosses a record boundary, so no bytes are ever moved twice.
+    def recv_buffer(self) -> memoryview:
+        """Where the next stream bytes go: fill any prefix of it, then call :meth:`received`."""
+        if self._need == 0:
+            return memoryview(self._head)[self._filled:]
+        return memoryview(self._body)[self._filled:self._need]
+
+    def received(self, nbytes: int) -> Frame | None:
+        """Account ``nbytes`` written into :meth:`recv_buffer`; the frame of a record they complete.
+
+        The frame's payload is a bytearray of its own (no copy was made to produce it).
+        """
+        if self._broken is not None:
+            raise ProtocolError(f"channel is broken: {self._broken}")
+        self._filled += nbytes
+        if self._need == 0:
+            if self._filled < RECORD_HEADER_SIZE:
+                return None
+            self._need = self.record_length(self._head)
+            self._filled = 0
+            if len(self._body) < self._need:
+                self._body = bytearray(self._need)  # grows to the largest record once
+            return None
+        if self._filled < self._need:
+            return None
+        clen, self._need, self._filled = self._need, 0, 0
+        # decrypted into a buffer of its own, the payload is handed over without a copy (a whole
+        # message's is delivered as is, a first chunk becomes its message's buffer)
+        return self._open(clen, self._head, memoryview(self._body)[:clen], None)  # header checked above
+
+    def receive_data(self, data: bytes | memoryview) -> Iterator[Frame]:
+        """Push already-received stream bytes through :meth:`received`, yielding each frame."""
+        mv, pos = memoryview(data).cast("B"), 0
+        while pos < len(mv):
+            buf = self.recv_buffer()
+            k = min(len(buf), len(mv) - pos)
+            buf[:k] = mv[pos:pos + k]
+            pos += k
+            frame = self.received(k)
+            if frame is not None:
+                yield frame
 
     def feed(self, data: bytes | memoryview) -> list[Frame]:
-        """Buffer stream bytes and return every frame from the complete records in them."""
-        self._inbuf += data
-        frames = []
-        while len(self._inbuf) >= RECORD_HEADER_SIZE:
-            clen = self.record_length(self._inbuf)
-            end = RECORD_HEADER_SIZE + clen
-            if len(self._inbuf) < end:
-                break
-            frames.append(self.open_record(bytes(self._inbuf[:RECORD_HEADER_SIZE]), bytes(self._inbuf[RECORD_HEADER_SIZE:end])))
-            del self._inbuf[:end]
-        return frames
+        """Buffer stream bytes and return every frame from the complete records in them
+        (payloads copied out, so the frames outlive later calls)."""
+        return [Frame(f.type, f.header, bytes(f.payload), f.flags) for f in self.receive_data(data)]

@@ -21,7 +21,7 @@ import msgpack
 from peer.errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "FIXED_HEADER_SIZE", "FrameType", "Frame", "ProtocolError",
-           "encode_frame", "frame_prefix", "parse_fixed_header", "decode_frame", "FrameDecoder",
+           "encode_frame", "frame_prefix", "parse_fixed_header", "decode_frame", "decode_frame_owned", "FrameDecoder",
            "DEFAULT_MAX_HEADER", "DEFAULT_MAX_PAYLOAD"]
 
 MAGIC = b"LB"
@@ -48,7 +48,7 @@ class FrameType(IntEnum):
 class Frame:
     type: int
     header: dict
-    payload: bytes | memoryview = b""
+    payload: bytes | bytearray | memoryview = b""  # a bytearray is owned by the frame, a view borrowed
     flags: int = 0
 
 
@@ -101,6 +101,18 @@ def decode_frame(data: bytes | memoryview, max_header: int = DEFAULT_MAX_HEADER,
         raise ProtocolError(f"frame declares {FIXED_HEADER_SIZE + hlen + plen} bytes, buffer holds {len(mv)}")
     header = _unpack_header(mv[FIXED_HEADER_SIZE:FIXED_HEADER_SIZE + hlen])
     return Frame(type_, header, mv[FIXED_HEADER_SIZE + hlen:], flags)
+
+
+def decode_frame_owned(buf: bytearray, max_header: int = DEFAULT_MAX_HEADER,
+                       max_payload: int = DEFAULT_MAX_PAYLOAD) -> Frame:
+    """Decode exactly one frame filling ``buf`` and make ``buf`` itself the payload: the prefix
+    is cut off its front (O(1) for a bytearray), so the payload needs no copy of its own."""
+    type_, flags, hlen, plen = parse_fixed_header(buf, max_header, max_payload)
+    if len(buf) != FIXED_HEADER_SIZE + hlen + plen:
+        raise ProtocolError(f"frame declares {FIXED_HEADER_SIZE + hlen + plen} bytes, buffer holds {len(buf)}")
+    header = _unpack_header(bytes(buf[FIXED_HEADER_SIZE:FIXED_HEADER_SIZE + hlen]))
+    del buf[:FIXED_HEADER_SIZE + hlen]
+    return Frame(type_, header, buf, flags)
 
 
 class FrameDecoder:

@@ -95,11 +95,9 @@ class Hop:
 
 
 def _remote(e: RemoteError) -> LowbandError:
-    """A server-side error as the typed error it was (its text is 'peer: Type: message')."""
-    _, _, rest = str(e).partition(": ")
-    name, _, message = rest.partition(": ")
-    cls = _REMOTE_TYPES.get(name)
-    return cls(message) if cls is not None else e
+    """A server-side error as the typed error it was (the ERROR message names its type)."""
+    cls = _REMOTE_TYPES.get(e.remote_type)
+    return cls(e.detail) if cls is not None else e
 
 
 def plan_route(servers: list[ServerInfo], start: int, end: int, cost: dict[str, float]) -> list[tuple[ServerInfo, int, int]]:
@@ -398,7 +396,8 @@ class InferenceClient:
         except CoordinatorUnavailable:
             if self._peers is None:
                 raise
-            # DESIGN.md §1: with the coordinator down, keep serving from the last membership.
+            # With the coordinator down, keep serving from the last membership
+            # (docs/architecture.md §Coordinator outage).
         found = []
         for p in self._peers:
             info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None

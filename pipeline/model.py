@@ -1,6 +1,12 @@
 """Llama-family decoder in one file: RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or
 untied head (Touvron et al. 2023, "LLaMA"; Ainslie et al. 2023, "GQA").
 
+Config flags turn the same blocks into the other families we load (``LlamaConfig.family``):
+Qwen2/2.5 (``qkv_bias``), Qwen3 (``qk_norm``), Gemma 3 (``qk_norm``, ``sandwich_norm``,
+``activation="gelu_tanh"``, ``embed_scale``, ``attn_scale``, sliding-window layers with their own
+RoPE base, ``logit_softcap``). Norm weights are the effective scale: Gemma's ``1 + w`` is folded
+in by the loaders (as llama.cpp's GGUF converter already does), so one ``RMSNorm`` serves all.
+
 The same code serves three uses:
 - training: ``Llama(cfg)(tokens) -> logits`` (causal, no cache);
 - pipeline serving: a ``Llama`` built with only a range of blocks runs ``embed`` /
@@ -15,6 +21,7 @@ Weights use the Hugging Face rotary layout (rotate-half); loaders convert other 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
@@ -39,6 +46,18 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     head_dim: int = 0  # 0 -> dim // n_heads; kept explicit so a tensor-split shard keeps it
+    family: str = "llama"           # llama | qwen2 | qwen3 | gemma3 (what the loaders recognised)
+    qkv_bias: bool = False          # Qwen2: biases on the q/k/v projections
+    qk_norm: bool = False           # Qwen3, Gemma 3: RMSNorm over each head's q and k before RoPE
+    sandwich_norm: bool = False     # Gemma 3: also normalise the attention and MLP outputs before the residual add
+    activation: str = "silu"        # gated MLP: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    embed_scale: float = 1.0        # Gemma: embeddings times sqrt(dim)
+    attn_scale: float = 0.0         # 0 -> 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar ** -0.5
+    rope_scale: float = 1.0         # linear RoPE scaling (positions / factor) of the full-attention layers
+    sliding_window: int = 0         # keys a sliding layer's query sees (itself included)
+    sliding_layers: tuple[int, ...] = ()  # layer indices that use the sliding window
+    rope_local_theta: float = 0.0   # > 0: sliding layers' own RoPE base, unscaled (Gemma 3); 0: the full layers' RoPE
+    logit_softcap: float = 0.0      # > 0: logits -> cap * tanh(logits / cap) (Gemma 2 style)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
@@ -54,6 +73,17 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rope_theta > 0 and self.norm_eps > 0):
             raise ValueError("rope_theta and norm_eps must be positive")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        object.__setattr__(self, "sliding_layers", tuple(sorted(set(int(i) for i in self.sliding_layers))))
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise ValueError(f"sliding_layers must lie in [0, {self.n_layers})")
+        if self.sliding_layers and self.sliding_window < 1:
+            raise ValueError("sliding layers need a sliding_window >= 1")
+        if not (self.embed_scale > 0 and self.attn_scale >= 0 and self.rope_scale > 0
+                and self.rope_local_theta >= 0 and self.logit_softcap >= 0):
+            raise ValueError("embed_scale and rope_scale must be positive; attn_scale, rope_local_theta and "
+                             "logit_softcap non-negative")
 
     @classmethod
     def tiny(cls, vocab_size: int = 256, max_seq_len: int = 256) -> "LlamaConfig":
@@ -75,6 +105,12 @@ class LlamaConfig:
         c0, c1 = split_bounds(self.hidden_dim, rank, k)
         group = self.n_heads // self.n_kv_heads
         return replace(self, n_heads=(h1 - h0) * group, n_kv_heads=h1 - h0, hidden_dim=c1 - c0)
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
 
 
 def _check_split(cfg: LlamaConfig, rank: int, k: int) -> None:
@@ -103,18 +139,22 @@ def shard_block_weights(block_state: dict[str, Tensor], cfg: LlamaConfig, rank: 
     kv0, kv1 = split_bounds(cfg.n_kv_heads, rank, k)
     q0, q1 = kv0 * group * hd, kv1 * group * hd
     c0, c1 = split_bounds(cfg.hidden_dim, rank, k)
-    s = block_state
-    return {
-        "attn_norm.weight": s["attn_norm.weight"].clone(),
-        "mlp_norm.weight": s["mlp_norm.weight"].clone(),
-        "q.weight": s["q.weight"][q0:q1].clone(),
-        "k.weight": s["k.weight"][kv0 * hd:kv1 * hd].clone(),
-        "v.weight": s["v.weight"][kv0 * hd:kv1 * hd].clone(),
-        "o.weight": s["o.weight"][:, q0:q1].clone(),
-        "gate.weight": s["gate.weight"][c0:c1].clone(),
-        "up.weight": s["up.weight"][c0:c1].clone(),
-        "down.weight": s["down.weight"][:, c0:c1].clone(),
-    }
+    rows = {"q": (q0, q1), "k": (kv0 * hd, kv1 * hd), "v": (kv0 * hd, kv1 * hd), "gate": (c0, c1), "up": (c0, c1)}
+    cols = {"o": (q0, q1), "down": (c0, c1)}
+    out = {}
+    for key, t in block_state.items():
+        name = key.split(".")[0]
+        if name in rows:  # weight rows and bias entries of a column-parallel projection
+            a, b = rows[name]
+            out[key] = t[a:b].clone()
+        elif name in cols:
+            a, b = cols[name]
+            out[key] = t[:, a:b].clone()
+        elif name.endswith("norm"):  # per-dim (or per-head-dim) scales: every shard needs all of them
+            out[key] = t.clone()
+        else:
+            raise ValueError(f"no tensor-split rule for block tensor {key}")
+    return out
 
 
 class RMSNorm(nn.Module):
@@ -129,10 +169,15 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def rope_tables(cfg: LlamaConfig, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [max_seq_len, head_dim] in fp32, rotate-half layout (Su et al. 2021, RoFormer)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
-                                         / cfg.head_dim))
+def rope_tables(cfg: LlamaConfig, device: torch.device | str | None = None, local: bool = False) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [max_seq_len, head_dim] in fp32, rotate-half layout (Su et al. 2021, RoFormer);
+    ``local``: those of the sliding-window layers (``rope_local_theta`` when set: own base, no scaling)."""
+    local = local and cfg.rope_local_theta > 0
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float()
+                                / cfg.head_dim))
+    if not local and cfg.rope_scale != 1.0:
+        inv_freq = inv_freq / cfg.rope_scale
     freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -152,6 +197,7 @@ class StepContext:
     sin: Tensor
     mask: Tensor | None         # bool [B, 1, T, S], True = may attend; None -> see is_causal
     is_causal: bool             # with mask None: causal over T == S, or no mask at all when False
+    local: "StepContext | None" = None  # what sliding-window layers use (set iff the model has them)
 
 
 class LayerKV:
@@ -234,49 +280,84 @@ class KVCache:
         return mask[:, None], False
 
 
+def window_mask(q: Tensor, keys: Tensor, mask: Tensor | None, causal: bool, window: int) -> Tensor:
+    """Restrict a full-attention mask to a sliding window: query position q sees keys at
+    positions in (q - window, q]. ``q`` [B, T] >= 0, ``keys`` [B, S] (-1 = padding); ``mask``
+    bool [B, 1, T, S] or None with ``causal`` (T == S, slots are positions) or not (sees all)."""
+    qq, kk = q[:, None, :, None], keys[:, None, None, :]
+    if mask is None:
+        mask = kk <= qq if causal else torch.ones(1, dtype=torch.bool, device=q.device)
+    # Padding keys (-1) stay as the full mask has them (a pad query keeps its own slot).
+    return mask & ((kk > qq - window) | (kk < 0))
+
+
 class Block(nn.Module):
-    """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h)).
+    """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h)); with ``sandwich_norm``
+    (Gemma 3) h + norm(attn(norm(h))) and h + norm(mlp(norm(h))).
 
     Built from a shard config, the same code computes partial outputs; ``forward`` sums them
-    across peers with the injected ``all_reduce`` (identity for an unsplit block).
+    across peers with the injected ``all_reduce`` (identity for an unsplit block). The output
+    norms of ``sandwich_norm`` act on the summed update, so they run after the reduce.
+    ``layer`` is the block's index in the model: it decides whether it is a sliding-window layer.
     """
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.sliding = layer in cfg.sliding_layers
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        # Optional parts exist only when the family has them (Llama's state dict is unchanged).
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        if cfg.sandwich_norm:
+            self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def attn_partial(self, h: Tensor, ctx: StepContext, kv: LayerKV | None) -> Tensor:
-        """This block's (or shard's) attention contribution to the residual, [B, T, dim]."""
+        """This block's (or shard's) attention contribution to the residual, [B, T, dim]
+        (before the output norm of ``sandwich_norm``)."""
         b, t, _ = h.shape
         hd = self.cfg.head_dim
+        if self.sliding:
+            if ctx.local is None:
+                raise ValueError("a sliding-window layer needs a context built by the model (ctx.local)")
+            ctx = ctx.local
         x = self.attn_norm(h)
         q = self.q(x).view(b, t, -1, hd).transpose(1, 2)
         k = self.k(x).view(b, t, -1, hd).transpose(1, 2)
         v = self.v(x).view(b, t, -1, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if kv is not None:
             k, v = kv.append(k, v, self.cfg.max_seq_len)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal and ctx.mask is None,
+                                           scale=self.cfg.attn_scale or None,
                                            enable_gqa=self.cfg.n_heads != self.cfg.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     def mlp_partial(self, h: Tensor) -> Tensor:
-        """SwiGLU (Shazeer 2020) contribution of this block's (or shard's) columns, [B, T, dim]."""
+        """Gated MLP (SwiGLU / GeGLU, Shazeer 2020) contribution of this block's (or shard's)
+        columns, [B, T, dim] (before the output norm of ``sandwich_norm``)."""
         x = self.mlp_norm(h)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
     def forward(self, h: Tensor, ctx: StepContext, kv: LayerKV | None = None,
                 all_reduce: AllReduce | None = None) -> Tensor:
         reduce = all_reduce or (lambda x: x)
+        if self.cfg.sandwich_norm:
+            h = h + self.post_attn_norm(reduce(self.attn_partial(h, ctx, kv)))
+            return h + self.post_mlp_norm(reduce(self.mlp_partial(h)))
         h = h + reduce(self.attn_partial(h, ctx, kv))
         return h + reduce(self.mlp_partial(h))
 
@@ -299,7 +380,7 @@ class Llama(nn.Module):
         self.with_embed = (0 in self.block_ids) if with_embed is None else with_embed
         self.with_head = (cfg.n_layers - 1 in self.block_ids) if with_head is None else with_head
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim) if self.with_embed else None
-        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.block_ids})
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.block_ids})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if self.with_head else None
         # Tied head with the embedding present reads embedding.weight; otherwise it has its own copy.
         self.lm_head = (nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -307,6 +388,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._set_local_rope()
         self._init_weights()
 
     def adopt(self, state: dict[str, Tensor]) -> "Llama":
@@ -315,12 +397,26 @@ class Llama(nn.Module):
         self.load_state_dict(state, strict=True, assign=True)
         ref = next(iter(state.values()))
         self.rope_cos, self.rope_sin = rope_tables(self.cfg, ref.device)
+        self._set_local_rope()
         return self
+
+    def _set_local_rope(self) -> None:
+        """Sliding layers' rotary tables: their own only when their base or scaling differs."""
+        cfg = self.cfg
+        if cfg.sliding_layers and cfg.rope_local_theta and (cfg.rope_local_theta != cfg.rope_theta or cfg.rope_scale != 1):
+            cos, sin = rope_tables(cfg, self.rope_cos.device, local=True)
+        else:
+            cos, sin = self.rope_cos, self.rope_sin
+        self.register_buffer("rope_cos_local", cos, persistent=False)
+        self.register_buffer("rope_sin_local", sin, persistent=False)
 
     def _init_weights(self) -> None:
         # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers).
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
+                continue
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
                 continue
             std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o.weight", "down.weight")) else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
@@ -335,7 +431,13 @@ class Llama(nn.Module):
         """tokens [B, T] -> hidden states [B, T, dim]."""
         if self.embedding is None:
             raise RuntimeError("this model instance does not hold the embedding")
-        return self.embedding(tokens)
+        return self.scale_embedding(self.embedding(tokens))
+
+    def scale_embedding(self, h: Tensor) -> Tensor:
+        """Gemma multiplies embeddings by sqrt(dim), rounded to the weights' dtype as it does."""
+        if self.cfg.embed_scale == 1.0:
+            return h
+        return h * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(h.dtype)
 
     def context(self, h: Tensor, positions: Tensor | None, cache: KVCache | None, start: int = 0) -> StepContext:
         """Rotary factors and mask for T new tokens written at cache slot ``start``;
@@ -349,12 +451,32 @@ class Llama(nn.Module):
                 raise ValueError("padding positions need a KV cache (it records which slots are padding)")
         else:
             mask, causal = cache.context(start, positions)
+        keys = None
+        if self.cfg.sliding_layers:  # key positions, for the window (only sliding layers need them)
+            keys = positions.clamp_min(0) if cache is None else cache.positions[:, :start + t]
+        return self.step_context(positions, mask, causal, keys, h.dtype)
+
+    def step_context(self, positions: Tensor, mask: Tensor | None, causal: bool, keys: Tensor | None,
+                     dtype: torch.dtype) -> StepContext:
+        """The context of queries at ``positions`` [B, T] (-1 = padding) given the full-attention
+        ``mask`` / ``causal`` over keys at ``keys`` [B, S] (-1 = padding; needed only with sliding
+        layers): adds RoPE factors, and for sliding layers their own factors and windowed mask."""
         p = positions.clamp_min(0)
         if int(p.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(p.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos = self.rope_cos[p].unsqueeze(1).to(h.dtype)
-        sin = self.rope_sin[p].unsqueeze(1).to(h.dtype)
-        return StepContext(cos, sin, mask, causal)
+        cos = self.rope_cos[p].unsqueeze(1).to(dtype)
+        sin = self.rope_sin[p].unsqueeze(1).to(dtype)
+        ctx = StepContext(cos, sin, mask, causal)
+        if not self.cfg.sliding_layers:
+            return ctx
+        if keys is None:
+            raise ValueError("a model with sliding-window layers needs the key positions")
+        local = StepContext(self.rope_cos_local[p].unsqueeze(1).to(dtype),
+                            self.rope_sin_local[p].unsqueeze(1).to(dtype), mask, causal)
+        if int(p.max()) >= self.cfg.sliding_window:  # some key may fall out of some query's window
+            local.mask, local.is_causal = window_mask(p, keys, mask, causal, self.cfg.sliding_window), False
+        ctx.local = local
+        return ctx
 
     def run_blocks(self, h: Tensor, start: int, end: int, cache: KVCache | None = None,
                    positions: Tensor | None = None) -> Tensor:
@@ -374,7 +496,11 @@ class Llama(nn.Module):
         if not self.with_head:
             raise RuntimeError("this model instance does not hold the head")
         w = self.lm_head.weight if self.lm_head is not None else self.embedding.weight
-        return F.linear(self.norm(h), w)
+        logits = F.linear(self.norm(h), w)
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Training path: tokens [B, T] -> logits [B, T, vocab], causal, no cache."""

@@ -1,6 +1,6 @@
 """Messages between an InferenceClient and stage servers, carried by ``PeerHost.call``.
 
-Tensors travel as raw bytes in the payload; the header names dtype and shape (DESIGN.md §2).
+Tensors travel as raw bytes in the payload; the header names dtype and shape (docs/architecture.md §Wire layers).
 Methods:
 
 - ``serve.step``: run chunks of a session through blocks [start, end) of one server.

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.loading import ModelLoadError, gguf_config, hf_config, load_model, open_gguf, reference_model_path
+from pipeline.loading import (ModelLoadError, gemma3_270m_path, gguf_config, hf_config, load_model, open_gguf,
+                              reference_model_path)
 from pipeline.model import LayerKV, Llama, LlamaConfig, StepContext
 from pipeline.protocol import (CLOSE, HEAD_OUTPUTS, INFO, INPUTS, OUTPUTS, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES,
                                BadRequest, ContextLimitExceeded, ModelNotFound, SessionError, Span, least_covered_span,
@@ -40,7 +41,8 @@ from pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger("lowband.pipeline.server")
 
-REFERENCE_MODELS = {"smollm2-135m": reference_model_path}
+# Gemma 3 270M serves token ids (its SentencePiece tokenizer is not read from GGUF yet).
+REFERENCE_MODELS = {"smollm2-135m": reference_model_path, "gemma3-270m": gemma3_270m_path}
 
 
 def resolve_model(name: str) -> Path:
@@ -454,10 +456,10 @@ class StageServer:
         for c, p in zip(caches, positions):
             c.context(int(p), p[None])  # records each row's position in its own cache
         width = max(slots) + 1
-        mask = torch.arange(width, device=h.device)[None, :] <= positions  # [B, width]
-        cos = m.rope_cos[positions].unsqueeze(1).to(h.dtype)
-        sin = m.rope_sin[positions].unsqueeze(1).to(h.dtype)
-        ctx = StepContext(cos, sin, mask[:, None, None, :], False)
+        keys = torch.arange(width, device=h.device)[None, :].expand(len(group), width)
+        # Slots beyond a row's own length are other rows' padding: key position -1 (masked).
+        keys = keys.masked_fill(keys > positions, -1)
+        ctx = m.step_context(positions, (keys >= 0)[:, None, None, :], False, keys, h.dtype)
         h = _run_blocks(m, h, r0.start, r0.end, None, ctx=ctx,
                         kv_of=lambda i: _StackedKV([c.layers[i] for c in caches]))
         return [self._reply(j.req, h[row:row + 1], j.session.length) for row, j in enumerate(group)]

@@ -60,7 +60,8 @@ class ShardLlama(Llama):
             return super().embed(tokens)  # the error of a part without the embedding
         local = tokens - self.v0
         mine = (local >= 0) & (local < self.embedding.num_embeddings)
-        return self.embedding(local.clamp(0, self.embedding.num_embeddings - 1)) * mine.unsqueeze(-1)
+        return self.scale_embedding(self.embedding(local.clamp(0, self.embedding.num_embeddings - 1))
+                                    * mine.unsqueeze(-1))
 
     def head(self, h: Tensor) -> Tensor:
         part = super().head(h)

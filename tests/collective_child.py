@@ -17,13 +17,14 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collectives import (CollectiveError, Group, all_gather, all_reduce, broadcast,  # noqa: E402
+from collectives import (CollectiveError, DeadlinePolicy, Group, all_gather, all_reduce, broadcast,  # noqa: E402
                          optimize_ring, recv_tensors, reduce_scatter, ring_deadline_s, send_tensors,
                          star_all_reduce)
 from compression import get_codec  # noqa: E402
@@ -55,6 +56,17 @@ async def wait_for_file(path: str, timeout: float = 120.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@dataclass(frozen=True)
+class _GrowPolicy(DeadlinePolicy):
+    """Claims a measured rate on peer 0's and peer 1's link from prev: with 512-byte chunks
+    (1028 bytes of int8) peer 0 starts its shard with 4x chunks, peer 1 with 2x, others 1x."""
+
+    index: int = 0
+
+    def measured_bandwidth(self, host, peer: str) -> float | None:
+        return {0: 1e12, 1: 1.5e5}.get(self.index)
+
+
 async def scenario_basic(group: Group, index: int, opts: dict) -> dict:
     host, me, members = group.host, group.self_id, group.members
     n = len(members)
@@ -75,6 +87,11 @@ async def scenario_basic(group: Group, index: int, opts: dict) -> dict:
     # Many tiny chunks: the pipeline with several chunks per shard in flight.
     out["ar_chunked"] = list(await all_reduce(group, make_inputs(2, index), tag="ar-chunked", codec="int8",
                                               chunk_bytes=512))
+    # Ring originators pick different chunk multipliers (ring.GROWS: 4x, 2x, the plan's): other
+    # bytes on the wire, the same result as ar_chunked.
+    grown = Group(host, members, policy=_GrowPolicy(index=index))
+    out["ar_grown"] = list(await all_reduce(grown, make_inputs(2, index), tag="ar-grown", codec="int8",
+                                            chunk_bytes=512))
     # Two collectives at once under different tags, different inputs and codecs.
     a, b = await asyncio.gather(
         all_reduce(group, make_inputs(3, index), tag="cc-a", codec="int8"),

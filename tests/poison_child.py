@@ -22,9 +22,9 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.poison import poison_tensors  # noqa: E402
 from diloco import role  # noqa: E402
 from peer.cli import main  # noqa: E402
+from testing.poison import poison_tensors  # noqa: E402
 
 ENV = "LOWBAND_TEST_POISON"
 ATTACKS = ("flip", "huge", "nan")

@@ -1,4 +1,4 @@
-"""bench.links and the all-reduce anchors: link kinds give the rates they promise, clean up after
+"""testing.links and the all-reduce anchors: link kinds give the rates they promise, clean up after
 themselves, and the anchors run and verify their results (small tensors; the timed 100 MB runs
 belong to `make bench`). Namespace tests need root (CI is root) and are skipped otherwise."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from bench.baselines.gloo_allreduce import run_gloo
-from bench.baselines.hivemind_allreduce import VENV_PYTHON, run_hivemind
-from bench.links import LinksError, LinksUnsupported, measure_link_rate, open_links, ring_lower_bound_s
-from peer.netns import unavailable_reason
+from testing.baselines.gloo_allreduce import run_gloo
+from testing.baselines.hivemind_allreduce import VENV_PYTHON, run_hivemind
+from testing.links import LinksError, LinksUnsupported, measure_link_rate, open_links, ring_lower_bound_s
+from testing.netns import unavailable_reason
 
 _NETNS = unavailable_reason(need_nft=False)
 needs_netns = pytest.mark.skipif(_NETNS is not None, reason=_NETNS or "")

@@ -476,7 +476,7 @@ async def test_coordinator_start_on_s3_with_retention_then_list_and_export(procs
                          str(tmp_path / "coord"), "--token", TOKEN, "--checkpoint-store", store_url,
                          "--endpoint-url", s3_endpoint, "--keep-last", "2", "--gc-grace", "0",
                          env=AWS_ENV)
-    assert f"checkpoints: {store_url}/ (keep last 2)" in coord.lines
+    assert any(line.endswith(f"checkpoints: {store_url}/ (keep last 2)") for line in coord.lines)
     peer = RunClient(coord.ready["url"], TOKEN, None, timeout=30)
     try:
         chunks_of = {}

@@ -1,6 +1,6 @@
 """Training under churn and a coordinator crash: real `peer join --train` processes on 127.0.0.1.
 
-- Short churn (bench/churn.py, 2 minutes): peers SIGKILLed and started every ~15 s; an outer step
+- Short churn (testing/churn.py, 2 minutes): peers SIGKILLed and started every ~15 s; an outer step
   completes at least once a minute, every step's reports agree on the global-state hash, the
   loss falls. `python bench/churn.py` is the 10-minute variant.
 - Coordinator crash: SIGKILL the coordinator mid-run and restart it on the same data dir and
@@ -17,7 +17,8 @@ import urllib.request
 
 import pytest
 
-from bench.churn import RUN, ChurnConfig, ReportWatch, Swarm, api, run_churn, train_flags
+from testing.churn import ChurnConfig, run_churn
+from testing.swarm import RUN, ReportWatch, Swarm, api, train_flags
 from tests.harness import wait_until
 
 

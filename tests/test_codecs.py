@@ -148,6 +148,42 @@ def test_decode_is_deterministic_and_does_not_alias():
     assert codec.decode(meta, payload).any()  # decode output does not alias the payload
 
 
+@pytest.mark.parametrize("name,opts", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("n", [0, 1, 7, 4099, 70001])
+def test_decode_into_and_fused_add_match_plain_decode(name, opts, n):
+    """decode(out=, add=) is what the ring's reduce step and result buffer use: the same bits as
+    decode(...).add_(add), written into the given tensor and nowhere else."""
+    codec = get_codec(name, **opts)
+    meta, payload = codec.encode(torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3)
+    other = torch.randn(n, generator=torch.Generator().manual_seed(n + 1))
+    want = codec.decode(meta, payload).add_(other)
+    buf = torch.full((n + 2,), 7.0)
+    got = codec.decode(meta, payload, out=buf[1:n + 1], add=other)
+    assert torch.equal(got, want) and (n == 0 or got.data_ptr() == buf[1:].data_ptr())
+    assert buf[0] == 7.0 and buf[-1] == 7.0  # nothing written past the slice (int4 pad nibble)
+    assert torch.equal(codec.decode(meta, payload, out=torch.empty(n)), codec.decode(meta, payload))
+    for bad in (torch.empty(n + 1), torch.empty(n, dtype=torch.float64)):
+        with pytest.raises(ValueError):
+            codec.decode(meta, payload, out=bad)
+        with pytest.raises(ValueError):
+            codec.decode(meta, payload, add=bad)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16"])
+def test_fused_add_still_rejects_non_finite_payload(name):
+    codec = get_codec(name)
+    meta, payload = codec.encode(torch.ones(100))
+    raw = bytearray(payload)
+    nan = torch.tensor([float("nan")]).to(codec.wire_dtype).view(torch.uint8)
+    raw[8:8 + codec.wire_bytes(1)] = nan.numpy().tobytes()  # value-aligned
+    with pytest.raises(CodecError):
+        codec.decode(meta, raw, add=torch.zeros(100))
+    if name != "fp16":  # a finite payload plus a huge local value overflows: returned as
+        # decode().add_() would (the sender's next encode rejects it), not blamed on the payload
+        meta, payload = codec.encode(torch.full((100,), 2e38))
+        assert torch.isinf(codec.decode(meta, payload, add=torch.full((100,), 2e38))).all()
+
+
 def test_int8_wire_layout():
     """int8 payload = fp32 scales (one per block) then int8 levels; value = level * scale.
     Decoded independently with numpy: the layout is the contract other peers rely on."""

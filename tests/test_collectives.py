@@ -19,7 +19,7 @@ import torch
 from collectives import CollectiveError, Group, LinkMatrix, ring_order
 from compression import get_codec
 from peer.identity import Identity
-from peer.netem import LinkEmulatorSet, LinkSpec
+from testing.netem import LinkEmulatorSet, LinkSpec
 from tests.collective_child import CODECS, SHAPES, big_input, make_inputs
 from tests.harness import Procs, free_port
 
@@ -135,11 +135,18 @@ def test_all_reduce_within_codec_bound_of_fp64_reference(basic):
 
 
 def test_results_bit_identical_on_every_peer(basic):
-    keys = [f"ar_{c}" for c in CODECS] + ["ar_sum_int8", "ar_chunked", "cc_a", "cc_b", "ar_ring",
+    keys = [f"ar_{c}" for c in CODECS] + ["ar_sum_int8", "ar_chunked", "ar_grown", "cc_a", "cc_b", "ar_ring",
                                           "bc_raw", "bc_int8", "star_sum", "star_int8"]
     for key in keys:
         digests = {tuple(_digest(t) for t in res[key]) for res in basic["results"]}
         assert len(digests) == 1, f"{key}: peers disagree bitwise"
+
+
+def test_chunk_size_chosen_per_originator_leaves_results_unchanged(basic):
+    """Shards started with 4x, 2x and 1x chunks (fast measured links grow chunks, ring.GROWS)
+    reduce to exactly the bits of the same all-reduce with the plan's chunks."""
+    for res in basic["results"]:
+        assert [_digest(t) for t in res["ar_grown"]] == [_digest(t) for t in res["ar_chunked"]]
 
 
 def test_paced_all_reduce_spreads_the_same_result(basic):

@@ -1,11 +1,11 @@
 """Coordinator: membership API, validation, failure detection, persistence, status page.
 
 API tests run the real aiohttp app on a real 127.0.0.1 socket in-process (fast); process-level
-behaviour (kill -9, restart, peers) is in test_join.py.
+behaviour (kill -9, restart, peers) is in test_join.py. Failure detection runs on a fake clock
+(testing/clock.py): time moves only when a test advances it, so nothing here sleeps.
 """
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import sys
@@ -16,22 +16,23 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from coordinator.app import CoordinatorConfig, create_app
-from coordinator.membership import REGISTRY
 from coordinator.registry import MembershipRegistry, PeerMeta, Timing
 from coordinator.status import STATIC_DIR
 from coordinator.store import Store, StoreError
 from peer.identity import Identity
 from peer.membership import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
                              CoordinatorUnavailable, NotRegistered, canonical_json, signing_bytes)
-from tests.harness import ROOT
+from coordinator.validation import ApiError
+from testing import ROOT
+from testing.clock import FakeClock
 
 TOKEN = "test-swarm-token"
 META = {"device": "cpu", "memory": 1 << 30, "roles": ["train"], "throughput": 1e9, "zone": "a"}
 
 
 class Coord:
-    def __init__(self, server: TestServer, store: Store) -> None:
-        self.server, self.store = server, store
+    def __init__(self, server: TestServer, store: Store, clock: FakeClock) -> None:
+        self.server, self.store, self.clock = server, store, clock
         self.url = str(server.make_url("")).rstrip("/")
 
     def client(self, identity: Identity | None = None, token: str | None = TOKEN) -> CoordinatorClient:
@@ -51,9 +52,10 @@ async def start_coord(data_dir, **timing) -> Coord:
     store = Store(data_dir)
     store.open()
     config = CoordinatorConfig(data_dir=data_dir, token=TOKEN, **timing)
-    server = TestServer(create_app(config, store), host="127.0.0.1")
+    clock = FakeClock()
+    server = TestServer(create_app(config, store, clock=clock), host="127.0.0.1")
     await server.start_server()
-    return Coord(server, store)
+    return Coord(server, store, clock)
 
 
 @pytest.fixture
@@ -203,21 +205,23 @@ async def test_heartbeat_checks(coord):
 
 
 async def test_silent_peer_goes_suspect_then_dead_and_may_rejoin(tmp_path):
+    """The failure detector's own loop (no explicit sweep): suspect after half the timeout of
+    silence, dead after all of it, and a dead peer must join again."""
     c = await start_coord(tmp_path, heartbeat_interval=0.1, peer_timeout=0.8)
-    c.server.app[REGISTRY].started_at -= 10  # past the restart grace period
+    clock = c.clock
     ident = Identity.generate()
     try:
         async with c.client(ident) as client:
+            await clock.until_sleeping(1)  # the detector waits for its next sweep
+            await clock.advance(1.0)       # past the restart grace period
             await client.join("127.0.0.1:9001", {})
             await client.heartbeat({})
-            seen: list[str] = []
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and "dead" not in seen:
+            seen = []
+            for _ in range(2):
+                await clock.advance(0.5)   # the detector wakes (every 0.08 s) and sweeps
                 (info,) = await client.peers()
-                if not seen or seen[-1] != info.state:
-                    seen.append(info.state)
-                await asyncio.sleep(0.05)
-            assert seen == ["active", "suspect", "dead"]
+                seen.append(info.state)
+            assert seen == ["suspect", "dead"]
             with pytest.raises(NotRegistered, match="dead") as err:
                 await client.heartbeat({})
             assert err.value.status == 410
@@ -228,23 +232,62 @@ async def test_silent_peer_goes_suspect_then_dead_and_may_rejoin(tmp_path):
         c.store.close()
 
 
+def _registry(store: Store, clock: FakeClock, timing: Timing = Timing(1.0, 10.0)) -> MembershipRegistry:
+    return MembershipRegistry(store, timing, clock=clock)
+
+
+async def _joined(registry: MembershipRegistry) -> str:
+    ident = Identity.generate()
+    await registry.join(ident.peer_id, ident.public_bytes, "127.0.0.1:1", PeerMeta(None, None, [], None, {}))
+    await registry.heartbeat(ident.peer_id, {})
+    return ident.peer_id
+
+
+async def test_failure_detector_thresholds_on_a_fake_clock(tmp_path):
+    """Exact edges: suspect once silent for more than half the timeout, dead after the whole
+    timeout; a heartbeat brings a suspect back, not a dead peer."""
+    store = Store(tmp_path)
+    store.open()
+    clock = FakeClock()
+    registry = _registry(store, clock)  # timeout 10 s, suspect after 5 s
+    await clock.advance(10.01)          # past the restart grace period
+    peer = await _joined(registry)
+    try:
+        await clock.advance(4.99)
+        assert await registry.sweep() == []
+        await clock.advance(0.02)
+        assert await registry.sweep() == [(peer, "suspect")]
+        assert await registry.heartbeat(peer, {}) == "active"  # recovered
+        await clock.advance(9.99)
+        assert await registry.sweep() == [(peer, "suspect")]
+        assert await registry.sweep() == []  # a transition is reported once
+        await clock.advance(0.02)
+        assert await registry.sweep() == [(peer, "dead")]
+        (row,) = await registry.peers()
+        assert row["state"] == "dead" and row["heartbeat_age_s"] == pytest.approx(10.01)
+        with pytest.raises(ApiError) as err:
+            await registry.heartbeat(peer, {})
+        assert (err.value.status, err.value.code) == (410, "peer_dead")
+    finally:
+        store.close()
+
+
 async def test_restart_grace_period(tmp_path):
     """After a restart nobody is declared dead before one timeout has passed."""
     store = Store(tmp_path)
     store.open()
+    clock = FakeClock()
     timing = Timing(heartbeat_interval=0.1, peer_timeout=1.0)
-    first = MembershipRegistry(store, timing)
-    ident = Identity.generate()
-    await first.join(ident.peer_id, ident.public_bytes, "127.0.0.1:1",
-                     PeerMeta(None, None, [], None, {}))
-    await first.heartbeat(ident.peer_id, {})
-    await asyncio.sleep(1.2)  # silent longer than the timeout while "the coordinator was down"
-    restarted = MembershipRegistry(store, timing)
-    assert await restarted.sweep() == [(ident.peer_id, "suspect")]
+    peer = await _joined(_registry(store, clock, timing))
+    await clock.advance(1.2)  # silent longer than the timeout while "the coordinator was down"
+    restarted = _registry(store, clock, timing)
+    assert await restarted.sweep() == [(peer, "suspect")]
     assert (await restarted.peers())[0]["state"] == "suspect"
-    assert await restarted.heartbeat(ident.peer_id, {}) == "active"  # came back within grace
-    await asyncio.sleep(1.2)
-    assert (ident.peer_id, "dead") in await restarted.sweep()
+    assert await restarted.heartbeat(peer, {}) == "active"  # came back within grace
+    await clock.advance(0.99)  # silent past the timeout's half, grace not over
+    assert await restarted.sweep() == [(peer, "suspect")]
+    await clock.advance(0.02)  # grace over and silent 1.01 s
+    assert await restarted.sweep() == [(peer, "dead")]
     store.close()
 
 

@@ -1,4 +1,4 @@
-"""Training goes on while the coordinator is down (DESIGN.md section 1; diloco/role.py point 4).
+"""Training goes on while the coordinator is down (docs/architecture.md §Coordinator outage; diloco/role.py point 4).
 
 Real `peer join --train` processes and a real coordinator on 127.0.0.1. The coordinator is
 SIGKILLed mid-run: the peers must keep completing outer steps WITHOUT it (their own step log
@@ -17,13 +17,14 @@ import time
 
 import pytest
 
-from bench.churn import RUN, ReportWatch, Swarm, api, train_flags
+from testing.swarm import RUN, ReportWatch, Swarm, api, train_flags
 from tests.test_churn import live_peers, status_code, steps_by_all, wait_until
 
 CHECKPOINT_EVERY = 4
 MIN_DOWN_S = 10.0  # > 3 peer timeouts (3 s): the peers have long stopped hearing from it
-# "train churn: step 7 loss 2.1 | ... | 3 peers | outer 0.31s | hash 0123456789abcdef | offline"
-STEP_LINE = re.compile(rf"^train {RUN}: step (\d+) loss \S+ \|.*\| (\d+) peers \|.*\| hash "
+# "... INFO lowband.train: train churn: step 7 loss 2.1 | ... | 3 peers | outer 0.31s | hash
+# 0123456789abcdef | offline" (a log line: searched, after the log prefix)
+STEP_LINE = re.compile(rf"train {RUN}: step (\d+) loss \S+ \|.*\| (\d+) peers \|.*\| hash "
                        r"([0-9a-f]{16})( \| offline)?$")
 
 
@@ -31,7 +32,7 @@ def logged_steps(child) -> dict[int, tuple[str, int, bool]]:
     """step -> (hash prefix, participants, offline) from a peer's own log lines."""
     out = {}
     for line in list(child.lines):
-        m = STEP_LINE.match(line)
+        m = STEP_LINE.search(line)
         if m:
             out[int(m[1])] = (m[3], int(m[2]), m[4] is not None)
     return out

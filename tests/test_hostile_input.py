@@ -4,7 +4,8 @@ serving and writes nothing outside its data dir; model loaders and the checkpoin
 truncated and malformed files with ModelLoadError / CheckpointError; a real PeerHost drops
 connections that send garbage and keeps serving a legitimate peer.
 
-The oracles are shared with the fuzz bench (bench/fuzz.py), which runs the same checks at scale.
+The oracles (testing/wire_oracles.py, testing/hostile.py) are shared with the fuzz bench
+(bench/fuzz.py), which runs the same checks at scale.
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.fuzz import (TOKEN, check_channel, check_decoder, check_handshake_outcome, check_roundtrip,
-                        filesystem_problems, hostile_session_frames, legit_check, run_handshake, seal_raw,
-                        signed_body, start_coordinator, tcp_case, write_tiny_gguf, write_tiny_hf)
 from peer.errors import AuthError, ProtocolError
 from peer.handshake import Handshake, State
 from peer.identity import Identity
 from peer.secure import SecureChannel
 from peer.wire import Frame, FrameType, encode_frame
-from tests.harness import ROOT
+from testing import ROOT
+from testing.hostile import (TOKEN, filesystem_problems, hostile_session_frames, legit_check, signed_body,
+                             start_coordinator, tcp_case)
+from testing.tiny_model import write_tiny_gguf, write_tiny_hf
+from testing.wire_oracles import (check_channel, check_decoder, check_handshake_outcome, check_roundtrip,
+                                  run_handshake, seal_raw)
 
 FAST = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -20,7 +20,7 @@ from coordinator.app import CoordinatorConfig, create_app
 from coordinator.runs import RunLimits
 from coordinator.store import Store
 from diloco.run_client import RunClient
-from peer.errors import PeerUnavailable, RemoteError
+from peer.errors import PeerUnavailable, RemoteBusy, RemoteRateLimited
 from peer.identity import Identity
 from peer.membership import CoordinatorError, signing_bytes
 from peer.ratelimit import RateLimiter
@@ -75,7 +75,7 @@ async def test_rpc_rate_limit_per_peer(hosts):
     results = await asyncio.gather(*(client.call(sid, "echo", {"n": i}, b"x") for i in range(30)),
                                    return_exceptions=True)
     ok = [r for r in results if isinstance(r, tuple)]
-    limited = [r for r in results if isinstance(r, RemoteError)]
+    limited = [r for r in results if isinstance(r, RemoteRateLimited)]
     assert 10 <= len(ok) <= 13 and len(ok) + len(limited) == 30
     assert all("rate limited" in str(e) and "retry after" in str(e) for e in limited)
     # another peer has its own bucket; the limited one is served again once tokens refill
@@ -101,7 +101,7 @@ async def test_concurrent_handlers_per_peer_are_capped(hosts):
     assert len(running) == 4
     for c in calls:
         if c.done():
-            with pytest.raises(RemoteError, match="busy: 4 requests"):
+            with pytest.raises(RemoteBusy, match="busy: 4 requests"):
                 c.result()
     extra = asyncio.ensure_future(other.call(await other.connect(server.address), "slow", {"i": 99}))
     await wait_until_async(lambda: len(running) == 5)  # the cap is per peer
@@ -164,7 +164,7 @@ async def test_inbound_connections_are_capped_in_total_and_per_address(hosts, ca
     for _, w in raw[:3]:
         w.close()
     client = await hosts()
-    await wait_until_async(lambda: sum(server._inbound.values()) <= 3)
+    await wait_until_async(lambda: server._inbound.open() <= 3)
     sid = await client.connect(server.address)  # freed slots admit a real peer
     assert (await client.call(sid, "echo", {"ok": 1}))[0] == {"ok": 1}
     for _, w in raw[3:]:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from peer.netem import LinkEmulator, LinkEmulatorSet, LinkSpec, parse_address
+from testing.netem import LinkEmulator, LinkEmulatorSet, LinkSpec, parse_address
 from tests.harness import free_port
 
 HOST = "127.0.0.1"
@@ -227,7 +227,7 @@ def test_bad_specs_raise_value_error():
 
 async def test_cli_relays_with_configured_rtt(procs):
     async with Server(echo=True) as srv:
-        child = procs.python("-m", "peer.netem", "--listen", f"{HOST}:0",
+        child = procs.python("-m", "testing.netem", "--listen", f"{HOST}:0",
                              "--target", "%s:%d" % srv.address, "--delay-ms", "15", "--rate-mbit", "50")
         rtts = await ping_rtts(parse_address(child.ready["listen"]), count=20)
     assert child.ready["up"]["rate_bps"] == 50e6
@@ -235,6 +235,6 @@ async def test_cli_relays_with_configured_rtt(procs):
 
 
 def test_cli_rejects_bad_arguments(procs):
-    child = procs.python("-m", "peer.netem", "--listen", "nope", "--target", "127.0.0.1:1", wait_ready=False)
+    child = procs.python("-m", "testing.netem", "--listen", "nope", "--target", "127.0.0.1:1", wait_ready=False)
     assert child.wait(30) == 2
     child.wait_for_line("host:port")

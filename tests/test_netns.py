@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from peer.netns import LinkShape, NetnsLab, remove_stale, unavailable_reason
+from testing.netns import LinkShape, NetnsLab, remove_stale, unavailable_reason
 
 _REASON = unavailable_reason()
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -121,7 +121,7 @@ def test_nft_loss_drops_packets():
 @pytest.mark.root
 @needs_netns
 def test_namespaces_of_a_killed_run_are_removed(procs):
-    child = procs.python("-c", "from peer.netns import NetnsLab\n"
+    child = procs.python("-c", "from testing.netns import NetnsLab\n"
                                "lab = NetnsLab(2).build()\n"
                                "print('READY {\"built\": true}', flush=True)\n"
                                "import time; time.sleep(120)")

@@ -1,4 +1,4 @@
-"""Collectives under kernel-level network faults: 4 peers in network namespaces (peer.netns).
+"""Collectives under kernel-level network faults: 4 peers in network namespaces (testing.netns).
 
 Every peer is a real process with its own PeerHost inside its own namespace, behind a tbf-shaped
 veth. The test drives numbered rounds: it writes ``round-K.json`` (who takes part, tensor size),
@@ -10,7 +10,7 @@ in the kernel, while the all-reduce is on the wire:
 - packet loss: nft ``numgen random`` drops (LinkShape.loss_pct) at 1 % and 5 %;
 - rate cut: tbf rate of one peer cut tenfold mid-transfer (NetnsLab.set_shape).
 
-Properties checked for every round (DESIGN.md section 3): each peer returns or raises a
+Properties checked for every round (docs/architecture.md §Collectives): each peer returns or raises a
 ``CollectiveError`` within its timeout plus the agreement rounds (a hard timeout outside turns
 a hang into a failure), peers that return over the same members hold bit-identical results, the
 survivors of a partition return the survivors' average, and a healed peer takes part again.
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collectives import CollectiveError, Group, all_reduce, ring_deadline_s  # noqa: E402
 from compression import get_codec  # noqa: E402
 from peer.identity import Identity  # noqa: E402
-from peer.netns import LinkShape, NetnsLab, unavailable_reason  # noqa: E402
+from testing.netns import LinkShape, NetnsLab, unavailable_reason  # noqa: E402
 from peer.transport import PeerHost  # noqa: E402
 from tests.harness import Procs  # noqa: E402
 

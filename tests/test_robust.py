@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.poison import install_payload_poisoner  # noqa: E402
 from collectives import CollectiveError, Group, RobustConfig, all_reduce  # noqa: E402
 from collectives.robust import aggregate, coordinate_median, screen, sorted_rows  # noqa: E402
+from testing.poison import install_payload_poisoner  # noqa: E402
 from tests import collective_child  # noqa: E402
 from tests.test_collectives import _config  # noqa: E402
 

@@ -2,7 +2,8 @@
 reports, checkpoint chunk/manifest transfer, validation and persistence across a restart.
 
 The real aiohttp app runs on a real 127.0.0.1 socket in-process; peers are real identities
-speaking through the peer-side client (diloco.run_client.RunClient)."""
+speaking through the peer-side client (diloco.run_client.RunClient). The coordinator runs on a
+fake clock (testing/clock.py): rendezvous deadlines pass when a test advances it, not by sleeping."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +20,7 @@ from diloco.run_client import RunClient
 from diloco.state_io import build_manifest
 from peer.identity import Identity
 from peer.membership import CoordinatorError
+from testing.clock import FakeClock
 
 TOKEN = "runs-api-token"
 CONFIG = {"preset": "micro", "inner_steps": 5, "sync_timeout_s": 2.0, "checkpoint_every": 2}
@@ -26,8 +28,8 @@ H0, H1 = "0" * 64, "1" * 64
 
 
 class Coord:
-    def __init__(self, server: TestServer, store: Store) -> None:
-        self.server, self.store = server, store
+    def __init__(self, server: TestServer, store: Store, clock: FakeClock) -> None:
+        self.server, self.store, self.clock = server, store, clock
         self.url = str(server.make_url("")).rstrip("/")
 
     async def stop(self) -> None:
@@ -57,9 +59,10 @@ async def start(data_dir) -> Coord:
     store.open()
     config = CoordinatorConfig(data_dir=data_dir, token=TOKEN, heartbeat_interval=0.5,
                                peer_timeout=5.0)
-    server = TestServer(create_app(config, store), host="127.0.0.1")
+    clock = FakeClock()
+    server = TestServer(create_app(config, store, clock=clock), host="127.0.0.1")
     await server.start_server()
-    return Coord(server, store)
+    return Coord(server, store, clock)
 
 
 @pytest.fixture
@@ -116,16 +119,18 @@ async def test_window_closes_after_timeout_without_a_silent_member(coord):
     answers = await asyncio.gather(a.sync("r", 1, H0, deadline_s=20),
                                    b.sync("r", 1, H0, deadline_s=20))
     assert len(answers[0]["participants"]) == 2
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    alone = await a.sync("r", 2, H0, deadline_s=20)  # b never comes: closes after sync_timeout_s
-    assert alone["participants"] == [a.identity.peer_id] and loop.time() - t0 >= 1.5
-    # A peer that stopped training is not waited for at all.
+    alone = asyncio.ensure_future(a.sync("r", 2, H0, deadline_s=20))  # b never comes
+    await coord.clock.until_sleeping(2)  # the failure detector and this window's watcher
+    await coord.clock.advance(1.9)       # sync_timeout_s is 2: the watcher looked, still open
+    assert (await a.run_info("r"))["step"] == 1 and not alone.done()
+    await coord.clock.advance(0.2)
+    assert (await asyncio.wait_for(alone, 10))["participants"] == [a.identity.peer_id]
+    # A peer that stopped training is not waited for at all: the window closes with the clock
+    # standing still.
     c, _ = await coord.peer()
     await c.leave_run("r")
-    t0 = loop.time()
-    assert (await a.sync("r", 3, H0, deadline_s=20))["participants"] == [a.identity.peer_id]
-    assert loop.time() - t0 < 1.5
+    closed = await asyncio.wait_for(a.sync("r", 3, H0, deadline_s=20), 10)
+    assert closed["participants"] == [a.identity.peer_id]
     summary = await a.run_info("r")
     assert [m["training"] for m in summary["members"]] == [True, True, False]
     for p in (a, b, c):

@@ -1,6 +1,6 @@
 """Kernel-shaped test networks: N Linux network namespaces on one bridge (root only).
 
-Userspace relays (peer.netem) shape delay and stalls; kernel shaping is for what a relay cannot
+Userspace relays (testing.netem) shape delay and stalls; kernel shaping is for what a relay cannot
 do honestly -- a token-bucket rate limit that TCP must probe against (``tc tbf``) and random
 packet loss (``nft ... numgen random``). Layout, all inside namespaces this module creates, so
 the host's own interfaces, addresses and routes are never touched:
@@ -66,7 +66,8 @@ class LinkShape:
 
     rate_mbit: tbf rate applied to upload and download separately; None = unshaped.
     burst_bytes: tbf bucket; must exceed the MTU (64 KiB on loopback-sized segments with GSO),
-        256 KiB matches the numbers in DESIGN.md section 6.
+        256 KiB is what the 100 Mbit/s bench figures were measured with
+        (docs/architecture.md §Measuring performance).
     tbf_latency_ms: longest a packet may wait in the tbf queue before being dropped.
     loss_pct: percent of packets arriving at the peer dropped at random (0 .. 100).
     """

@@ -19,16 +19,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.common import Samples
-from bench.links import HostProcess, Links, LinksError, measure_link_rate, open_links, ring_bound_fields
+from testing import ROOT
+from testing.links import HostProcess, Links, LinksError, measure_link_rate, open_links, ring_bound_fields
+from testing.samples import Samples
 
 if TYPE_CHECKING:
     from peer.transport import PeerHost
 
-ROOT = Path(__file__).resolve().parents[2]
 _EXIT_TIMEOUT_S = 30.0
 
 
@@ -106,7 +105,7 @@ def run_workers(links: Links, argv: Callable[[int], list[str]], go: Callable[[li
 
 def slowest_per_repeat(times_per_rank: Sequence[Sequence[float]]) -> dict:
     """A repeat lasts until the slowest rank has its result: per repeat the max over ranks, then
-    median / min / max over repeats (seconds) with the raw samples (bench.common.Samples)."""
+    median / min / max over repeats (seconds) with the raw samples (testing.samples.Samples)."""
     samples = Samples([max(rank[k] for rank in times_per_rank) for k in range(len(times_per_rank[0]))])
     return samples.as_dict()
 
@@ -133,7 +132,7 @@ def anchor_main(parser: argparse.ArgumentParser, argv: list[str] | None,
                 rows: Callable[[dict], Iterable[dict]]) -> None:
     """Parse ``argv``; with --worker run ``worker``, else open the links, measure their rate (unless
     --no-rate), ``run`` the anchor and print its JSON, every row of ``rows(result)`` given its
-    ring bound (bench.links.ring_bound_fields)."""
+    ring bound (testing.links.ring_bound_fields)."""
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)

@@ -1,14 +1,14 @@
-"""Anchor: hivemind 1.1.12 DecentralizedAverager, one process per host of a ``bench.links.Links``.
+"""Anchor: hivemind 1.1.12 DecentralizedAverager, one process per host of a ``testing.links.Links``.
 
-    from bench.baselines.hivemind_allreduce import run_hivemind
+    from testing.baselines.hivemind_allreduce import run_hivemind
     result = run_hivemind(links, numel=25_000_000, codecs=("fp32", "fp16", "8bit"), repeats=3)
     # {"codecs": {"8bit": {"median": s, "samples": [...], "verified_rounds": 3, "failed_rounds": 0, ...}}}
 
-    .venv/bin/python -m bench.baselines.hivemind_allreduce --links tbf100 [--codecs fp32,fp16,8bit]
+    .venv/bin/python -m testing.baselines.hivemind_allreduce --links tbf100 [--codecs fp32,fp16,8bit]
 
 Workers run under bench/.venv-hivemind (``sh bench/hivemind_env.sh`` makes it): hivemind's 8-bit
 codecs need numpy<2 -- with numpy 2 they fail to decode and the averager silently keeps each
-peer's local values (DESIGN.md section 6). So every round is *checked by value*: host r holds
+peer's local values (docs/architecture.md §Measuring performance). So every round is *checked by value*: host r holds
 ``g + 4 * 2**r`` (g shared, standard normal), no host's values equal the mean, and a round counts
 only if the result's mean absolute error against ``g + mean(4 * 2**r)`` is small (and, for fp32 /
 fp16, the largest error too). Rounds that fail the check are counted (``failed_rounds``) and left
@@ -29,11 +29,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.baselines.workers import (BaselineError, anchor_main, anchor_parser, announce, report, run_workers,
+from testing import ROOT
+from testing.baselines.workers import (BaselineError, anchor_main, anchor_parser, announce, report, run_workers,
                                      slowest_per_repeat)
-from bench.links import Links, LinksUnsupported
+from testing.links import Links, LinksUnsupported
 
-VENV_PYTHON = Path(__file__).resolve().parents[1] / ".venv-hivemind" / "bin" / "python"
+# Made by bench/hivemind_env.sh (the Makefile's bench target).
+VENV_PYTHON = ROOT / "bench" / ".venv-hivemind" / "bin" / "python"
 #: codec name -> (hivemind compression class, wire bytes per value)
 CODECS = {"fp32": ("NoCompression", 4), "fp16": ("Float16Compression", 2), "8bit": ("Uniform8BitQuantization", 1)}
 # Tolerances of the value check (values are O(10); local values sit >= 1 away from the mean).
@@ -66,7 +68,7 @@ def run_hivemind(links: Links, numel: int = 25_000_000, codecs: Sequence[str] = 
         raise BaselineError(f"{python} not found: run `sh bench/hivemind_env.sh` first")
 
     def argv(i: int) -> list[str]:
-        return [str(python), "-m", "bench.baselines.hivemind_allreduce", "--worker", "--rank", str(i),
+        return [str(python), "-m", "testing.baselines.hivemind_allreduce", "--worker", "--rank", str(i),
                 "--world", str(links.n), "--address", links.address(i), "--numel", str(numel),
                 "--codecs", ",".join(codecs), "--repeats", str(repeats), "--warmup", str(warmup)]
 
@@ -145,7 +147,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = anchor_parser("bench.baselines.hivemind_allreduce",
+    parser = anchor_parser("testing.baselines.hivemind_allreduce",
                            "hivemind DecentralizedAverager anchor; prints JSON")
     parser.add_argument("--codecs", default="fp32,fp16,8bit")
     parser.add_argument("--warmup", type=int, default=1)

@@ -1,7 +1,7 @@
 """Userspace link emulator: a TCP relay that makes a WAN link out of loopback.
 
 The kernel on our test machines has no ``netem``, so tests and benchmarks put this relay between
-two peers (DESIGN.md section 6). Each direction of the link is modelled like a router port
+two peers (docs/architecture.md §Measuring performance). Each direction of the link is modelled like a router port
 feeding a long wire:
 
 * serialization at the configured rate: a chunk departs at
@@ -22,7 +22,7 @@ Connection setup is not delayed (the client's connect completes at once); only d
 closing of each direction are. ``LinkEmulatorSet`` runs many relays in one event loop, e.g. one
 per peer pair of a mesh.
 
-CLI: ``python -m peer.netem --listen 127.0.0.2:9000 --target 127.0.0.1:8000 --delay-ms 25
+CLI: ``python -m testing.netem --listen 127.0.0.2:9000 --target 127.0.0.1:8000 --delay-ms 25
 --rate-mbit 100`` prints ``READY {json}`` and relays until killed.
 """
 from __future__ import annotations
@@ -574,7 +574,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m peer.netem", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m testing.netem", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="host:port to accept on (port 0 = any)")
     parser.add_argument("--target", required=True, help="host:port to relay to")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per direction")

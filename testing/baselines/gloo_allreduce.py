@@ -1,9 +1,9 @@
-"""Anchor: torch.distributed gloo fp32 all-reduce, one process per host of a ``bench.links.Links``.
+"""Anchor: torch.distributed gloo fp32 all-reduce, one process per host of a ``testing.links.Links``.
 
-    from bench.baselines.gloo_allreduce import run_gloo
+    from testing.baselines.gloo_allreduce import run_gloo
     result = run_gloo(links, numel=25_000_000, repeats=3)   # {"median": s, "samples": [...], ...}
 
-    .venv/bin/python -m bench.baselines.gloo_allreduce --links tbf100 [--hosts 4 --numel N --repeats 3]
+    .venv/bin/python -m testing.baselines.gloo_allreduce --links tbf100 [--hosts 4 --numel N --repeats 3]
 
 Rank 0 hosts the TCPStore on its own host address (port chosen by the OS, reported in READY);
 gloo binds the interface that address lives on (GLOO_SOCKET_IFNAME = links.interface(i)). Every
@@ -18,9 +18,9 @@ import argparse
 import sys
 import time
 
-from bench.baselines.workers import (BaselineError, anchor_main, anchor_parser, announce, report, run_workers,
+from testing.baselines.workers import (BaselineError, anchor_main, anchor_parser, announce, report, run_workers,
                                      slowest_per_repeat)
-from bench.links import Links, LinksUnsupported
+from testing.links import Links, LinksUnsupported
 
 _WARMUP_NUMEL = 1 << 20
 _INIT_TIMEOUT_S = 300
@@ -34,7 +34,7 @@ def run_gloo(links: Links, numel: int = 25_000_000, repeats: int = 3, *, timeout
         raise ValueError(f"numel and repeats must be >= 1, got {numel!r}, {repeats!r}")
 
     def argv(i: int) -> list[str]:
-        return [sys.executable, "-m", "bench.baselines.gloo_allreduce", "--worker", "--rank", str(i),
+        return [sys.executable, "-m", "testing.baselines.gloo_allreduce", "--worker", "--rank", str(i),
                 "--world", str(links.n), "--address", links.address(i), "--interface", links.interface(i),
                 "--numel", str(numel), "--repeats", str(repeats)]
 
@@ -84,7 +84,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = anchor_parser("bench.baselines.gloo_allreduce", "gloo fp32 all-reduce anchor; prints JSON")
+    parser = anchor_parser("testing.baselines.gloo_allreduce", "gloo fp32 all-reduce anchor; prints JSON")
     parser.add_argument("--interface", help=argparse.SUPPRESS)
     anchor_main(parser, argv, _worker, lambda links, args: run_gloo(links, args.numel, args.repeats),
                 lambda result: [result])

@@ -1,12 +1,12 @@
 """N benchmark "hosts" joined by one of three kinds of links, and the link rate measured in the same run.
 
-Kinds (DESIGN.md section 6; the all-reduce issue's setups):
+Kinds (docs/architecture.md §Measuring performance; the all-reduce issue's setups):
 
 * ``loopback``  -- unshaped; host i is 127.0.0.(11+i) in this network namespace.
-* ``tbf100``    -- host i is its own network namespace on a private bridge (peer.netns.NetnsLab,
+* ``tbf100``    -- host i is its own network namespace on a private bridge (testing.netns.NetnsLab,
   addresses 10.77.0.x inside namespaces this module creates, never any other network), with
   ``tc tbf rate 100mbit burst 256kb`` on its upload and its download. Root only.
-* ``emu100d25`` -- loopback plus one peer.netem relay per ordered host pair, 100 Mbit/s and 25 ms
+* ``emu100d25`` -- loopback plus one testing.netem relay per ordered host pair, 100 Mbit/s and 25 ms
   one-way delay per direction of each pair link. The relays run on an event loop thread of the
   process that opened the links. Note the model differs from tbf100: each *pair* link has
   100 Mbit/s, not each host's access link, so a host talking to three peers at once has three
@@ -45,8 +45,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
-from peer.netem import LinkEmulatorSet, LinkSpec
-from peer.netns import LinkShape, NetnsLab, NetnsUnavailable, unavailable_reason
+from testing.netem import LinkEmulatorSet, LinkSpec
+from testing.netns import LinkShape, NetnsLab, NetnsUnavailable, unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("loopback", "tbf100", "emu100d25", "emu20d50")
@@ -241,7 +241,7 @@ class LoopbackLinks(Links):
 
 
 class TbfLinks(Links):
-    """Namespaces on a bridge, tbf on each host's upload and download (peer.netns)."""
+    """Namespaces on a bridge, tbf on each host's upload and download (testing.netns)."""
 
     kind = "tbf100"
     nominal_rate_Bps = _RATE_MBIT * 1e6 / 8
@@ -270,7 +270,7 @@ class TbfLinks(Links):
 
     def interface(self, i: int) -> str:
         self._check(i)
-        return "eth0"  # peer.netns names every host's veth end eth0
+        return "eth0"  # testing.netns names every host's veth end eth0
 
     def wrap(self, i: int, argv: Sequence[str]) -> list[str]:
         self._check(i)
@@ -281,7 +281,7 @@ class TbfLinks(Links):
 
 
 class EmulatedLinks(LoopbackLinks):
-    """Loopback hosts reaching each other through peer.netem relays (one per ordered pair)."""
+    """Loopback hosts reaching each other through testing.netem relays (one per ordered pair)."""
 
     kind = "emu100d25"
     nominal_rate_Bps = _RATE_MBIT * 1e6 / 8
@@ -426,7 +426,7 @@ def measure_link_rate(links: Links, *, src: int = 0, dst: int = 1, seconds: floa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.links", description="Measure one link's TCP rate.")
+    parser = argparse.ArgumentParser(prog="python -m testing.links", description="Measure one link's TCP rate.")
     parser.add_argument("--links", choices=KINDS, default="tbf100")
     parser.add_argument("--hosts", type=int, default=2)
     args = parser.parse_args(argv)
