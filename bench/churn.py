@@ -1,18 +1,5 @@
-"""Churn: a training run that keeps going while peers are SIGKILLed and new ones join.
-
-A coordinator and up to ``max_peers`` `peer join --train RUN` processes (the ``micro`` preset,
-a 2 s inner phase per outer step) on 127.0.0.1. For ``minutes`` from the first completed outer
-step, at random intervals (``interval_s`` on average) a random peer is SIGKILLed or a new one
-(fresh identity) is started; at least ``min_alive`` stay alive. The coordinator's per-step
-reports are the oracle, read while the run goes on:
-
-- progress: an outer step completes at least every ``stall_limit_s`` (60 s), else FAIL;
-- agreement: every report of one step carries the same global-state hash, else FAIL;
-- no state lost: the run never restarts from older state (a new generation), else FAIL;
-- learning: the mean loss of the last quarter of the steps is below the first quarter's.
-
-Recovery time of a fault: from the kill to the first step completed after it (reported by a
-survivor); from a start to the newcomer's first reported step.
+"""Churn bench: the churn scenario of testing/churn.py (peers SIGKILLed and started while a run
+trains; the oracles and recovery times are described there), run for 10 minutes and reported.
 
     python bench/churn.py                 # 10 minutes -> bench/results/churn.{json,md}
     python bench/churn.py --minutes 2 --out /tmp/churn

@@ -184,6 +184,45 @@ def test_fused_add_still_rejects_non_finite_payload(name):
         assert torch.isinf(codec.decode(meta, payload, add=torch.full((100,), 2e38))).all()
 
 
+def test_fp32_decodes_in_place_into_its_own_payload():
+    """The ring reduces a received fp32 payload into its own buffer: same bits as decode().add_(),
+    and a non-finite result is still refused unless the local values caused it."""
+    codec = get_codec("fp32")
+    assert codec.decodes_in_place and not any(get_codec(n).decodes_in_place for n in ("fp16", "bf16", "int8", "int4"))
+    x, other = torch.randn(4099) * 3, torch.randn(4099)
+    meta, payload = codec.encode(x)
+    want = codec.decode(meta, payload).add_(other)
+    raw = bytearray(payload)
+    got = codec.decode(meta, raw, out=torch.frombuffer(raw, dtype=torch.float32), add=other)
+    assert torch.equal(got, want) and bytes(raw) == want.numpy().tobytes()
+    raw = bytearray(payload)
+    raw[8:12] = torch.tensor([float("nan")]).numpy().tobytes()
+    with pytest.raises(CodecError):
+        codec.decode(meta, raw, out=torch.frombuffer(raw, dtype=torch.float32), add=other)
+    big = bytearray(codec.encode(torch.full((10,), 3e38))[1])
+    with pytest.raises(CodecError, match="beyond fp32's range"):
+        codec.decode(codec.encode(torch.ones(10))[0] | {"numel": 10}, big,
+                     out=torch.frombuffer(big, dtype=torch.float32), add=torch.full((10,), 3e38))
+    raw = bytearray(payload)  # a non-finite local value is the caller's to report (its next encode)
+    bad_local = other.clone()
+    bad_local[5] = float("inf")
+    out = codec.decode(meta, raw, out=torch.frombuffer(raw, dtype=torch.float32), add=bad_local)
+    assert torch.isinf(out[5]) and torch.isfinite(out[:5]).all()
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "int8", "int4"])
+def test_shared_encode_views_the_input_only_when_the_wire_is_its_bytes(name):
+    codec = get_codec(name)
+    x = torch.randn(1000)
+    meta, shared = codec.encode(x, share=True)
+    assert bytes(shared) == bytes(codec.encode(x)[1])
+    aliases = torch.frombuffer(shared, dtype=torch.uint8).data_ptr() == x.data_ptr()
+    assert aliases == (name == "fp32")
+    assert torch.frombuffer(codec.encode(x)[1], dtype=torch.uint8).data_ptr() != x.data_ptr()
+    with pytest.raises(CodecError):
+        codec.encode(torch.full((4,), float("nan")), share=True)
+
+
 def test_int8_wire_layout():
     """int8 payload = fp32 scales (one per block) then int8 levels; value = level * scale.
     Decoded independently with numpy: the layout is the contract other peers rely on."""

@@ -302,3 +302,20 @@ async def test_stalled_peer_is_dropped_and_survivors_retry(procs, tmp_path):
     _survivor_checks(results, survivors, numel, "int8", children)
     stalled = torch.load(tmp_path / f"peer{victim}.pt", weights_only=False)
     assert "error" in stalled, "the stalled peer must get a clear error, not a partial result"
+
+
+@pytest.mark.fast
+def test_result_buffer_is_huge_page_aligned_and_owns_its_memory():
+    import gc
+
+    from collectives.buffers import empty_f32
+    big = empty_f32(5_000_000, torch.device("cpu"))
+    assert big.dtype == torch.float32 and big.shape == (5_000_000,) and big.is_contiguous()
+    assert big.data_ptr() % (2 << 20) == 0  # huge pages can back all of it
+    view = big[1000:2000]
+    del big
+    gc.collect()
+    view.fill_(3.0)  # the mapping lives as long as any tensor on it
+    assert float(view.sum()) == 3000.0
+    small = empty_f32(10, torch.device("cpu"))  # small ones: torch's allocator
+    assert small.shape == (10,) and small.dtype == torch.float32
