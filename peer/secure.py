@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from peer.errors import ProtocolError
-from peer.wire import (DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FIXED_HEADER_SIZE, Frame, decode_frame,
+from peer.wire import (DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FIXED_HEADER_SIZE, Frame,
                        decode_frame_owned, frame_prefix)
 
 _RECORD = struct.Struct("!IQ")
@@ -116,39 +116,24 @@ class SecureChannel:
             raise self._fatal(f"record out of order or replayed: counter {counter}, expected {self._recv_ctr}")
         return clen
 
-    def open_record_into(self, header: bytes | memoryview, ciphertext: bytes | memoryview,
-                         out: bytearray | memoryview) -> Frame:
-        """Authenticate + decrypt one record into ``out`` (at least ciphertext length - 16 bytes).
-
-        The frame's payload is a view into ``out``: consume it before reusing the buffer.
-        """
-        return self._open(self.record_length(header), header, ciphertext, out)
-
-    def _open(self, clen: int, header: bytes | memoryview, ciphertext: bytes | memoryview,
-              out: bytearray | memoryview | None) -> Frame:
-        """Authenticate + decrypt; into ``out`` (payload: a view), or with ``out`` None into a
-        new buffer that becomes the frame's own payload (a bytearray, no copy)."""
+    def _open(self, clen: int, header: bytes | memoryview, ciphertext: bytes | memoryview) -> Frame:
+        """Authenticate + decrypt into a new buffer that becomes the frame's own payload (a
+        bytearray, no copy)."""
         if len(ciphertext) != clen:
             raise self._fatal(f"record body is {len(ciphertext)} bytes, header says {clen}")
-        owned = _uninitialized(clen - TAG_SIZE) if out is None else None
-        plain = memoryview(out if owned is None else owned)[:clen - TAG_SIZE]
+        owned = _uninitialized(clen - TAG_SIZE)
+        plain = memoryview(owned)
         try:
             self._recv.decrypt_into(_nonce(self._recv_ctr), ciphertext, bytes(header[:RECORD_HEADER_SIZE]), plain)
         except InvalidTag:
             raise self._fatal(f"record {self._recv_ctr} failed authentication (tampered or forged)") from None
         finally:
-            plain.release()  # an owned buffer is trimmed in place below: no export may remain
+            plain.release()  # the buffer is trimmed in place below: no export may remain
         self._recv_ctr += 1
         try:
-            if owned is not None:
-                return decode_frame_owned(owned, self.max_header, self.max_payload)
-            return decode_frame(memoryview(out)[:clen - TAG_SIZE], self.max_header, self.max_payload)
+            return decode_frame_owned(owned, self.max_header, self.max_payload)
         except ProtocolError as e:
             raise self._fatal(str(e)) from e
-
-    def open_record(self, header: bytes | memoryview, ciphertext: bytes | memoryview) -> Frame:
-        """Like :meth:`open_record_into`, into a new buffer owned by the returned frame."""
-        return self._open(self.record_length(header), header, ciphertext, None)
 
     # ---------------------------------------------------------------- incremental decoder
     # One decoder for every receive path: the asyncio connection lets the kernel write straight
@@ -181,7 +166,7 @@ class SecureChannel:
         clen, self._need, self._filled = self._need, 0, 0
         # decrypted into a buffer of its own, the payload is handed over without a copy (a whole
         # message's is delivered as is, a first chunk becomes its message's buffer)
-        return self._open(clen, self._head, memoryview(self._body)[:clen], None)  # header checked above
+        return self._open(clen, self._head, memoryview(self._body)[:clen])  # header checked above
 
     def receive_data(self, data: bytes | memoryview) -> Iterator[Frame]:
         """Push already-received stream bytes through :meth:`received`, yielding each frame."""

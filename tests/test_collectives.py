@@ -319,3 +319,35 @@ def test_result_buffer_is_huge_page_aligned_and_owns_its_memory():
     assert float(view.sum()) == 3000.0
     small = empty_f32(10, torch.device("cpu"))  # small ones: torch's allocator
     assert small.shape == (10,) and small.dtype == torch.float32
+
+
+@pytest.mark.parametrize("first, later", [(3, 3), ("4", "4"), (True, True), (2**40, 2**40), (1, 2)])
+async def test_hostile_chunk_multiplier_is_a_clear_error(first, later):
+    """A fresh identity in the ring echoes the victim's own chunk headers back with a forged
+    chunk multiplier ``k`` (outside ring.GROWS, of the wrong type, or changed within a shard):
+    the victim's all-reduce fails with a CollectiveError that names it, instead of cutting the
+    shard on the attacker's grid."""
+    from collectives import all_reduce
+    from peer.transport import PeerHost
+
+    token = secrets.token_bytes(32)
+    async with PeerHost(Identity.generate(), token, conns_per_peer=1) as victim, \
+            PeerHost(Identity.generate(), token, conns_per_peer=1) as attacker:
+        await victim.start()
+        await attacker.start()
+        await attacker.connect(victim.address)
+        chunk = 64 * 1024  # 4 chunks of the victim's shard, so the forged shard has several
+        prefix = "lbc|ar|hostile|0|rs|0|"  # fault.attempt_prefix of the first attempt + ring tag
+
+        async def forge() -> None:
+            for c in range(4):
+                hdr, payload = await attacker.recv(victim.peer_id, f"{prefix}{c}", timeout=20)
+                k = first if c == 0 else later
+                await attacker.send(victim.peer_id, f"{prefix}{c}", {**hdr, "k": k}, payload)
+
+        forger = asyncio.create_task(forge())
+        with pytest.raises(CollectiveError, match="chunk multiplier|chunk size within a shard"):
+            await all_reduce(Group(victim, sorted([victim.peer_id, attacker.peer_id])),
+                             [torch.ones(8 * chunk // 4)], tag="hostile", codec="fp32",
+                             chunk_bytes=chunk, timeout=20)
+        forger.cancel()
