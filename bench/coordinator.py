@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/coordinator.py [--peers 1000] [--duration 40] [--clients 4]
 
-A real `coordinator start` process is spawned. N Ed25519 identities are spread over a few client
-processes; each simulated peer joins with a signed request, then sends a signed heartbeat (the
-exact body, signature and token a `peer join` daemon sends, via peer.membership's signing rule)
-once per second at its own random phase, carrying small stats (throughput, uptime, a few links)
+A real `coordinator start` process is spawned (closed swarm, --token; address and admission rate
+limits raised, since every simulated peer shares 127.0.0.1). N Ed25519 identities are spread over
+a few client processes; each simulated peer is admitted with a token proof, joins, then sends a
+heartbeat once per second at its own random phase, every request signed as a `peer join`
+daemon signs it (peer/reqsign.py: signature, nonce, body hash, checked against the replay guard), carrying small stats (throughput, uptime, a few links)
 and, like the daemon, the id of the peer list it holds -- so the ~110 kB list of 1,000 peers
 travels only after a membership change, not in every answer.
 
@@ -40,23 +41,22 @@ import aiohttp  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.common import check, cpu_seconds, write_results  # noqa: E402
+from peer.admission import ADMIT_PATH, token_proof  # noqa: E402
 from peer.identity import Identity  # noqa: E402
-from peer.membership import canonical_json, signing_bytes  # noqa: E402
+from peer.reqsign import sign_headers  # noqa: E402
 
-TOKEN = "bench-coordinator-token"
+TOKEN = "bench-coordinator-token-8bbb684e46ead0203aded096000f297db881cb69"
 P99_TARGET_S = 0.050
 
 
 # -- load generator (runs in client processes) ------------------------------------------------------
-def _signed(identity: Identity, action: str, fields: dict) -> bytes:
-    body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
-    body["signature"] = identity.sign(signing_bytes(action, body)).hex()
-    return canonical_json(body)
-
-
-async def _post(session: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    async with session.post(url, data=data, headers=headers) as resp:
+async def _post(session: aiohttp.ClientSession, url: str, path: str, identity: Identity,
+                fields: dict) -> tuple[int, bytes]:
+    """One signed POST, as a daemon sends it (signing is part of the measured cost)."""
+    data = json.dumps(fields).encode()
+    headers = {"Content-Type": "application/json",
+               **sign_headers(identity, "POST", path, data, with_key=path == ADMIT_PATH)}
+    async with session.post(url + path, data=data, headers=headers) as resp:
         return resp.status, await resp.read()
 
 
@@ -81,10 +81,13 @@ async def _simulate(url: str, n: int, index: int, stop, out) -> dict:
             for attempt in range(5):  # a loaded machine may time a join out: retry like a daemon
                 try:
                     async with gate:
-                        status, answer = await _post(session, url + "/api/join", _signed(
-                            identities[k], "join", {"public_key": identities[k].public_bytes.hex(),
-                                                    "address": f"127.0.{index}.{k % 250 + 1}:{7000 + k}",
-                                                    "meta": meta}))
+                        ident = identities[k]
+                        status, answer = await _post(session, url, ADMIT_PATH, ident, {
+                            "token_proof": token_proof(TOKEN, ident.public_bytes)})
+                        if status != 200:
+                            raise RuntimeError(f"admit answered HTTP {status}: {answer[:300]!r}")
+                        status, answer = await _post(session, url, "/api/join", ident, {
+                            "address": f"127.0.{index}.{k % 250 + 1}:{7000 + k}", "meta": meta})
                     if status != 200:
                         raise RuntimeError(f"join answered HTTP {status}: {answer[:300]!r}")
                     views[k] = json.loads(answer)["view"]
@@ -107,11 +110,11 @@ async def _simulate(url: str, n: int, index: int, stop, out) -> dict:
                 stats = {"throughput": 1e10, "mesh_size": n, "uptime_s": round(time.time() - started, 3),
                          "links": {o: {"connected": True, "ping_rtt_s": 0.0004, "rtt_s": 0.0004,
                                        "bandwidth_Bps": 1.2e9} for o in others if o != identity.peer_id}}
-                body = _signed(identity, "heartbeat", {"stats": stats, "view": views[k]})
                 sent = time.time()
                 t0 = time.perf_counter()
                 try:
-                    status, answer = await _post(session, url + "/api/heartbeat", body)
+                    status, answer = await _post(session, url, "/api/heartbeat", identity,
+                                                 {"stats": stats, "view": views[k]})
                     if status in (404, 410):  # declared dead: join again, as the daemon does
                         errors[f"HTTP {status} (rejoined)"] = errors.get(f"HTTP {status} (rejoined)", 0) + 1
                         await join(k)
@@ -196,7 +199,9 @@ def start_coordinator(data_dir: Path, interval: float, timeout: float) -> tuple[
     proc = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "start", "--port", "0", "--data-dir", str(data_dir),
          "--token", TOKEN, "--heartbeat-interval", str(interval), "--peer-timeout", str(timeout),
-         "--log-level", "warning"],
+         # every simulated peer shares 127.0.0.1: the per-address limits would throttle the swarm
+         "--address-rate", "100000", "--admit-rate", "1000", "--max-peers-per-address", "0",
+         "--no-probe", "--log-level", "warning"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     assert proc.stdout is not None

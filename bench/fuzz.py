@@ -62,13 +62,16 @@ from peer.wire import DEFAULT_MAX_HEADER, DEFAULT_MAX_PAYLOAD, FrameType, decode
 # Generators and oracles shared with tests/test_hostile_input.py.
 from testing.fuzzgen import (U32_EDGES, U64_EDGES, mutate, mutate_json, pieces, random_frame,  # noqa: E402
                              split_points)
-from testing.hostile import (TOKEN, Coordinator, filesystem_problems, legit_check, signed_body,  # noqa: E402
+from testing.hostile import (TOKEN, Coordinator, filesystem_problems, legit_check, signed_headers,  # noqa: E402
                              start_coordinator, tcp_case)
 from testing.tiny_model import write_tiny_gguf, write_tiny_hf  # noqa: E402
 from testing.wire_oracles import (check_channel, check_decode_frame, check_decoder,  # noqa: E402
                                   check_handshake_outcome, check_roundtrip, run_handshake, seal_raw)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# handshake tokens: raw bytes tokens must be >= 16 bytes (peer/handshake.py)
+WIRE_TOKEN = b"wire-token-3c9e0f6a1b2d4e58"
+OTHER_TOKEN = b"other-token-7d2a9c4e1f0b3a66"
 MAX_REPRO = 2048  # bytes of a reproducer kept in the report (hex)
 
 
@@ -109,7 +112,7 @@ def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
     """Frame decoder (one-shot and incremental), handshake state machines, AEAD records."""
     t0 = time.perf_counter()
     idents = [Identity.generate() for _ in range(4)]
-    token = b"wire-token"
+    token = WIRE_TOKEN
     corpus = [random_frame(rng) for _ in range(200)]
     # real handshake flights to mutate (responder side, initiator side)
     flights: list[bytes] = []
@@ -146,7 +149,7 @@ def fuzz_wire(tally: Tally, rng: random.Random, n: int) -> None:
 
 
 def fuzz_handshake_case(tally: Tally, rng: random.Random, idents: list[Identity], flights: list[bytes]) -> None:
-    token = b"wire-token"
+    token = WIRE_TOKEN
     same_token = rng.random() < 0.85
     target_flight = rng.randrange(5)
     mode = rng.randrange(5)
@@ -173,7 +176,7 @@ def fuzz_handshake_case(tally: Tally, rng: random.Random, idents: list[Identity]
         return pieces(data, split_points(rng, len(data)))
 
     def case() -> None:
-        i, r = run_handshake(idents[0], rng.choice(idents[1:]), token, token if same_token else b"other",
+        i, r = run_handshake(idents[0], rng.choice(idents[1:]), token, token if same_token else OTHER_TOKEN,
                              tamper, splitter if rng.random() < 0.3 else None)
         tampered = "sent" in record and record["sent"] != record["original"]
         check_handshake_outcome(i, r, tampered=tampered, same_token=same_token)
@@ -600,8 +603,10 @@ class HttpCase:
 
 
 class HttpFuzzer:
-    """Builds hostile requests with enough valid state behind them (joined peers, runs, chunks,
-    a published checkpoint) that mutations reach the handlers' field checks, not just auth."""
+    """Builds hostile requests with enough valid state behind them (admitted and joined peers,
+    runs, chunks, a published checkpoint) that mutations reach the handlers' field checks, not
+    just authentication. Most requests are signed correctly over exactly the bytes sent (some
+    signatures spoiled, some bearer tokens, some unsigned: all must get a 4xx)."""
 
     def __init__(self, rng: random.Random, canary: str) -> None:
         self.rng = rng
@@ -616,9 +621,12 @@ class HttpFuzzer:
     # -- valid bodies ---------------------------------------------------------------------------
     def body_for(self, action: str, ident: Identity) -> dict:
         rng = self.rng
-        body: dict = {"peer_id": ident.peer_id, "timestamp": time.time()}
-        if action == "join":
-            body.update(public_key=ident.public_bytes.hex(), address=f"127.0.0.1:{rng.randrange(1024, 65535)}",
+        body: dict = {}
+        if action == "admit":
+            from peer.admission import token_proof
+            body.update(token_proof=token_proof(TOKEN, ident.public_bytes))
+        elif action == "join":
+            body.update(address=f"127.0.0.1:{rng.randrange(1024, 65535)}",
                         meta={"device": "cpu", "memory": 1 << 30, "roles": ["train", "serve"], "throughput": 1e9})
         elif action == "heartbeat":
             other = rng.choice(self.idents).peer_id
@@ -641,21 +649,25 @@ class HttpFuzzer:
         if mutate_it and rng.random() < 0.75:
             for _ in range(rng.randint(1, 2)):
                 body = mutate_json(rng, body)
-        if isinstance(body, dict) and rng.random() < 0.9:
-            body = signed_body(ident, action, body, rng if mutate_it else None)
-        return HttpCase("POST", path, self.headers(), self.encode(body), label=f"signed {action}")
+        data = self.encode(body)
+        headers = self.headers("POST", path, data, ident=ident, spoil=mutate_it)
+        return HttpCase("POST", path, headers, data, label=f"signed {action}")
 
     # -- pieces ---------------------------------------------------------------------------------
-    def headers(self) -> dict:
+    def headers(self, method: str, path: str, body: bytes | None, *, ident: Identity | None = None,
+                spoil: bool = True) -> dict:
+        """Mostly a valid signature over exactly this request (sometimes spoiled); otherwise a
+        bearer token (never accepted) or nothing."""
         rng = self.rng
         h = {"Content-Type": "application/json"}
-        r = rng.random()
+        r = rng.random() if spoil else 0.0
         if r < 0.85:
-            h["Authorization"] = f"Bearer {TOKEN}"
+            h |= signed_headers(ident or rng.choice(self.idents), method, path, body or b"",
+                                rng if spoil else None, with_key=path == "/api/admit")
         elif r < 0.9:
-            h["Authorization"] = rng.choice(["Bearer wrong", "Bearer", "Basic Zm9vOmJhcg==", "bearer  " + TOKEN,
-                                             "Bearer " + TOKEN + "x", "Bearer " + "é".encode().decode("latin-1")])
-        if rng.random() < 0.1:
+            h["Authorization"] = rng.choice(["Bearer " + TOKEN, "Bearer wrong", "Bearer", "Basic Zm9vOmJhcg==",
+                                             "bearer  " + TOKEN, "Bearer " + "é".encode().decode("latin-1")])
+        if rng.random() < 0.1 and spoil:
             h["Content-Type"] = rng.choice(CONTENT_TYPES)
         return h
 
@@ -683,7 +695,7 @@ class HttpFuzzer:
 
     def huge_body(self) -> bytes:
         size = self.rng.choice([1_100_000, 2_000_000, 9_000_000, 17_000_000])
-        return b'{"peer_id": "' + b"a" * size + b'"}'
+        return b'{"address": "' + b"a" * size + b'"}'
 
     # -- cases ----------------------------------------------------------------------------------
     def case(self) -> HttpCase:
@@ -691,31 +703,32 @@ class HttpFuzzer:
         seg = lambda valid: hostile_segment(rng, self.canary, valid)  # noqa: E731
         k = rng.random()
         if k < 0.30:
-            action = rng.choice(["join", "heartbeat", "heartbeat", "leave", "run_join", "run_sync", "run_report"])
+            action = rng.choice(["admit", "join", "heartbeat", "heartbeat", "leave", "run_join", "run_sync",
+                                 "run_report"])
             run = seg(self.runs)
-            path = {"join": "/api/join", "heartbeat": "/api/heartbeat", "leave": "/api/leave",
+            path = {"admit": "/api/admit", "join": "/api/join", "heartbeat": "/api/heartbeat", "leave": "/api/leave",
                     "run_join": f"/api/runs/{run}", "run_sync": f"/api/runs/{run}/sync",
                     "run_report": f"/api/runs/{run}/report"}[action]
             if action == "leave" and rng.random() < 0.7:
                 action, path = "heartbeat", "/api/heartbeat"  # keep most peers registered
             return self.signed_case(action, path)
         if k < 0.40:  # garbage or huge bodies to every POST route
-            path = rng.choice(["/api/join", "/api/heartbeat", "/api/leave", f"/api/runs/{seg(self.runs)}",
+            path = rng.choice(["/api/admit", "/api/join", "/api/heartbeat", "/api/leave", f"/api/runs/{seg(self.runs)}",
                                f"/api/runs/{seg(self.runs)}/sync", f"/api/runs/{seg(self.runs)}/report",
-                               f"/api/runs/{seg(self.runs)}/checkpoints/missing"])
+                               f"/api/runs/{seg(self.runs)}/checkpoints/missing", "/api/inference/offenses"])
             body = self.huge_body() if rng.random() < 0.02 else self.garbage_body()
-            return HttpCase("POST", path, self.headers(), body, label="garbage body")
+            return HttpCase("POST", path, self.headers("POST", path, body), body, label="garbage body")
         if k < 0.55:  # GETs with hostile path parameters and queries
             run = seg(self.runs)
             path = rng.choice([
                 f"/api/runs/{run}", f"/api/runs/{run}/reports", f"/api/runs/{run}/checkpoints",
                 f"/api/runs/{run}/checkpoints/{seg(self.steps)}", f"/api/runs/{run}/chunks/{seg(self.shas)}",
-                "/api/peers", "/api/runs", "/api/status", "/metrics", "/", f"/static/{seg(['status.js', 'style.css'])}",
+                "/api/peers", "/api/runs", "/api/status", "/api/health", "/metrics", "/", f"/static/{seg(['status.js', 'style.css'])}",
                 f"/static/..%2F..%2F{self.canary}", "/static/../../../etc/passwd", "/static/%2e%2e/%2e%2e/pyproject.toml"])
             if rng.random() < 0.4:
                 q = rng.choice(["state", "since", "limit", "generation", "steps", "x"])
                 path += f"?{q}={rng.choice(['', '-1', '0', '1', '1e9', '99999999999999999999', 'active,dead', 'zz', '%00', 'a' * 5000, '1&' + q + '=2'])}"
-            return HttpCase("GET", path, self.headers(), None, label="get")
+            return HttpCase("GET", path, self.headers("GET", path, None), None, label="get")
         if k < 0.75:
             return self.checkpoint_case(seg)
         if k < 0.85:  # odd methods and random paths
@@ -724,7 +737,7 @@ class HttpFuzzer:
             if rng.random() < 0.5:
                 path = "/api" + path
             body = self.garbage_body() if method not in ("GET", "HEAD", "TRACE") and rng.random() < 0.5 else None
-            return HttpCase(method, path, self.headers(), body, label="odd method / path")
+            return HttpCase(method, path, self.headers(method, path, body), body, label="odd method / path")
         return self.raw_case()
 
     def checkpoint_case(self, seg: Callable[[list[str]], str]) -> HttpCase:
@@ -734,7 +747,8 @@ class HttpFuzzer:
         if op == 0:  # chunk upload: right, wrong or hostile name
             data = rng.randbytes(rng.randrange(0, 5000))
             sha = hashlib.sha256(data).hexdigest() if rng.random() < 0.5 else seg(self.shas)
-            return HttpCase("PUT", f"/api/runs/{run}/chunks/{sha}", self.headers(), data, label="put chunk")
+            path = f"/api/runs/{run}/chunks/{sha}"
+            return HttpCase("PUT", path, self.headers("PUT", path, data), data, label="put chunk")
         if op == 1:  # hostile manifests (some self-consistent, some not)
             m: Any = self.manifest
             for _ in range(rng.randint(0, 2)):
@@ -742,21 +756,24 @@ class HttpFuzzer:
             step = seg(self.steps + ["2", "3", "4"])
             if isinstance(m, dict) and rng.random() < 0.5 and step.isdigit():
                 m["step"] = int(step)
-            return HttpCase("PUT", f"/api/runs/{run}/checkpoints/{step}", self.headers(), self.encode(m),
-                            label="put manifest")
+            path, data = f"/api/runs/{run}/checkpoints/{step}", self.encode(m)
+            return HttpCase("PUT", path, self.headers("PUT", path, data), data, label="put manifest")
         if op == 2:
             shas: Any = rng.choice([self.shas, self.shas + ["../../" + self.canary], [1, None], "x" * 64,
                                     [rng.randbytes(32).hex() for _ in range(rng.randrange(0, 200))],
                                     ["A" * 64], [self.canary] * 3])
             body: Any = {"shas": shas} if rng.random() < 0.8 else mutate_json(rng, {"shas": self.shas})
-            return HttpCase("POST", f"/api/runs/{run}/checkpoints/missing", self.headers(), self.encode(body),
-                            label="missing")
-        return HttpCase("GET", f"/api/runs/{run}/chunks/{seg(self.shas)}", self.headers(), None, label="get chunk")
+            path, data = f"/api/runs/{run}/checkpoints/missing", self.encode(body)
+            return HttpCase("POST", path, self.headers("POST", path, data), data, label="missing")
+        path = f"/api/runs/{run}/chunks/{seg(self.shas)}"
+        return HttpCase("GET", path, self.headers("GET", path, None), None, label="get chunk")
 
     def raw_case(self) -> HttpCase:
         rng = self.rng
         c = self.canary
-        valid = (f"POST /api/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        signed = "".join(f"{k}: {v}\r\n" for k, v in
+                         signed_headers(rng.choice(self.idents), "POST", "/api/heartbeat", b"{}").items())
+        valid = (f"POST /api/heartbeat HTTP/1.1\r\nHost: x\r\n{signed}"
                  f"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").encode()
         raw = rng.choice([
             lambda: b"GARBAGE\r\n\r\n", lambda: rng.randbytes(rng.randrange(1, 3000)),
@@ -779,7 +796,7 @@ class HttpFuzzer:
             lambda: b"GET /api/status HTTP/1.1\r\n" + b"X-A: b\r\n" * 500 + b"\r\n",
             lambda: b"GET /../../../" + c.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
             lambda: b"GET /static/../../" + c.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-            lambda: (f"PUT /api/runs/fuzzrun/checkpoints/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            lambda: (f"PUT /api/runs/fuzzrun/checkpoints/1 HTTP/1.1\r\nHost: x\r\n{signed}"
                      f"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n").encode(),
             lambda: b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\nGET /api/status HTTP/1.1\r\nHost: x\r\n\r\n",
             lambda: mutate(rng, valid), lambda: mutate(rng, valid), lambda: mutate(rng, valid),
@@ -828,30 +845,41 @@ async def send_raw(host: str, port: int, raw: bytes, timeout: float = 3.0) -> in
 
 
 async def http_setup(session, coord: Coordinator, fz: HttpFuzzer, tally: Tally) -> None:
-    """Join the fuzzer's peers, create its runs, upload chunks and publish one checkpoint."""
+    """Admit and join the fuzzer's peers, create its runs, complete step 1 of ``fuzzrun``, upload
+    its chunks and publish one checkpoint (uploads come from a participant of an agreed step)."""
+    from coordinator.checkpoints import trainer_state_hash
     from peer.blobs import Manifest, TensorEntry
 
-    base = coord.url
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    as_json = auth | {"Content-Type": "application/json"}
+    async def ok(ident: Identity, method: str, path: str, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} | signed_headers(
+            ident, method, path, data, with_key=path == "/api/admit")
+        await check_response(session, coord, HttpCase(method, path, headers, data), tally, expect=200)
+
     for ident in fz.idents:
-        body = signed_body(ident, "join", fz.body_for("join", ident))
-        await check_response(session, coord, HttpCase("POST", "/api/join", as_json, json.dumps(body).encode()),
-                             tally, expect=200)
+        await ok(ident, "POST", "/api/admit", fz.body_for("admit", ident))
+        await ok(ident, "POST", "/api/join", fz.body_for("join", ident))
         for run in fz.runs:
-            body = signed_body(ident, "run_join", fz.body_for("run_join", ident))
-            await check_response(session, coord, HttpCase("POST", f"/api/runs/{run}", as_json,
-                                                          json.dumps(body).encode()), tally, expect=200)
-    for i in range(3):
+            await ok(ident, "POST", f"/api/runs/{run}", fz.body_for("run_join", ident))
+    for _ in range(6):
         data = fz.rng.randbytes(1024)
         sha = hashlib.sha256(data).hexdigest()
         fz.shas.append(sha)
         fz.chunks[sha] = data
-        await check_response(session, coord, HttpCase("PUT", f"/api/runs/fuzzrun/chunks/{sha}", auth, data), tally, expect=200)
-    m = Manifest.build("fuzzrun", 1, [TensorEntry("w", "F32", (768,), tuple(fz.shas), 3072)], {"dim": 4}, {})
+    entries = [TensorEntry("w", "F32", (768,), tuple(fz.shas[:3]), 3072),
+               TensorEntry("outer_momentum.w", "F32", (768,), tuple(fz.shas[3:]), 3072)]
+    state = trainer_state_hash(Manifest.build("fuzzrun", 1, entries, {"dim": 4}, {}), fz.chunks.__getitem__)
+    m = Manifest.build("fuzzrun", 1, entries, {"dim": 4}, {"global_state_hash": state})
     fz.manifest = m.to_dict()
-    await check_response(session, coord, HttpCase("PUT", "/api/runs/fuzzrun/checkpoints/1", auth | {
-        "Content-Type": "application/json"}, m.to_json()), tally, expect=200)
+    uploader = fz.idents[0]
+    # step 1 of fuzzrun: every member arrives, so the window closes at once; all agree on `state`
+    await asyncio.gather(*(ok(i, "POST", "/api/runs/fuzzrun/sync", {"step": 1, "base_hash": "a" * 64})
+                           for i in fz.idents))
+    for ident in fz.idents:
+        await ok(ident, "POST", "/api/runs/fuzzrun/report", {"step": 1, "state_hash": state})
+    for sha in fz.shas:
+        await ok(uploader, "PUT", f"/api/runs/fuzzrun/chunks/{sha}", fz.chunks[sha])
+    await ok(uploader, "PUT", "/api/runs/fuzzrun/checkpoints/1", m.to_json())
 
 
 async def check_response(session, coord: Coordinator, case: HttpCase, tally: Tally,
@@ -883,8 +911,11 @@ async def fuzz_http_async(tally: Tally, rng: random.Random, n: int, coord: Coord
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await http_setup(session, coord, fz, tally)
         # slow clients: a declared body that never arrives must time out, not pin the server
+        def slow_head() -> str:
+            signed = signed_headers(fz.idents[0], "POST", "/api/heartbeat", b"{" + b" " * 999)
+            return "".join(f"{k}: {v}\r\n" for k, v in signed.items())
         slow = [asyncio.ensure_future(send_raw(coord.host, coord.port, (
-            f"POST /api/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"POST /api/heartbeat HTTP/1.1\r\nHost: x\r\n{slow_head()}"
             f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").encode(), timeout=30))
             for _ in range(3)]
         remaining = n - tally.cases["http"]
@@ -1007,7 +1038,7 @@ def fuzz_tcp(tally: Tally, rng: random.Random, n: int, workdir: Path, concurrenc
     info: dict = {"kinds": Counter(), "legit_ok": 0, "legit_failed": 0}
     idents = [Identity.generate() for _ in range(4)]
     flights: list[bytes] = []
-    run_handshake(idents[0], idents[1], b"t", b"t", tamper=lambda k, d: (flights.append(d), d)[1])
+    run_handshake(idents[0], idents[1], WIRE_TOKEN, WIRE_TOKEN, tamper=lambda k, d: (flights.append(d), d)[1])
     corpus = [random_frame(rng) for _ in range(50)]
 
     async def main() -> None:
@@ -1073,7 +1104,7 @@ def atheris_one_input(data: bytes) -> None:
     if target == 0:
         check_decoder(body, sorted({c for c in cuts if c < len(body)}))
     elif target == 1:
-        hs = Handshake(_ATHERIS_IDENT, b"token", initiator=False)
+        hs = Handshake(_ATHERIS_IDENT, WIRE_TOKEN, initiator=False)
         try:
             for piece in pieces(body, sorted({c for c in cuts if c < len(body)})):
                 hs.receive_data(piece)
@@ -1098,7 +1129,8 @@ def atheris_worker(runs: int, workdir: str) -> int:
     corpus.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     seeds = [random_frame(rng) for _ in range(30)]
-    run_handshake(Identity.generate(), Identity.generate(), b"t", b"t", tamper=lambda k, d: (seeds.append(d), d)[1])
+    run_handshake(Identity.generate(), Identity.generate(), WIRE_TOKEN, WIRE_TOKEN,
+                  tamper=lambda k, d: (seeds.append(d), d)[1])
     for i, seed in enumerate(seeds):
         (corpus / f"seed{i}").write_bytes(bytes([i % 3, 0]) + seed)
     atheris.Setup([sys.argv[0], f"-runs={runs}", "-max_len=8192", f"-artifact_prefix={workdir}/",

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ["codecs", "transport", "allreduce", "inference", "diloco", "coordinator", "fuzz"]
+BENCHES = ["codecs", "transport", "allreduce", "inference", "diloco", "coordinator", "fuzz", "attacks", "nat"]
 
 
 def main() -> int:

@@ -49,7 +49,7 @@ MIN_SEND_WINDOW = 2             # concurrent sends per neighbour, at least
 # values covers every default chunk, grown ones included, but int4's largest (4 peers, loopback,
 # 100 MB, 2 cores: int8 total CPU per all-reduce 0.51-0.70 -> 0.42-0.46 s, fp32 within noise).
 _INLINE_NUMEL = 1 << 20
-_RS, _AG, _END = 0, 1, 2        # send-priority phases
+_RS, _AG = 0, 1                 # send-priority phases
 # On fast links a shard's originator may send chunks GROWS[i] times the plan's: each message costs
 # CPU on both ends whatever its size (loopback, 4 peers, 100 MB fp32: 0.51 -> 0.37 CPU s per rank
 # with 1 MiB chunks), while the drain at the end grows by one chunk time per hop. A chunk grows
@@ -140,7 +140,9 @@ class Sender:
         self.queue.put_nowait((order, next(self.seq), (tag, header, payload)))
 
     def close(self) -> None:
-        self.queue.put_nowait(((_END, 0, 0), next(self.seq), None))
+        # sorts after every (phase, step, chunk) of any user's phases (the robust all-reduce's
+        # gather phase is numbered 2), so no queued chunk is dropped behind it
+        self.queue.put_nowait(((math.inf,), next(self.seq), None))
 
     async def _pace(self, nbytes: int) -> None:
         loop = asyncio.get_running_loop()

@@ -6,6 +6,12 @@ Where a link has carried nothing yet, a cheap probe fills in (one empty call for
 Rows are all-gathered (exact raw fp64), so every peer holds the same matrix and computes the
 same ring. The ring maximizes its slowest directed link (bottleneck TSP): exact permutation
 search up to ``EXACT_MAX`` peers, greedy plus swap improvement above.
+
+Paths (issue 15): a link through a relay (``host.link_path`` = "relayed") counts at
+``RELAYED_WEIGHT`` of its measured bandwidth. Its two hops share the relay's access link with
+the relay's own ring traffic, which one transfer's measurement does not show; the weight makes
+the ring route NATed peers next to peers they reach directly (or punched) and keeps relayed
+hops few. Being in the all-gathered rows, it changes every peer's ring alike.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from .p2p import all_gather
 
 PROBE_METHOD = "lowband.collectives.probe"
 EXACT_MAX = 8
+RELAYED_WEIGHT = 0.5
 _installed: "weakref.WeakSet" = weakref.WeakSet()
 
 
@@ -88,6 +95,8 @@ async def measure_row(host, peers: list[str], *, probe_bytes: int = 256 * 1024,
                 bw = probe_bytes / max(time.perf_counter() - t0 - rtt, 1e-6)
         except (LowbandError, OSError, TimeoutError):
             return (rtt or math.inf), 0.0
+        if getattr(host, "link_path", lambda _: None)(peer) == "relayed":
+            bw *= RELAYED_WEIGHT
         return float(rtt), float(bw)
 
     return list(await asyncio.gather(*(one(p) for p in peers)))

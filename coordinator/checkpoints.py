@@ -20,8 +20,8 @@ the coordinator's chunk/manifest routes do not pay for it. Everything here is sy
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("lowband.checkpoints")
 
 CHECKPOINT_DIR = "checkpoints"  # LocalBackend root under the coordinator's --data-dir
+# Quotas charge a chunk at least one filesystem block, so a flood of tiny chunks costs what it
+# takes on disk (and inodes), not its byte count.
+MIN_CHUNK_CHARGE = 4096
+# How a train peer lays out its global state (diloco/state_io.py:global_tensors, which must use
+# the same prefix): parameters in model order, then each one's outer momentum under this prefix.
+MOMENTUM_PREFIX = "outer_momentum."
 
 # A key segment may not start with "." so "..", "." and our own ".tmp" staging dir are unreachable.
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}\Z")
@@ -452,6 +458,10 @@ class CheckpointStore:
         """Unpublish a step; its chunks go at the next ``gc``."""
         self.backend.delete(self._manifest_key(check_step(step)))
 
+    def usage(self, min_charge: int = MIN_CHUNK_CHARGE) -> int:
+        """Bytes the run's chunks occupy, each charged at least ``min_charge`` (one listing)."""
+        return sum(max(info.size, min_charge) for info in self.backend.list(f"{self._base}/chunks"))
+
     # retention -----------------------------------------------------------------------------
     def gc(self, grace_s: float = DEFAULT_GRACE_S,
            protect: Callable[[str], bool] | None = None) -> int:
@@ -492,6 +502,40 @@ class CheckpointStore:
         for s in doomed:
             self.delete(s)
         return PruneResult(doomed, self.gc(grace_s, protect))
+
+
+# ----------------------------------------------------------------------- trainer state hash
+
+def trainer_state_hash(manifest: Manifest, read_chunk: Callable[[str], bytes]) -> str:
+    """The hash a train peer reports for this state (``diloco/base.py:
+    OuterTrainer.global_state_hash``), recomputed from the stored bytes without torch: sha256
+    over each parameter's name and raw fp32 bytes in model order, then over each parameter's
+    name and its momentum's bytes in the same order. The manifest lists parameters in model
+    order, as ``diloco/state_io.py:build_manifest`` writes them.
+
+    This binds a checkpoint's tensors to the hash the run's peers agreed on, so a manifest whose
+    ``meta`` claims the majority hash over other tensors is caught. ``read_chunk(sha)`` returns
+    verified bytes (``CheckpointStore.get_chunk``). ManifestError when the manifest is not a
+    trainer's state (not fp32, momenta not matching the parameters, chunks not adding up)."""
+    params = [t for t in manifest.tensors if not t.name.startswith(MOMENTUM_PREFIX)]
+    momenta = {t.name[len(MOMENTUM_PREFIX):]: t for t in manifest.tensors
+               if t.name.startswith(MOMENTUM_PREFIX)}
+    if set(momenta) != {t.name for t in params}:
+        raise ManifestError("not a trainer state: the outer momenta do not match the parameters")
+    odd = [t.name for t in manifest.tensors if t.dtype != "F32"]
+    if odd:
+        raise ManifestError(f"not a trainer state: {odd[:3]} are not F32")
+    h = hashlib.sha256()
+    for name, entry in [(t.name, t) for t in params] + [(t.name, momenta[t.name]) for t in params]:
+        h.update(name.encode())
+        size = 0
+        for sha in entry.chunks:
+            data = read_chunk(sha)
+            size += len(data)
+            h.update(data)
+        if size != entry.nbytes:
+            raise ManifestError(f"tensor {entry.name}: chunks hold {size} of its {entry.nbytes} bytes")
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ tensor state
@@ -602,79 +646,27 @@ def sync(src: CheckpointStore, dst: CheckpointStore, step: int | None = None, *,
 
 # ------------------------------------------------------------------------------ HF export
 
-# pipeline/model.py LlamaConfig field -> Hugging Face LlamaConfig key
-_LOWBAND_TO_HF = {
-    "dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps",
-    "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
-}
-_HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "vocab_size")
-_HF_OPTIONAL = ("num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
-                "tie_word_embeddings", "head_dim", "hidden_act", "rope_scaling", "attention_bias",
-                "mlp_bias", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def hf_llama_config(model_config: Mapping | Any) -> dict:
-    """Hugging Face ``config.json`` dict from a lowband ``LlamaConfig`` (dataclass or dict) or
-    a dict already in HF keys. Unrelated keys (e.g. trainer settings) are dropped."""
-    if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
-        model_config = dataclasses.asdict(model_config)
-    if not isinstance(model_config, Mapping):
-        raise InvalidConfig(f"model config must be a dict or dataclass, got {type(model_config).__name__}")
-    src = {_LOWBAND_TO_HF.get(k, k): v for k, v in model_config.items()}
-    absent = [k for k in _HF_REQUIRED if k not in src]
-    if absent:
-        raise InvalidConfig(f"model config lacks {absent} (have {sorted(model_config)})")
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-           "num_key_value_heads": src["num_attention_heads"], "rms_norm_eps": 1e-5,
-           "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False}
-    cfg.update({k: src[k] for k in _HF_REQUIRED})
-    cfg.update({k: src[k] for k in _HF_OPTIONAL if k in src and src[k] is not None})
-    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    if "head_dim" not in cfg and cfg["hidden_size"] % heads:
-        raise InvalidConfig(f"hidden_size {cfg['hidden_size']} not divisible by {heads} heads")
-    if heads % kv:
-        raise InvalidConfig(f"{heads} attention heads not divisible by {kv} kv heads")
-    return cfg
-
-
-def export_hf(store: CheckpointStore, step: int | None, out_dir: str | os.PathLike,
-              model_config: Mapping | Any = None, *, name_map: Callable[[str], str | None] | None = None,
+def export_hf(store: CheckpointStore, step: int | None, out_dir: str | os.PathLike, *,
               dtype: torch.dtype | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (a Hugging Face Llama folder) for a checkpoint.
+    """Write a train run's checkpoint (latest when ``step`` is None) as a Hugging Face folder
+    that transformers' ``from_pretrained`` and ``peer join --serve`` load: HF tensor names,
+    ``config.json``, the run's tokenizer (``diloco/export.py``). ``dtype`` casts the weights
+    (e.g. bf16 for serving from the fp32 master copy).
 
-    ``model_config`` defaults to the config stored with the checkpoint. ``name_map`` renames
-    parameters to HF names (identity by default; return None to drop a tensor). ``dtype`` casts
-    floating tensors (e.g. bf16 for serving from an fp32 master copy)."""
-    import torch
-    from safetensors.torch import save_file
+    The folder format is the model's and the run's, so ``diloco.export`` writes it; it is
+    imported here, lazily, by the operator's ``coordinator checkpoints export`` only, never by
+    the server (docs/architecture.md §Layers and imports, deviations). Every chunk is verified
+    on read; a state that is not a lowband model is an ``InvalidConfig``."""
+    from diloco.export import export_hf as write_folder
+    from pipeline.hf_export import ExportError
 
     m = store.load_manifest(step)
-    cfg = hf_llama_config(m.config if model_config is None else model_config)
-    tensors, _ = load_state(store, m.step)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        new = name if name_map is None else name_map(name)
-        if new is None:
-            continue
-        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if new in out:
-            if torch.equal(out[new], t):  # tied weights (embedding / lm_head) map to one name
-                continue
-            raise InvalidConfig(f"name_map sends two different tensors to {new!r}")
-        out[new] = t
-    floats = {t.dtype for t in out.values() if t.is_floating_point()}
-    if len(floats) == 1:
-        cfg["torch_dtype"] = str(floats.pop()).removeprefix("torch.")
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
-    tmp = out_path / f".model.{secrets.token_hex(4)}.tmp"
-    save_file(out, str(tmp), metadata={"format": "pt", "lowband_run": m.run,
-                                       "lowband_step": str(m.step), "lowband_state_hash": m.state_hash})
-    os.replace(tmp, out_path / "model.safetensors")
-    (out_path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return out_path
+    tensors, meta = load_state(store, m.step)
+    try:
+        return write_folder(tensors, m.config, meta, out_dir, dtype=dtype, metadata={
+            "lowband_run": m.run, "lowband_step": str(m.step), "lowband_state_hash": m.state_hash})
+    except ExportError as e:
+        raise InvalidConfig(f"checkpoint {m.run}@{m.step}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------- CLI glue
@@ -734,9 +726,8 @@ def cli_list(data_dir: str | os.PathLike, run: str | None = None, *, s3_url: str
 
 def cli_export(data_dir: str | os.PathLike, run: str, step: int | str, out: str | os.PathLike, *,
                s3_url: str | None = None, endpoint_url: str | None = None,
-               name_map: Callable[[str], str | None] | None = None) -> str:
-    """``coordinator checkpoints export [--run RUN] STEP DIR``; STEP may be ``latest``.
-    ``name_map`` as in ``export_hf``."""
+               dtype: torch.dtype | None = None) -> str:
+    """``coordinator checkpoints export [--run RUN] STEP DIR``; STEP may be ``latest``."""
     if step == "latest":
         step_n = None
     else:
@@ -746,6 +737,6 @@ def cli_export(data_dir: str | os.PathLike, run: str, step: int | str, out: str 
             raise InvalidName(f"STEP must be an integer or 'latest', got {step!r}") from None
     store = CheckpointStore(open_backend(data_dir, s3_url, endpoint_url), run)
     m = store.load_manifest(step_n)
-    path = export_hf(store, m.step, out, name_map=name_map)
+    path = export_hf(store, m.step, out, dtype=dtype)
     return (f"exported {run}@{m.step} ({len(m.tensors)} tensors, {_human(m.nbytes)}, "
             f"state {m.state_hash[:12]}) to {path}")

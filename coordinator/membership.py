@@ -1,6 +1,7 @@
 """Membership routes (/api/join, /api/heartbeat, /api/leave, /api/peers), inference-offense
 reports (/api/inference/offenses) and the failure detector that demotes silent peers in the
-background."""
+background. Requests are authenticated by coordinator/auth.py (signed headers); bodies carry
+only what the route is about (peer id, key and signature fields, if sent, are ignored)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,11 +12,11 @@ import sqlite3
 
 from aiohttp import web
 
+from coordinator.auth import AUTH, require_role
 from coordinator.registry import ALL_STATES, LIVE_STATES, MembershipRegistry, PeerMeta
 from coordinator.store import add_event
-from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, check_signed_request,
-                                    check_token, get_address, get_object, get_public_key, get_str,
-                                    read_json_object)
+from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, get_address, get_object,
+                                    get_str, read_json_object)
 
 log = logging.getLogger("lowband.coordinator.membership")
 
@@ -26,8 +27,6 @@ MAX_STATS = 64 * 1024
 MAX_ROLES = 16
 
 REGISTRY = web.AppKey("membership_registry", MembershipRegistry)
-TOKEN = web.AppKey("swarm_token", str)
-MAX_SKEW = web.AppKey("max_clock_skew", float)
 MAX_PEERS = web.AppKey("max_peers", int)
 DEFAULT_MAX_PEERS = 10_000  # live peers; the scale target is 1,000
 
@@ -72,23 +71,17 @@ async def _membership_answer(registry: MembershipRegistry, peer_id: str, state: 
     return web.Response(body=body, content_type="application/json")
 
 
-async def _signed_request(request: web.Request, action: str) -> tuple[dict, str]:
-    """Token, body and signature checks common to heartbeat and leave."""
-    check_token(request, request.app[TOKEN])
-    body = await read_json_object(request, MAX_BODY)
-    peer_id = get_str(body, "peer_id", max_len=40, pattern=PEER_ID_RE)
-    public_key = await request.app[REGISTRY].public_key(peer_id)
-    if public_key is None:
-        raise ApiError(404, "unknown_peer", "peer is not registered; join first")
-    check_signed_request(request, body, action, public_key, request.app[MAX_SKEW])
-    return body, peer_id
+async def _member_request(request: web.Request) -> tuple[dict, str]:
+    """The body and peer id of a heartbeat or leave (any admitted identity; the registry
+    answers 404 ``unknown_peer`` for one that never joined)."""
+    principal = require_role(request)
+    return await read_json_object(request, MAX_BODY), principal.peer_id
 
 
 async def join(request: web.Request) -> web.Response:
-    check_token(request, request.app[TOKEN])
+    principal = require_role(request, "train", "serve")
+    peer_id, public_key = principal.peer_id, principal.public_key
     body = await read_json_object(request, MAX_BODY)
-    public_key = get_public_key(body)
-    peer_id = check_signed_request(request, body, "join", public_key, request.app[MAX_SKEW])
     address = get_address(body)
     meta = parse_meta(get_object(body, "meta", max_bytes=MAX_META, default={}))
     registry = request.app[REGISTRY]
@@ -96,10 +89,11 @@ async def join(request: web.Request) -> web.Response:
     if others >= request.app[MAX_PEERS]:
         raise RateLimited(f"the swarm is full: {others} live peers (limit {request.app[MAX_PEERS]}); "
                           "retry once some leave", registry.timing.peer_timeout, "too_many_peers")
-    result = await registry.join(peer_id, public_key, address, meta)
+    result = await registry.join(peer_id, public_key, address, meta, observed=request.remote)
     log.info("join %s at %s (incarnation %d)", peer_id[:12], address, result["incarnation"])
+    # ``observed``: the joiner's address as we see it (its default --announce host, issue 15)
     return await _membership_answer(registry, peer_id, result["state"], fresh=True,
-                                    incarnation=result["incarnation"])
+                                    incarnation=result["incarnation"], observed=request.remote)
 
 
 def _count_live_others(conn: sqlite3.Connection, peer_id: str) -> int:
@@ -110,31 +104,31 @@ def _count_live_others(conn: sqlite3.Connection, peer_id: str) -> int:
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    body, peer_id = await _signed_request(request, "heartbeat")
+    """Liveness and stats; the answer also lists ``revoked`` identities (their credentials are
+    still unexpired: peers cut them from the mesh)."""
+    body, peer_id = await _member_request(request)
     stats = get_object(body, "stats", max_bytes=MAX_STATS, default={})
     registry = request.app[REGISTRY]
     state = await registry.heartbeat(peer_id, stats)
     return await _membership_answer(registry, peer_id, state, fresh=False,
-                                    known_view=body.get("view"))
+                                    known_view=body.get("view"),
+                                    revoked=await request.app[AUTH].revoked_list())
 
 
 async def leave(request: web.Request) -> web.Response:
-    _, peer_id = await _signed_request(request, "leave")
+    _, peer_id = await _member_request(request)
     await request.app[REGISTRY].leave(peer_id)
     log.info("leave %s", peer_id[:12])
     return web.json_response({"peer_id": peer_id, "state": "left"})
 
 
 async def inference_offense(request: web.Request) -> web.Response:
-    """POST /api/inference/offenses {peer_id, public_key, timestamp, signature, offender, detail}:
-    an inference client's spot check (pipeline/client.py) caught server ``offender`` returning
-    wrong activations. Signed with the reporter's own key, sent along because clients never join.
-    Logged as an ``inference_offense`` event (status page); nothing is banned on it, since any
-    token holder can mint keys and one report is one client's word."""
-    check_token(request, request.app[TOKEN])
+    """POST /api/inference/offenses {offender, detail} from an identity with role client or
+    serve: an inference client's spot check (pipeline/client.py) caught server ``offender``
+    returning wrong activations. Logged as an ``inference_offense`` event (status page); nothing
+    is banned on it, since identities may be free (open swarm) and one report is one client's word."""
+    reporter = require_role(request, "client", "serve").peer_id
     body = await read_json_object(request, MAX_BODY)
-    reporter = check_signed_request(request, body, "inference_offense", get_public_key(body),
-                                    request.app[MAX_SKEW])
     offender = get_str(body, "offender", max_len=40, pattern=PEER_ID_RE)
     detail = get_object(body, "detail", max_bytes=MAX_META, default={})
     await request.app[REGISTRY].store.run(add_event, "inference_offense", offender,
@@ -143,14 +137,38 @@ async def inference_offense(request: web.Request) -> web.Response:
     return web.json_response({"recorded": True})
 
 
+# /api/peers fields only an operator sees: under open admission every key is "admitted", and
+# these say where a peer really connects from and what the probe found there (docs/security.md
+# §Resource limits); what a peer published itself (address, meta, stats) stays visible.
+OPERATOR_ONLY_FIELDS = ("observed", "probe_error")
+MAX_PEERS_PAGE = 10_000
+
+
+def _query_int(request: web.Request, key: str, default: int, hi: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) <= hi:
+        raise bad(f"query {key!r} must be an integer in 0..{hi}")
+    return int(raw)
+
+
 async def list_peers(request: web.Request) -> web.Response:
-    """GET /api/peers[?state=active,suspect] -> {"peers": [...]}."""
+    """GET /api/peers[?state=active,suspect][&offset=N&limit=M] -> {"peers": [...], "total",
+    "offset", "limit"} (any admitted identity; a page in join order, at most MAX_PEERS_PAGE
+    rows; without role operator the rows leave out OPERATOR_ONLY_FIELDS)."""
+    principal = require_role(request)
     wanted = request.query.get("state")
     states = tuple(wanted.split(",")) if wanted else ALL_STATES
     unknown = set(states) - set(ALL_STATES)
     if unknown:
         raise bad(f"unknown state(s) {sorted(unknown)}; known: {list(ALL_STATES)}")
-    return web.json_response({"peers": await request.app[REGISTRY].peers(states)})
+    offset = _query_int(request, "offset", 0, 10**9)
+    limit = _query_int(request, "limit", MAX_PEERS_PAGE, MAX_PEERS_PAGE)
+    rows, total = await request.app[REGISTRY].page(offset, limit, states)
+    if "operator" not in principal.roles:
+        rows = [{k: v for k, v in row.items() if k not in OPERATOR_ONLY_FIELDS} for row in rows]
+    return web.json_response({"peers": rows, "total": total, "offset": offset, "limit": limit})
 
 
 async def _failure_detector(registry: MembershipRegistry) -> None:
@@ -164,12 +182,18 @@ async def _failure_detector(registry: MembershipRegistry) -> None:
             log.exception("failure-detector sweep failed")
 
 
-def setup_membership(app: web.Application, registry: MembershipRegistry, token: str,
-                     max_clock_skew: float, max_peers: int = DEFAULT_MAX_PEERS) -> None:
+def setup_membership(app: web.Application, registry: MembershipRegistry,
+                     max_peers: int = DEFAULT_MAX_PEERS) -> None:
+    """Register the membership routes (after setup_auth: they read ``request[PRINCIPAL]``)."""
     app[REGISTRY] = registry
-    app[TOKEN] = token
-    app[MAX_SKEW] = max_clock_skew
     app[MAX_PEERS] = max_peers
+
+    async def revoked(peer_id: str) -> None:  # a revoked member leaves, as a banned one does
+        try:
+            await registry.leave(peer_id)
+        except ApiError:  # never joined
+            pass
+    app[AUTH].revocation_listeners.append(revoked)
     app.router.add_post("/api/join", join)
     app.router.add_post("/api/heartbeat", heartbeat)
     app.router.add_post("/api/leave", leave)

@@ -15,7 +15,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
 
-from coordinator.status import assemble_status
+from coordinator.status import ALL, Pages, assemble_status
+
+# Gauges need counts and every run, never the peer or event lists.
+METRICS_PAGES = Pages(peers=(0, 0), events=(0, 0), runs=(0, ALL))
 
 # Seconds; the heartbeat target is p99 < 50 ms, so resolution is finest below that.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -27,6 +30,7 @@ class CoordinatorMetrics:
     requests: Counter
     request_seconds: Histogram
     peers: Gauge
+    reachability: Gauge
     runs: Gauge
     run_outer_step: Gauge
     run_loss: Gauge
@@ -53,6 +57,9 @@ class CoordinatorMetrics:
                                       buckets=LATENCY_BUCKETS, registry=r),
             peers=Gauge("lowband_coordinator_peers", "peers per membership state", ["state"],
                         registry=r),
+            reachability=Gauge("lowband_coordinator_peer_reachability", "live peers by the "
+                               "outcome of the join's dial-back probe (reachable, unreachable, "
+                               "unprobed)", ["outcome"], registry=r),
             runs=Gauge("lowband_coordinator_runs", "training runs known", registry=r),
             run_outer_step=Gauge("lowband_run_outer_step", "latest outer step of a run", run,
                                  registry=r),
@@ -82,6 +89,8 @@ class CoordinatorMetrics:
         """Set the swarm gauges from an assembled /api/status (stale label sets are dropped)."""
         for state, n in status["counts"].items():
             self.peers.labels(state).set(n)
+        for outcome, n in (status.get("reachability") or {}).items():
+            self.reachability.labels(outcome).set(n)
         runs = status["runs"] or []
         self.runs.set(len(runs))
         for gauge in (self.run_outer_step, self.run_loss, self.run_tokens, self.run_participants,
@@ -145,7 +154,7 @@ async def measure_requests(request: web.Request, handler):
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    m.observe_status(await assemble_status(request.app))
+    m.observe_status(await assemble_status(request.app, METRICS_PAGES))
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

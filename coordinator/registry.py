@@ -6,6 +6,23 @@ peer that heartbeats again is active; a dead or left peer must join again. After
 restart nobody is declared dead for one timeout (grace), so peers that kept running while it was
 down get the chance to heartbeat.
 
+Reachability (issue 15): a join records the address the request came from (``observed``) and,
+when a prober is attached (coordinator/reachability.py), schedules one dial-back of the announced
+address; its outcome lands in ``reachable`` (NULL until probed, then 1/0), ``probe_rtt_s`` and
+``probe_error``. Membership view rows carry ``reachable`` and ``observed``, so peers dial only
+addresses the coordinator verified to be that peer, and the peer's :class:`peer.reach.Reach`
+(``relay``, ``relay_load``, ``relays``: from the join's ``meta.relay``, then from heartbeat
+``stats.reach``), so unreachable peers are reached through the relays they reserved at. A
+heartbeat whose reach differs from the stored one changes the view (rare: reservations move
+when relays come and go).
+
+Retention: rows of ``dead`` and ``left`` peers are deleted ``Timing.retention_s`` after they got
+there, and beyond ``Limits.max_gone_rows`` the oldest go first, during the failure detector's
+sweep (at most every ``Timing.prune_every_s``); their run memberships go with them and the event
+log keeps only its newest ``Limits.max_events`` rows. With ``max_peers`` live rows (and
+``Limits.max_live_per_address`` per observed address) this bounds rows and memory whatever the
+number of joins. Bans are kept: they key on the peer id, not on a row.
+
 Bans: a banned peer id (table ``bans``; coordinator/offenses.py bans after reports of poisoned
 updates, ``coordinator ban`` by hand) is ``left`` at once, so no rendezvous waits for it, and its
 joins, heartbeats and run requests are refused with 403 ``peer_banned``. The table is read on
@@ -19,11 +36,15 @@ import logging
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from coordinator.clock import SYSTEM_CLOCK, Clock
 from coordinator.store import Store, add_event
-from coordinator.validation import ApiError
+from coordinator.validation import ApiError, RateLimited
+from peer.reach import Reach
+
+if TYPE_CHECKING:
+    from coordinator.reachability import Prober
 
 log = logging.getLogger("lowband.coordinator.registry")
 
@@ -58,7 +79,20 @@ MEMBERSHIP_MIGRATIONS: Sequence[str] = (
         source  TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE peers ADD COLUMN observed TEXT;
+    ALTER TABLE peers ADD COLUMN reachable INTEGER;
+    ALTER TABLE peers ADD COLUMN probe_rtt_s REAL;
+    ALTER TABLE peers ADD COLUMN probe_error TEXT;
+    ALTER TABLE peers ADD COLUMN probed_at REAL;
+    CREATE INDEX peers_observed ON peers(observed, state);
+    CREATE INDEX peers_gone ON peers(state, state_since);
+    """,
+    """
+    ALTER TABLE peers ADD COLUMN reach TEXT NOT NULL DEFAULT '{}';
+    """,
 )
+GONE_STATES = ("dead", "left")
 
 
 @dataclass
@@ -68,9 +102,21 @@ class Timing:
     heartbeat_interval: float = 2.0
     peer_timeout: float = 10.0
 
+    retention_s: float = 3600.0  # dead/left rows are deleted this long after they got there
+    prune_every_s: float = 30.0
+
     @property
     def suspect_after(self) -> float:
         return self.peer_timeout / 2
+
+
+@dataclass
+class Limits:
+    """Row bounds that hold however many identities join (issue 14 item 5)."""
+
+    max_gone_rows: int = 10_000          # dead/left rows kept at most (oldest deleted first)
+    max_events: int = 50_000             # event log rows kept
+    max_live_per_address: int | None = None  # live peers per observed address (None: no cap)
 
 
 @dataclass
@@ -100,6 +146,12 @@ def _row_to_dict(row: sqlite3.Row, now: float) -> dict:
         "heartbeat_age_s": round(max(0.0, now - row["last_heartbeat"]), 3),
         "state_since": row["state_since"],
         "incarnation": row["incarnation"],
+        "observed": row["observed"],
+        "reachable": None if row["reachable"] is None else bool(row["reachable"]),
+        "probe_rtt_s": row["probe_rtt_s"],
+        "probe_error": row["probe_error"],
+        "probed_at": row["probed_at"],
+        **_reach_fields(row["reach"]),
     }
 
 
@@ -107,9 +159,14 @@ class MembershipRegistry:
     """Async façade over the peers table; all SQL runs on the store's writer thread."""
 
     def __init__(self, store: Store, timing: Timing, *, started_at: float | None = None,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, limits: Limits | None = None) -> None:
         self.store = store
         self.timing = timing
+        self.limits = limits or Limits()
+        # Set by coordinator/reachability.py:setup_reachability: ``schedule(peer_id, incarnation,
+        # address)`` dials the announced address back once per join; None: nobody is probed.
+        self.prober: Prober | None = None
+        self._last_prune = float("-inf")
         self.clock = clock  # every liveness decision reads this (tests pass a fake one)
         self.started_at = clock.time() if started_at is None else started_at
         store.apply_schema("membership", MEMBERSHIP_MIGRATIONS)
@@ -156,7 +213,9 @@ class MembershipRegistry:
 
     async def _build_view(self, version: int) -> None:
         rows = await self.store.run(_select_view, LIVE_STATES)
-        view = json.dumps([{"peer_id": r[0], "address": r[1], "state": r[2]} for r in rows]).encode()
+        view = json.dumps([{"peer_id": r[0], "address": r[1], "state": r[2],
+                            "reachable": None if r[3] is None else bool(r[3]), "observed": r[4],
+                            **_reach_fields(r[5])} for r in rows]).encode()
         if self._view is None or self._view[0] < version:
             self._view = (version, view)
 
@@ -172,12 +231,30 @@ class MembershipRegistry:
                 key = self._keys[peer_id] = bytes.fromhex(hex_key)
         return key
 
-    async def join(self, peer_id: str, public_key: bytes, address: str, meta: PeerMeta) -> dict:
-        self._keys[peer_id] = public_key
+    async def join(self, peer_id: str, public_key: bytes, address: str, meta: PeerMeta, *,
+                   observed: str | None = None) -> dict:
+        """Register (or re-register) a peer announcing ``address``; ``observed``: the address its
+        request came from. Schedules the reachability probe of ``address`` when a prober is set."""
         try:
-            return await self.store.run(_join, peer_id, public_key.hex(), address, meta, self.clock.time())
+            result = await self.store.run(_join, peer_id, public_key.hex(), address, meta,
+                                          observed, self.limits.max_live_per_address,
+                                          self.clock.time())
         finally:
             self._view_changed()
+        self._keys[peer_id] = public_key
+        if self.prober is not None:
+            self.prober.schedule(peer_id, result["incarnation"], address, observed)
+        return result
+
+    async def set_reachability(self, peer_id: str, incarnation: int, reachable: bool,
+                               rtt_s: float | None, error: str | None) -> bool:
+        """Store a probe outcome for that incarnation of the peer (a rejoin meanwhile makes it
+        stale: False, nothing written)."""
+        changed = await self.store.run(_set_reachability, peer_id, incarnation, reachable, rtt_s,
+                                       error, self.clock.time())
+        if changed:
+            self._view_changed()
+        return changed
 
     async def heartbeat(self, peer_id: str, stats: dict) -> str:
         """Record a heartbeat. Heartbeats that arrive while a write is in flight are written
@@ -229,15 +306,49 @@ class MembershipRegistry:
     async def peers(self, states: Sequence[str] = ALL_STATES) -> list[dict]:
         return await self.store.run(_select_peers, tuple(states), self.clock.time())
 
+    async def page(self, offset: int, limit: int,
+                   states: Sequence[str] = ALL_STATES) -> tuple[list[dict], int]:
+        """(``limit`` peers from ``offset`` in join order, total number in ``states``)."""
+        return await self.store.run(_select_page, tuple(states), offset, limit, self.clock.time())
+
+    async def serving(self, states: Sequence[str]) -> tuple[list[dict], set[str]]:
+        """(peers in ``states`` that announce served models in their stats, ids of every peer
+        in ``states``): what the status page's inference and run sections need, without
+        decoding every peer's row."""
+        return await self.store.run(_select_serving, tuple(states), self.clock.time())
+
+    async def counts(self) -> dict[str, int]:
+        """Number of peers in each state (every state present)."""
+        return await self.store.run(_count_states)
+
+    async def reachability(self) -> dict[str, int]:
+        """Live peers by probe outcome: {reachable, unreachable, unprobed}."""
+        return await self.store.run(_count_reachability)
+
     async def sweep(self) -> list[tuple[str, str]]:
-        """Demote silent peers; returns (peer_id, new_state) for each change."""
+        """Demote silent peers and, every ``prune_every_s``, delete gone ones (see the module
+        docstring); returns (peer_id, new_state) for each demotion."""
         now = self.clock.time()
         may_kill = now >= self.grace_until
         changes = await self.store.run(_sweep, now, self.timing.suspect_after,
                                        self.timing.peer_timeout, may_kill)
         if changes:
             self._view_changed()
+        if now - self._last_prune >= self.timing.prune_every_s:
+            self._last_prune = now
+            await self.prune()
         return changes
+
+    async def prune(self) -> list[str]:
+        """Delete the rows of peers gone longer than the retention (and the oldest beyond
+        ``max_gone_rows``); returns their ids."""
+        pruned = await self.store.run(_prune, self.clock.time() - self.timing.retention_s,
+                                      self.limits.max_gone_rows, self.limits.max_events)
+        for peer_id in pruned:
+            self._keys.pop(peer_id, None)
+        if pruned:
+            log.info("pruned %d gone peer rows", len(pruned))
+        return pruned
 
 
 def _log_view_failure(task: asyncio.Task) -> None:
@@ -285,26 +396,50 @@ def select_bans(conn: sqlite3.Connection) -> list[dict]:
 
 
 def _join(conn: sqlite3.Connection, peer_id: str, public_key: str, address: str,
-          meta: PeerMeta, now: float) -> dict:
+          meta: PeerMeta, observed: str | None, max_per_address: int | None, now: float) -> dict:
     check_not_banned(conn, peer_id)
+    if observed is not None and max_per_address is not None:
+        marks = ",".join("?" * len(LIVE_STATES))
+        (n,) = conn.execute(f"SELECT COUNT(*) FROM peers WHERE observed = ? AND peer_id != ? "
+                            f"AND state IN ({marks})", (observed, peer_id, *LIVE_STATES)).fetchone()
+        if n >= max_per_address:
+            raise RateLimited(f"{n} live peers already joined from {observed} (limit "
+                              f"{max_per_address} per address); retry once some leave", 10.0,
+                              "too_many_from_address")
     old = conn.execute("SELECT state, incarnation FROM peers WHERE peer_id = ?",
                        (peer_id,)).fetchone()
     incarnation = 1 if old is None else old["incarnation"] + 1
     conn.execute(
         """INSERT OR REPLACE INTO peers (peer_id, public_key, address, state, device, memory, roles,
-               throughput, meta, stats, joined_at, last_heartbeat, state_since, incarnation)
-           VALUES (?, ?, ?, 'joining', ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?)""",
+               throughput, meta, stats, joined_at, last_heartbeat, state_since, incarnation,
+               observed, reachable, probe_rtt_s, probe_error, probed_at, reach)
+           VALUES (?, ?, ?, 'joining', ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?)""",
         (peer_id, public_key, address, meta.device, meta.memory, json.dumps(meta.roles),
-         meta.throughput, json.dumps(meta.extra), now, now, now, incarnation))
+         meta.throughput, json.dumps(meta.extra), now, now, now, incarnation, observed,
+         json.dumps(Reach(relay=meta.extra.get("relay") is True).to_json())))
     add_event(conn, "join" if old is None else "rejoin", peer_id,
-              {"address": address, "previous_state": None if old is None else old["state"]}, now)
+              {"address": address, "observed": observed,
+               "previous_state": None if old is None else old["state"]}, now)
     return {"state": "joining", "incarnation": incarnation}
+
+
+def _set_reachability(conn: sqlite3.Connection, peer_id: str, incarnation: int, reachable: bool,
+                      rtt_s: float | None, error: str | None, now: float) -> bool:
+    marks = ",".join("?" * len(LIVE_STATES))
+    updated = conn.execute(
+        f"""UPDATE peers SET reachable = ?, probe_rtt_s = ?, probe_error = ?, probed_at = ?
+            WHERE peer_id = ? AND incarnation = ? AND state IN ({marks})""",
+        (int(reachable), rtt_s, error, now, peer_id, incarnation, *LIVE_STATES)).rowcount
+    if updated:
+        add_event(conn, "reachable" if reachable else "unreachable", peer_id,
+                  {"rtt_s": rtt_s, "error": error}, now)
+    return bool(updated)
 
 
 def _heartbeat(conn: sqlite3.Connection, peer_id: str, stats: dict, now: float) -> tuple[str, bool]:
     """-> (new state, whether the state changed)."""
     check_not_banned(conn, peer_id)
-    row = conn.execute("SELECT state FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
+    row = conn.execute("SELECT state, reach FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
     if row is None:
         raise ApiError(404, "unknown_peer", "peer is not registered; join first")
     state = row["state"]
@@ -323,7 +458,29 @@ def _heartbeat(conn: sqlite3.Connection, peer_id: str, stats: dict, now: float) 
         (json.dumps(stats), now, throughput, now, peer_id))
     if state != "active":
         add_event(conn, "active" if state == "joining" else "recovered", peer_id, {}, now)
-    return "active", state != "active"
+    reach = _reach_of(stats)
+    reach_changed = reach is not None and reach != row["reach"]
+    if reach_changed:
+        conn.execute("UPDATE peers SET reach = ? WHERE peer_id = ?", (reach, peer_id))
+    return "active", state != "active" or reach_changed
+
+
+def _reach_of(stats: dict) -> str | None:
+    """The canonical JSON of a heartbeat's ``stats.reach`` (None: absent or malformed; a bad
+    one is ignored like other bad stats, the stored reach stays)."""
+    try:
+        return json.dumps(Reach.from_json(stats["reach"]).to_json()) if "reach" in stats else None
+    except ValueError:
+        return None
+
+
+def _reach_fields(stored: str | None) -> dict:
+    """View-row fields of a stored reach: relay, relay_load, relays."""
+    try:
+        reach = Reach.from_json(json.loads(stored or "{}"))
+    except ValueError:
+        reach = Reach()
+    return {"relay": reach.relay, "relay_load": reach.load, "relays": list(reach.relays)}
 
 
 def _heartbeat_batch(conn: sqlite3.Connection, items: list[tuple[str, dict, float]]
@@ -351,8 +508,59 @@ def _leave(conn: sqlite3.Connection, peer_id: str, now: float) -> None:
 
 def _select_view(conn: sqlite3.Connection, states: tuple[str, ...]) -> list[tuple]:
     marks = ",".join("?" * len(states))
-    return conn.execute(f"SELECT peer_id, address, state FROM peers WHERE state IN ({marks}) "
-                        "ORDER BY joined_at, peer_id", states).fetchall()
+    return conn.execute(f"SELECT peer_id, address, state, reachable, observed, reach FROM peers "
+                        f"WHERE state IN ({marks}) ORDER BY joined_at, peer_id", states).fetchall()
+
+
+def _select_page(conn: sqlite3.Connection, states: tuple[str, ...], offset: int, limit: int,
+                 now: float) -> tuple[list[dict], int]:
+    marks = ",".join("?" * len(states))
+    (total,) = conn.execute(f"SELECT COUNT(*) FROM peers WHERE state IN ({marks})", states).fetchone()
+    rows = conn.execute(f"SELECT * FROM peers WHERE state IN ({marks}) ORDER BY joined_at, peer_id "
+                        "LIMIT ? OFFSET ?", (*states, limit, offset)).fetchall()
+    return [_row_to_dict(r, now) for r in rows], total
+
+
+def _select_serving(conn: sqlite3.Connection, states: tuple[str, ...],
+                    now: float) -> tuple[list[dict], set[str]]:
+    marks = ",".join("?" * len(states))
+    rows = conn.execute(f"SELECT * FROM peers WHERE state IN ({marks}) AND json_valid(stats) AND "
+                        "json_extract(stats, '$.serve') IS NOT NULL ORDER BY joined_at, peer_id",
+                        states).fetchall()
+    ids = {r[0] for r in conn.execute(f"SELECT peer_id FROM peers WHERE state IN ({marks})", states)}
+    return [_row_to_dict(r, now) for r in rows], ids
+
+
+def _count_states(conn: sqlite3.Connection) -> dict[str, int]:
+    found = dict(conn.execute("SELECT state, COUNT(*) FROM peers GROUP BY state").fetchall())
+    return {s: found.get(s, 0) for s in ALL_STATES}
+
+
+def _count_reachability(conn: sqlite3.Connection) -> dict[str, int]:
+    marks = ",".join("?" * len(LIVE_STATES))
+    found = dict(conn.execute(f"SELECT reachable, COUNT(*) FROM peers WHERE state IN ({marks}) "
+                              "GROUP BY reachable", LIVE_STATES).fetchall())
+    return {"reachable": found.get(1, 0), "unreachable": found.get(0, 0),
+            "unprobed": found.get(None, 0)}
+
+
+def _prune(conn: sqlite3.Connection, before: float, max_gone: int, max_events: int) -> list[str]:
+    gone = ",".join("?" * len(GONE_STATES))
+    ids = [r[0] for r in conn.execute(
+        f"SELECT peer_id FROM peers WHERE state IN ({gone}) AND state_since < ?",
+        (*GONE_STATES, before))]
+    ids += [r[0] for r in conn.execute(  # beyond the row cap: the longest gone first
+        f"SELECT peer_id FROM peers WHERE state IN ({gone}) AND state_since >= ? "
+        "ORDER BY state_since DESC LIMIT -1 OFFSET ?", (*GONE_STATES, before, max_gone))]
+    has_runs = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'run_members'").fetchone()
+    for i in range(0, len(ids), 500):
+        batch = ids[i:i + 500]
+        marks = ",".join("?" * len(batch))
+        conn.execute(f"DELETE FROM peers WHERE peer_id IN ({marks})", batch)
+        if has_runs:  # a pruned peer that comes back joins its runs again
+            conn.execute(f"DELETE FROM run_members WHERE peer_id IN ({marks})", batch)
+    conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (max_events,))
+    return ids
 
 
 def _select_peers(conn: sqlite3.Connection, states: tuple[str, ...], now: float) -> list[dict]:

@@ -6,12 +6,13 @@ Routes (JSON; POSTs are signed by the peer like membership requests, all need th
 - ``POST /api/runs/{run}``         create-or-get: the first creator's config wins; later joiners
   get the stored config. A joiner that set a key explicitly to another value gets only
   ``conflicts`` and is not admitted; otherwise the peer becomes a run member and gets a data
-  slot (see below).
+  slot (see below). One identity creates at most ``RunLimits.max_runs_per_identity`` runs.
 - ``POST /api/runs/{run}/sync``    ``{step, base_hash}``: rendezvous for outer step ``step``.
   Long-poll: the answer comes when the step's window closes, or after ``HOLD_S`` with
   ``pending: true`` (ask again, idempotent). A closed window lists ``participants`` in a
   deterministic order (sorted peer ids) and the collective ``tag`` of the step.
-- ``POST /api/runs/{run}/report``  per-step metrics and the peer's global-state hash. Steps the
+- ``POST /api/runs/{run}/report``  per-step metrics, the peer's global-state hash and
+  ``averaged`` (the ids its final average ran over; coordinator/benching.py). Steps the
   peers took while this coordinator was down (diloco/role.py: offline steps, which have no
   window here) arrive as queued reports when it is back, and advance the run's step.
 - ``POST /api/runs/{run}/leave``   the peer stopped training; windows no longer wait for it.
@@ -25,14 +26,31 @@ lockstep); for the first window of a generation, every live run member. Timeout
 opening when no expected peer is live any more — so a joiner waiting for peers that are still
 in their inner phase does not close the window alone. Suspect/dead peers are not waited for.
 At closing, arrivals whose ``base_hash`` (the hash of their state at step s-1) differs from
-the majority are left out and told to ``resync``; a peer arriving after the window closed is
+the majority are left out and told to ``resync``; so are arrivals that took a seat in an
+earlier window without averaging (benched) and newcomers beyond the window's quota
+(coordinator/benching.py: silent participants, answer field ``bench``). The majority is
+weighted by each arrival's verified contribution to the run (coordinator/votes.py: a burst of
+fresh identities cannot outvote the peers that carried the run; with no weight anywhere it
+counts identities), and closing window s credits step s-1 to its participants that also took
+part in window s-1 (and, when judged, averaged it).
+``GET /api/runs/{run}`` lists ``state_hashes``, the agreed hash of recent steps (votes.py
+``step_majority``). A peer arriving after the window closed is
 ``late`` and told to resync from the ``donors``. A closed window none of whose participants is
 still alive (same incarnation) is stale: the run restarted (e.g. from a checkpoint), so a new
 generation begins with fresh windows and reports.
 
-Data slots: each run member holds one of ``data_shards`` slots (the lowest free one; the slot of
-a peer that is no longer live is free) and reports its position in that shard, so a successor
-(or a restarted run) continues where the slot's data stream stopped.
+Data (diloco/data.py docstring for the whole story): the run's data is one stream of global
+batch numbers, and the run's ``data_cursor`` is the first number nobody was handed yet. It only
+moves forward. Closing window s hands each participant ``inner_steps`` consecutive batch numbers
+for its next inner phase (``peer.dataplan.DataPlan``: participant i of the sorted list gets
+[base + i*H, base + (i+1)*H), base = the cursor, which then moves past all of them); the answer
+carries ``data: {base, count}``. A join (or rejoin) gets a range of its own the same way, for a
+first inner phase before any window (founders, a restart from a checkpoint). Step reports'
+``data_position`` (the next batch number the peer would train on) move the cursor forward too,
+which covers steps the peers planned among themselves while this coordinator was down. So no two
+peers are ever handed the same batch, however many join. Legacy: members still hold one of the
+run's slots (never shared by two live members: a slot is added when none is free), shown on the
+status page with the last reported position.
 """
 from __future__ import annotations
 
@@ -47,13 +65,17 @@ from typing import Any, Sequence
 
 from aiohttp import web
 
+from coordinator import benching
 from coordinator.checkpoints import Backend, CheckpointStore
-from coordinator.membership import MAX_SKEW, TOKEN
+from coordinator.auth import require_role
 from coordinator.registry import MembershipRegistry, check_not_banned
 from coordinator.store import Store, add_event
-from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, check_signed_request,
-                                    check_token, get_object, get_str, read_json_object)
+from coordinator.validation import (PEER_ID_RE, ApiError, RateLimited, bad, get_object,
+                                   read_json_object)
+from coordinator.votes import (CREDIT_SCHEMA, credit_window, credits, majority, report_majority,
+                               step_majority, window_participants)
 from peer.blobs import InvalidName, check_run
+from peer.dataplan import MAX_BATCH, DataPlan
 
 log = logging.getLogger("lowband.coordinator.runs")
 
@@ -65,7 +87,10 @@ MAX_REPORTS = 1000
 HASH_LEN = 64
 # Live for rendezvous purposes: a suspect peer (silent for half the peer timeout) is not waited for.
 SYNC_LIVE = ("joining", "active")
-DEFAULTS = {"sync_timeout_s": 30.0, "checkpoint_every": 10, "data_shards": 16, "min_peers": 1}
+DEFAULTS = {"sync_timeout_s": 30.0, "checkpoint_every": 10, "data_shards": 16, "min_peers": 1,
+            "inner_steps": 20}
+MAX_OFFLINE_STEPS = 10_000  # steps one report may move the data cursor by (module docstring: Data)
+MAX_SLOTS = 1 << 20  # legacy slot rows per run (one per concurrently live member at most)
 
 RUNS_MIGRATIONS: Sequence[str] = (
     """
@@ -125,6 +150,12 @@ RUNS_MIGRATIONS: Sequence[str] = (
         PRIMARY KEY (run, generation, step, peer_id)
     );
     """,
+    CREDIT_SCHEMA,  # verified contribution per (run, peer): the weight of its votes (votes.py)
+    # The data cursor (module docstring: Data) and the base of each closed window's data plan.
+    """
+    ALTER TABLE runs ADD COLUMN data_cursor INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE run_windows ADD COLUMN data_base INTEGER;
+    """,
 )
 
 # Numeric report fields (all optional, finite, >= 0).
@@ -140,11 +171,18 @@ RUNS = web.AppKey("runs_service", object)
 @dataclass(frozen=True)
 class RunLimits:
     """Capacity limits of the run routes: long-polls held at once (each is a task and a socket;
-    one per training peer), runs (never deleted by the API) and reports kept per run (the oldest
-    steps' reports go first)."""
+    one per training peer), runs (never deleted by the API), runs one identity may create (so
+    one key cannot use up ``max_runs``; many keys are bounded by admission and rate limits) and
+    reports kept per run (the oldest steps' reports go first)."""
     max_held_syncs: int = 4096
     max_runs: int = 1000
+    max_runs_per_identity: int = 8
     max_reports_per_run: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_held_syncs", "max_runs", "max_runs_per_identity", "max_reports_per_run"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RunLimits.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +192,7 @@ class WindowState:
     closed: bool
     participants: list[str]
     majority_hash: str | None
+    data_base: int | None = None
 
 
 def _run_settings(config: dict) -> dict:
@@ -174,6 +213,8 @@ def _run_settings(config: dict) -> dict:
         raise bad("config.data_shards must be in [1, 4096]")
     if not 1 <= out["min_peers"] <= 10**4:
         raise bad("config.min_peers must be in [1, 10000]")
+    if not 1 <= out["inner_steps"] <= 10**6:
+        raise bad("config.inner_steps must be in [1, 1e6]")
     return out
 
 
@@ -211,6 +252,7 @@ class RunService:
         self.limits = limits
         self._held = 0  # sync requests waiting for their window to close
         store.apply_schema("runs", RUNS_MIGRATIONS)
+        store.apply_schema("benching", benching.BENCHING_MIGRATIONS)
         self._closed: dict[tuple[str, int, int], asyncio.Event] = {}
         self._watchers: dict[tuple[str, int, int], asyncio.Task] = {}
         self._lock = asyncio.Lock()  # serializes window decisions (arrive / close / reset)
@@ -232,8 +274,7 @@ class RunService:
         settings = _run_settings(config)
         live = await self.live(("joining", "active", "suspect"))
         answer = await self.store.run(_join_run, run, peer_id, config, explicit,
-                                      settings["data_shards"], set(live), self.clock.time(),
-                                      self.limits.max_runs)
+                                      settings, set(live), self.clock.time(), self.limits)
         if answer["conflicts"]:
             return answer
         answer["latest_checkpoint"] = await asyncio.to_thread(self.latest_checkpoint, run)
@@ -287,8 +328,15 @@ class RunService:
                   "majority_hash": window.majority_hash if window else None,
                   "checkpoint": bool(member and every and step % every == 0
                                      and participants[0] == peer_id)}
+        if member and window.data_base is not None:
+            # The batches of this peer's next inner phase: its place in ``participants``.
+            answer["data"] = DataPlan(window.data_base, _run_settings(config)["inner_steps"],
+                                      tuple(participants)).to_json()
         if resync:
             answer["donors"] = await self.donors(run)
+            if window is not None and window.closed and not late:
+                # Why it sits out (coordinator/benching.py): a bench, or the newcomer gate.
+                answer["bench"] = await self.store.run(benching.bench_status, run, peer_id)
         return answer
 
     async def _watch(self, key: tuple[str, int, int]) -> None:
@@ -315,9 +363,11 @@ class RunService:
 
     # -- reports -------------------------------------------------------------------------------
     async def report(self, run: str, peer_id: str, step: int, state_hash: str,
-                     metrics: dict, slot_position: int | None) -> dict:
+                     metrics: dict, slot_position: int | None,
+                     averaged: list[str] | None = None) -> dict:
         return await self.store.run(_report, run, peer_id, step, state_hash, metrics,
-                                    slot_position, self.clock.time(), self.limits.max_reports_per_run)
+                                    slot_position, self.clock.time(), self.limits.max_reports_per_run,
+                                    averaged)
 
 
 # -- SQL (runs on the store's writer thread inside a transaction) -------------------------------
@@ -340,19 +390,24 @@ def run_member(conn: sqlite3.Connection, run: str, peer_id: str) -> sqlite3.Row:
 
 
 def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict,
-              explicit: list[str], shards: int, live: set[str], now: float,
-              max_runs: int) -> dict:
+              explicit: list[str], settings: dict, live: set[str], now: float,
+              limits: RunLimits) -> dict:
     """Create-or-get; a peer whose explicit settings conflict with the run's is not admitted."""
     check_not_banned(conn, peer_id)
     created = False
     if conn.execute("SELECT 1 FROM runs WHERE name = ?", (run,)).fetchone() is None:
-        if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= max_runs:
-            raise ApiError(409, "too_many_runs", f"the coordinator holds {max_runs} runs (its "
-                                                 f"limit); join an existing run")
+        if conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] >= limits.max_runs:
+            raise ApiError(409, "too_many_runs", f"the coordinator holds {limits.max_runs} runs "
+                                                 f"(its limit); join an existing run")
+        mine = conn.execute("SELECT COUNT(*) FROM runs WHERE creator = ?", (peer_id,)).fetchone()[0]
+        if mine >= limits.max_runs_per_identity:
+            raise ApiError(409, "too_many_runs_for_identity",
+                           f"this identity created {mine} runs (the limit per identity is "
+                           f"{limits.max_runs_per_identity}); join an existing run")
         conn.execute("INSERT INTO runs (name, config, creator, created_at, updated_at) "
                      "VALUES (?, ?, ?, ?, ?)", (run, json.dumps(config), peer_id, now, now))
         conn.executemany("INSERT INTO run_slots (run, slot) VALUES (?, ?)",
-                         [(run, s) for s in range(shards)])
+                         [(run, s) for s in range(settings["data_shards"])])
         add_event(conn, "run_created", peer_id, {"run": run}, now)
         created = True
     row = run_row(conn, run)
@@ -368,24 +423,37 @@ def _join_run(conn: sqlite3.Connection, run: str, peer_id: str, config: dict,
         conn.execute("UPDATE run_members SET active = 1 WHERE run = ? AND peer_id = ?",
                      (run, peer_id))
     else:
-        # Lowest slot not held by another live member (a dead holder's slot, and its data
-        # position, pass to the newcomer); with more members than slots, slots are shared.
+        # Lowest slot not held by another live member (a dead holder's slot passes to the
+        # newcomer); none free: the run gets one more slot, never a shared one.
         held = {r["slot"] for r in conn.execute(
             "SELECT peer_id, slot FROM run_members WHERE run = ? AND active = 1", (run,))
             if r["peer_id"] in live}
         n = conn.execute("SELECT COUNT(*) FROM run_slots WHERE run = ?", (run,)).fetchone()[0]
         free = [s for s in range(n) if s not in held]
-        count = conn.execute("SELECT COUNT(*) FROM run_members WHERE run = ?", (run,)).fetchone()[0]
-        slot = free[0] if free else count % n
+        if not free and n >= MAX_SLOTS:
+            raise ApiError(409, "too_many_members", f"run {run!r} has {n} live members (limit)")
+        slot = free[0] if free else n
+        if not free:
+            conn.execute("INSERT INTO run_slots (run, slot) VALUES (?, ?)", (run, slot))
         conn.execute("INSERT INTO run_members (run, peer_id, slot, joined_at) VALUES (?, ?, ?, ?)",
                      (run, peer_id, slot, now))
         add_event(conn, "run_joined", peer_id, {"run": run, "slot": slot}, now)
     position = conn.execute("SELECT position FROM run_slots WHERE run = ? AND slot = ?",
                             (run, slot)).fetchone()["position"]
     n_slots = conn.execute("SELECT COUNT(*) FROM run_slots WHERE run = ?", (run,)).fetchone()[0]
+    # A range of its own for a first inner phase before any window (module docstring: Data).
+    plan = _hand_out(conn, run, (peer_id,), _run_settings(stored)["inner_steps"])
     return {"run": run, "created": created, "config": stored, "conflicts": {},
             "creator": row["creator"], "step": row["step"], "generation": row["generation"],
-            "slot": slot, "slots": n_slots, "slot_position": position}
+            "slot": slot, "slots": n_slots, "slot_position": position, "data": plan.to_json()}
+
+
+def _hand_out(conn: sqlite3.Connection, run: str, members: Sequence[str], count: int) -> DataPlan:
+    """A data plan over ``members`` at the run's cursor, which moves past all of its ranges."""
+    cursor = conn.execute("SELECT data_cursor FROM runs WHERE name = ?", (run,)).fetchone()[0]
+    plan = DataPlan(cursor, count, tuple(members))
+    conn.execute("UPDATE runs SET data_cursor = ? WHERE name = ?", (plan.end, run))
+    return plan
 
 
 def _donors(conn: sqlite3.Connection, run: str, live: dict[str, int]) -> list[dict]:
@@ -406,7 +474,7 @@ def _window(conn: sqlite3.Connection, run: str, generation: int, step: int) -> W
         return None
     participants = [p for p, _ in json.loads(row["participants"] or "[]")]
     return WindowState(step, generation, row["closed_at"] is not None, participants,
-                       row["majority_hash"])
+                       row["majority_hash"], row["data_base"])
 
 
 def _arrive(conn: sqlite3.Connection, run: str, peer_id: str, incarnation: int, step: int,
@@ -481,23 +549,33 @@ def _maybe_close(conn: sqlite3.Connection, run: str, generation: int, step: int,
         start = first_expected if first_expected is not None else window["opened_at"]
         if now - start < settings["sync_timeout_s"]:
             return "open"
-    # Majority of the arrivals' base hashes; ties go to the hash more peers reported for the
-    # previous step, then to the smallest hash (any deterministic rule will do).
-    votes = Counter(a["base_hash"] for a in arrivals)
-    reported = Counter(r["state_hash"] for r in conn.execute(
-        "SELECT state_hash FROM run_reports WHERE run = ? AND generation = ? AND step = ?",
-        (run, generation, step - 1)))
-    majority = max(votes, key=lambda h: (votes[h], reported[h], [-ord(c) for c in h]))
+    # Majority of the arrivals' base hashes weighted by verified contribution (coordinator/
+    # votes.py: fresh keys cannot outvote the peers that carried the run); ties go to the count,
+    # then to the hash the previous step's reports agreed on, then to the smallest hash.
+    weights = credits(conn, run)
+    agreed = majority({a["peer_id"]: a["base_hash"] for a in arrivals}, weights,
+                      prior=report_majority(conn, run, generation, step - 1, weights))
+    # Who really averaged step s-1 (its reports say): a silent seat is benched, and newcomers
+    # enter at a bounded rate (coordinator/benching.py).
+    judged = benching.judge(conn, run, generation, step - 1, weights)
+    eligible = [a["peer_id"] for a in arrivals if a["base_hash"] == agreed]
+    out = benching.left_out(conn, run, generation, step, eligible, weights,
+                            f"{run}.g{generation}.s{step}")
     participants = [[a["peer_id"], a["incarnation"]] for a in arrivals
-                    if a["base_hash"] == majority]
-    conn.execute("UPDATE run_windows SET closed_at = ?, participants = ?, majority_hash = ? "
-                 "WHERE run = ? AND generation = ? AND step = ?",
-                 (now, json.dumps(participants), majority, run, generation, step))
+                    if a["base_hash"] == agreed and a["peer_id"] not in out]
+    plan = _hand_out(conn, run, [p for p, _ in participants], settings["inner_steps"])
+    conn.execute("UPDATE run_windows SET closed_at = ?, participants = ?, majority_hash = ?, "
+                 "data_base = ? WHERE run = ? AND generation = ? AND step = ?",
+                 (now, json.dumps(participants), agreed, plan.base, run, generation, step))
+    credit_window(conn, run, generation, step, [p for p, _ in participants], judged["averaged"])
     conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE name = ?",
                  (step, now, run))
     conn.executemany("UPDATE run_members SET last_step = ? WHERE run = ? AND peer_id = ?",
                      [(step, run, p) for p, _ in participants])
-    dissent = sorted(arrived - {p for p, _ in participants})
+    if judged["benched"]:
+        add_event(conn, "run_benched", None, {"run": run, "step": step - 1,
+                                              "peers": [p[:12] for p in judged["benched"]]}, now)
+    dissent = sorted(arrived - set(eligible))
     if dissent:
         add_event(conn, "run_hash_mismatch", None, {"run": run, "step": step,
                                                     "peers": [p[:12] for p in dissent]}, now)
@@ -513,7 +591,8 @@ def _leave_run(conn: sqlite3.Connection, run: str, peer_id: str, now: float) -> 
 
 
 def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_hash: str,
-            metrics: dict, slot_position: int | None, now: float, max_reports: int) -> dict:
+            metrics: dict, slot_position: int | None, now: float, max_reports: int,
+            averaged: list[str] | None = None) -> dict:
     check_not_banned(conn, peer_id)
     row = run_row(conn, run)
     member = run_member(conn, run, peer_id)
@@ -522,23 +601,40 @@ def _report(conn: sqlite3.Connection, run: str, peer_id: str, step: int, state_h
     conn.execute("INSERT OR REPLACE INTO run_reports (run, generation, step, peer_id, ts, "
                  "state_hash, metrics) VALUES (?, ?, ?, ?, ?, ?, ?)",
                  (run, generation, step, peer_id, ts, state_hash, json.dumps(metrics)))
+    if averaged is not None:  # who this peer's final average ran over (coordinator/benching.py)
+        benching.record_averaged(conn, run, generation, step, peer_id, averaged)
     # A step the peers took without a window (offline, while this coordinator was down) still
-    # advances the run: its step counter and the member's last step.
-    conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE name = ?",
-                 (step, now, run))
+    # advances the run, once more than half of the last window's participants (by verified
+    # contribution, coordinator/votes.py) reported one hash for it: one identity cannot move
+    # the run to step 10**12 (windows advance it themselves, see _maybe_close).
+    conn.execute("UPDATE runs SET updated_at = ? WHERE name = ?", (now, run))
+    if step > row["step"]:
+        last = conn.execute("SELECT step FROM run_windows WHERE run = ? AND generation = ? AND "
+                            "step < ? AND closed_at IS NOT NULL ORDER BY step DESC LIMIT 1",
+                            (run, generation, step)).fetchone()
+        voters = None if last is None else window_participants(conn, run, generation, last["step"])
+        if voters and report_majority(conn, run, generation, step, decided=True, voters=voters):
+            conn.execute("UPDATE runs SET step = MAX(step, ?), updated_at = ? WHERE name = ?",
+                         (step, now, run))
     conn.execute("UPDATE run_members SET last_step = MAX(COALESCE(last_step, 0), ?) "
                  "WHERE run = ? AND peer_id = ?", (step, run, peer_id))
     if slot_position is not None:
         conn.execute("UPDATE run_slots SET position = MAX(position, ?) WHERE run = ? AND slot = ?",
                      (slot_position, run, member["slot"]))
-    hashes = Counter(r["state_hash"] for r in conn.execute(
-        "SELECT state_hash FROM run_reports WHERE run = ? AND generation = ? AND step = ?",
-        (run, generation, step)))
-    if sum(hashes.values()) == 1:  # first report of a step: enforce retention (once per step)
+        # Batches the peers planned among themselves (offline steps) are handed out already.
+        # One report moves the cursor a bounded way, so no member can run it off the end.
+        members = conn.execute("SELECT COUNT(*) FROM run_members WHERE run = ?",
+                               (run,)).fetchone()[0]
+        ahead = members * _run_settings(row["config"])["inner_steps"] * MAX_OFFLINE_STEPS
+        conn.execute("UPDATE runs SET data_cursor = MAX(data_cursor, MIN(?, data_cursor + ?)) "
+                     "WHERE name = ?", (slot_position, ahead, run))
+    reports = conn.execute("SELECT COUNT(*) FROM run_reports WHERE run = ? AND generation = ? "
+                           "AND step = ?", (run, generation, step)).fetchone()[0]
+    if reports == 1:  # first report of a step: enforce retention (once per step)
         _prune_reports(conn, run, max_reports)
-    top, count = hashes.most_common(1)[0]
-    return {"run": run, "step": step, "generation": generation, "reports": sum(hashes.values()),
-            "agree": state_hash == top and count > sum(hashes.values()) / 2}
+    # "agree": this peer's hash is the step's weighted majority so far (coordinator/votes.py).
+    return {"run": run, "step": step, "generation": generation, "reports": reports,
+            "agree": state_hash == report_majority(conn, run, generation, step)}
 
 
 def _prune_reports(conn: sqlite3.Connection, run: str, max_reports: int) -> None:
@@ -571,13 +667,20 @@ def _summary(conn: sqlite3.Connection, run: str, live: set[str], limit: int) -> 
         steps.append({"step": w["step"], "participants": len(json.loads(w["participants"])),
                       "reports": len(reports), "hashes": dict(hashes),
                       "agree": len(hashes) <= 1,
+                      "majority": step_majority(conn, run, generation, w["step"]),
                       "loss": sum(losses) / len(losses) if losses else None,
                       "tokens_per_s": sum(r.get("tokens_per_s") or 0 for r in reports),
                       "seconds": round(w["closed_at"] - w["opened_at"], 3)})
+    # The agreed hash of the state after each recent step: what a resyncing peer checks a
+    # donor's snapshot against (diloco/role.py), never the donor's own claim.
+    agreed = {str(k): step_majority(conn, run, generation, k)
+              for k in range(max(0, row["step"] - limit), row["step"] + 1)}
     return {"name": run, "config": row["config"], "creator": row["creator"],
             "created_at": row["created_at"], "generation": generation, "step": row["step"],
             "updated_at": row["updated_at"], "members": members,
-            "data_positions": {str(k): v for k, v in sorted(slots.items())}, "steps": steps}
+            "data_positions": {str(k): v for k, v in sorted(slots.items())},
+            "data_cursor": row["data_cursor"], "steps": steps,
+            "state_hashes": {k: h for k, h in agreed.items() if h is not None}}
 
 
 def _reports(conn: sqlite3.Connection, run: str, generation: int | None, since: int,
@@ -601,15 +704,13 @@ def _list_runs(conn: sqlite3.Connection) -> list[dict]:
 
 # -- handlers ---------------------------------------------------------------------------------
 async def signed_body(request: web.Request, action: str) -> tuple[dict, str]:
-    check_token(request, request.app[TOKEN])
-    body = await read_json_object(request, MAX_BODY)
-    peer_id = get_str(body, "peer_id", max_len=40, pattern=PEER_ID_RE)
-    service: RunService = request.app[RUNS]
-    public_key = await service.registry.public_key(peer_id)
-    if public_key is None:
-        raise ApiError(404, "unknown_peer", "peer is not registered; join first")
-    check_signed_request(request, body, action, public_key, request.app[MAX_SKEW])
-    return body, peer_id
+    """(body, peer id) of a run request: signed by an identity with role train (coordinator/
+    auth.py) that joined the swarm. ``action`` names the request in errors only: the signature
+    covers method and path, so one request cannot pass for another."""
+    peer_id = require_role(request, "train").peer_id
+    if await request.app[RUNS].registry.public_key(peer_id) is None:
+        raise ApiError(404, "unknown_peer", f"peer is not registered; join first ({action})")
+    return await read_json_object(request, MAX_BODY), peer_id
 
 
 async def create_or_get(request: web.Request) -> web.Response:
@@ -644,10 +745,27 @@ async def report(request: web.Request) -> web.Response:
                 not math.isfinite(value) or value < 0:
             raise bad(f"metrics.{key} must be a finite number >= 0")
         metrics[key] = value
+    averaged = _averaged(body, peer_id)
     position = metrics.get("data_position")
     answer = await request.app[RUNS].report(run, peer_id, step, state_hash, metrics,
-                                            None if position is None else int(position))
+                                            None if position is None else
+                                            min(int(position), MAX_BATCH // 2), averaged)
     return web.json_response(answer)
+
+
+def _averaged(body: dict, reporter: str) -> list[str] | None:
+    """The optional ``averaged`` field of a step report: the distinct peer ids (the reporter
+    among them) that its final average ran over."""
+    value = body.get("averaged")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= benching.MAX_AVERAGED or not all(
+            isinstance(p, str) and PEER_ID_RE.fullmatch(p) for p in value):
+        raise bad(f"field 'averaged' must be a list of 1..{benching.MAX_AVERAGED} peer ids "
+                  f"(40 lowercase hex)")
+    if len(set(value)) != len(value) or reporter not in value:
+        raise bad("field 'averaged' must list distinct peer ids, the reporter among them")
+    return value
 
 
 async def leave(request: web.Request) -> web.Response:
@@ -660,12 +778,12 @@ async def leave(request: web.Request) -> web.Response:
 
 
 async def list_runs(request: web.Request) -> web.Response:
-    check_token(request, request.app[TOKEN])
+    require_role(request)
     return web.json_response({"runs": await request.app[RUNS].store.run(_list_runs)})
 
 
 async def get_run(request: web.Request) -> web.Response:
-    check_token(request, request.app[TOKEN])
+    require_role(request)
     run = run_name_of(request)
     service: RunService = request.app[RUNS]
     limit = _query_int(request, "steps", 20, 1, MAX_REPORTS)
@@ -677,7 +795,7 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def get_reports(request: web.Request) -> web.Response:
-    check_token(request, request.app[TOKEN])
+    require_role(request)
     run = run_name_of(request)
     since = _query_int(request, "since", 0, 0, 10**12)
     limit = _query_int(request, "limit", MAX_REPORTS, 1, MAX_REPORTS)

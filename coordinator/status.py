@@ -1,7 +1,17 @@
 """Status routes: the HTML page at / (static files, no CDN) and GET /api/status, which the page
 polls every second, `peer status` prints and /metrics reads.
 
-/api/status is assembled from named *sections*. Each section is computed on its own and a failing
+/api/status is assembled from named *sections*. Two views (issue 14 item 5): an unauthenticated
+request (``request[PRINCIPAL]`` None, set by the auth middleware) gets the *public* view, which
+holds no peer addresses (announced or observed), no probe errors, no peer metadata beyond
+device/memory/roles, no run configs, no state hashes and no event details that name addresses; a
+principal with role ``operator`` gets everything (``"view": "operator"``).
+
+Paging: ``peers`` (join order), ``events`` (newest first) and ``runs`` (creation order) are
+returned a page at a time: query ``peers_offset``/``peers_limit`` (and ``events_``, ``runs_``),
+defaults and caps in :data:`PAGE_DEFAULTS`; ``pages`` says {offset, limit, total} per list. The
+``links`` matrix covers the live peers of the current page; ``counts``, ``inference`` and the
+tiles are computed over everyone. Each section is computed on its own and a failing
 or missing source yields that section's empty value (plus a line in ``section_errors``), never an
 error answer: the page must keep working while one part of the coordinator is broken.
 
@@ -10,7 +20,9 @@ Sections and their JSON shapes (documented here because peers and other route gr
 ``coordinator``  {version, time, started_at, uptime_s, heartbeat_interval, peer_timeout, grace_until}
 ``counts``       {state: number of peers} for every state (joining active suspect dead left)
 ``peers``        [{peer_id, address, state, device, memory, roles, throughput, meta, stats,
-                   joined_at, last_heartbeat, heartbeat_age_s, state_since, incarnation}]
+                   joined_at, last_heartbeat, heartbeat_age_s, state_since, incarnation,
+                   observed, reachable, probe_rtt_s, probe_error, probed_at}] -- ``reachable``:
+                   null until the join's dial-back probe ends (coordinator/reachability.py)
 ``events``       [{ts, peer_id, kind, detail}], newest first
 ``runs``         [{run_id, state, config, generation, outer_step, tokens, participants: [peer_id],
                    members_training, bytes_on_wire, utilization, hash_agreement: {step, agreed,
@@ -21,12 +33,15 @@ Sections and their JSON shapes (documented here because peers and other route gr
 ``inference``    [{model, n_blocks, coverage: [servers per block], gaps: [[start, end)],
                    complete, sessions, tokens_per_s, servers: [{peer_id, state, blocks: [start, end),
                    sessions, tokens_per_s}]}] -- derived from serving peers' heartbeat stats
-``links``        {peers: [peer_id], rows: {src: {dst: {rtt_s, ping_rtt_s, bandwidth_Bps}}}}
+``links``        {peers: [peer_id], rows: {src: {dst: {rtt_s, ping_rtt_s, bandwidth_Bps, path}}}}
                    -- each live peer's row of the measured link matrix, from heartbeat stats
 ``checkpoints``  [{run, step, size_bytes, state_hash, created, tensors}], newest first
 ``offenses``     {ban_after, peers: [{peer_id, reports, reporters, codes, last: {ts, run, step,
                    reporter, code, detail}, banned}], bans: [{peer_id, ts, reason, source}]}
                    -- poisoned-update reports and bans (coordinator/offenses.py)
+``reachability`` {reachable, unreachable, unprobed}: live peers by dial-back outcome
+``pages``        {peers|events|runs: {offset, limit, total}}
+``view``         "public" | "operator"
 ``checkpoint_store`` {backend: local|s3, keep_last, keep_every, gc_grace_s, last_prune: {run, step,
                    at, deleted_steps, chunks_removed} | null} -- retention (checkpoint_routes.py)
 
@@ -46,11 +61,12 @@ import inspect
 import json
 import logging
 import math
+import re
 import sqlite3
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
@@ -59,7 +75,8 @@ from coordinator.checkpoints import (Backend, CheckpointError, CheckpointStore, 
                                      open_backend)
 from coordinator.offenses import BAN_AFTER, offense_summary
 from coordinator.registry import ALL_STATES, MembershipRegistry
-from coordinator.store import Store, recent_events
+from coordinator.store import Store
+from coordinator.validation import PEER_ID_RE, PRINCIPAL, bad
 
 log = logging.getLogger("lowband.coordinator.status")
 
@@ -75,7 +92,8 @@ STATUS_REGISTRY = web.AppKey("status_registry", MembershipRegistry)
 MANIFEST_CACHE = web.AppKey("status_manifest_cache", dict)
 
 # Value of each section when its source is missing or fails.
-EMPTY: dict[str, Any] = {"coordinator": {}, "counts": {}, "peers": [], "events": [], "runs": [],
+EMPTY: dict[str, Any] = {"coordinator": {}, "counts": {}, "reachability": {}, "peers": ([], 0),
+                         "events": ([], 0), "runs": ([], 0),
                          "inference": [], "links": {"peers": [], "rows": {}}, "checkpoints": [],
                          "offenses": {"ban_after": None, "peers": [], "bans": []}}
 
@@ -154,8 +172,14 @@ def inference_section(peers: list[dict]) -> list[dict]:
     return result
 
 
+# How a link is connected, as a peer reports it in ``stats.links[dst]["path"]`` (issue 15: direct
+# dial, connection reversal, hole punch, or through a relay); anything else is left out.
+LINK_PATHS = frozenset({"direct", "reversed", "punched", "relayed"})
+
+
 def links_section(peers: list[dict]) -> dict:
-    """The measured link matrix: each live peer's row (RTT, bandwidth) to the peers it knows."""
+    """The measured link matrix: each live peer's row (RTT, bandwidth, path) to the peers it
+    knows."""
     live = [p for p in peers if p["state"] in SERVING_STATES]
     ids = {p["peer_id"] for p in live}
     rows: dict[str, dict] = {}
@@ -167,7 +191,8 @@ def links_section(peers: list[dict]) -> dict:
         for dst, link in links.items():
             if dst in ids and isinstance(link, dict):
                 row[dst] = {"rtt_s": _num(link.get("rtt_s")), "ping_rtt_s": _num(link.get("ping_rtt_s")),
-                            "bandwidth_Bps": _num(link.get("bandwidth_Bps"))}
+                            "bandwidth_Bps": _num(link.get("bandwidth_Bps")),
+                            "path": link["path"] if link.get("path") in LINK_PATHS else None}
         rows[p["peer_id"]] = row
     return {"peers": [p["peer_id"] for p in live], "rows": rows}
 
@@ -176,11 +201,15 @@ def links_section(peers: list[dict]) -> dict:
 MAX_HISTORY = 500   # outer steps plotted per run
 
 
-def _runs_rows(conn: sqlite3.Connection, live: set[str]) -> list[dict]:
+def _runs_rows(conn: sqlite3.Connection, live: set[str], offset: int = 0,
+               limit: int = -1) -> tuple[list[dict], int]:
+    """One page of runs (creation order; ``limit`` -1: all) and the number of runs."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'run_reports'").fetchone() is None:
-        return []  # the runs component is not installed in this coordinator
+        return [], 0  # the runs component is not installed in this coordinator
+    (total,) = conn.execute("SELECT COUNT(*) FROM runs").fetchone()
     runs = []
-    for r in conn.execute("SELECT name, config, generation, step FROM runs ORDER BY created_at").fetchall():
+    for r in conn.execute("SELECT name, config, generation, step FROM runs ORDER BY created_at, name "
+                          "LIMIT ? OFFSET ?", (limit, offset)).fetchall():
         key = (r["name"], r["generation"])
         history = [dict(h) for h in conn.execute(
             """SELECT step, AVG(json_extract(metrics, '$.loss')) AS loss,
@@ -215,7 +244,15 @@ def _runs_rows(conn: sqlite3.Connection, live: set[str]) -> list[dict]:
                      "tokens": tokens or 0, "bytes_on_wire": wire or 0,
                      "utilization": history[-1]["utilization"] if history else None,
                      "hash_agreement": agreement, "history": history})
-    return runs
+    return runs, total
+
+
+def _events_page(conn: sqlite3.Connection, offset: int, limit: int) -> tuple[list[dict], int]:
+    (total,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+    rows = conn.execute("SELECT ts, peer_id, kind, detail FROM events ORDER BY id DESC "
+                        "LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+    return [{"ts": r["ts"], "peer_id": r["peer_id"], "kind": r["kind"],
+             "detail": json.loads(r["detail"])} for r in rows], total
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -240,10 +277,101 @@ def _checkpoint_rows(backend: Backend, cache: dict) -> list[dict]:
     return rows[:MAX_CHECKPOINTS]
 
 
+# -- views and pages ------------------------------------------------------------------------------
+# list -> (default limit, largest limit a request may ask for)
+PAGE_DEFAULTS = {"peers": (200, 1000), "events": (20, 500), "runs": (20, 100)}
+ALL = -1  # SQLite's "no limit"
+
+
+@dataclass(frozen=True)
+class Pages:
+    """(offset, limit) per paged list; limit ALL = everything (internal callers only)."""
+
+    peers: tuple[int, int] = (0, PAGE_DEFAULTS["peers"][0])
+    events: tuple[int, int] = (0, PAGE_DEFAULTS["events"][0])
+    runs: tuple[int, int] = (0, PAGE_DEFAULTS["runs"][0])
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> "Pages":
+        """Parse ``<list>_offset`` / ``<list>_limit``; ApiError 400 on anything else."""
+        pages = {}
+        for name, (default, cap) in PAGE_DEFAULTS.items():
+            offset = _int_param(query, f"{name}_offset", 0, 0, 10**9)
+            limit = _int_param(query, f"{name}_limit", default, 0, cap)
+            pages[name] = (offset, limit)
+        return cls(**pages)
+
+
+DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
+
+
+def _int_param(query: Mapping[str, str], key: str, default: int, low: int, high: int) -> int:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise bad(f"query parameter {key!r} must be an integer in [{low}, {high}]")
+    return int(raw)
+
+
+# Peer fields the public view keeps; stats keep only the measured link rows (numbers).
+PUBLIC_PEER_FIELDS = ("peer_id", "state", "device", "memory", "roles", "throughput", "joined_at",
+                      "last_heartbeat", "heartbeat_age_s", "state_since", "incarnation",
+                      "reachable", "probe_rtt_s", "probed_at")
+# Event details that may name addresses (or carry a probe error that does).
+PRIVATE_DETAIL = frozenset({"address", "observed", "announced", "error"})
+
+
+def public_view(status: dict) -> dict:
+    """The /api/status an unauthenticated caller sees (see the module docstring)."""
+    out = dict(status)
+    out["view"] = "public"
+    out["peers"] = [{**{k: p.get(k) for k in PUBLIC_PEER_FIELDS},
+                     "stats": {"links": _links_of(p)}} for p in status["peers"]]
+    out["events"] = [{**e, "detail": {k: v for k, v in e["detail"].items() if k not in PRIVATE_DETAIL}
+                      if isinstance(e.get("detail"), dict) else {}} for e in status["events"]]
+    out["runs"] = [_public_run(r) for r in status["runs"]]
+    out["checkpoints"] = [{k: v for k, v in c.items() if k != "state_hash"}
+                          for c in status["checkpoints"]]
+    out["section_errors"] = {name: "unavailable" for name in status["section_errors"]}
+    return out
+
+
+def _links_of(peer: dict) -> dict:
+    """A peer's measured links as published: peer-id keys and the numbers the page reads only
+    (the row is peer-supplied; the public view repeats no free-form text from it)."""
+    stats = peer.get("stats")
+    links = stats.get("links") if isinstance(stats, dict) else None
+    if not isinstance(links, dict):
+        return {}
+    return {dst: {k: _num(link.get(k)) for k in ("rtt_s", "ping_rtt_s", "bandwidth_Bps")}
+            for dst, link in links.items()
+            if isinstance(dst, str) and PEER_ID_RE.match(dst) and isinstance(link, dict)}
+
+
+def _public_run(run: dict) -> dict:
+    out = {k: v for k, v in run.items() if k not in ("config", "hash_agreement")}
+    agreement = run.get("hash_agreement")
+    if agreement is not None:  # how many peers hold each distinct hash, not the hashes
+        out["hash_agreement"] = {"step": agreement["step"], "agreed": agreement["agreed"],
+                                 "groups": sorted((len(p) for p in agreement["hashes"].values()),
+                                                  reverse=True)}
+    else:
+        out["hash_agreement"] = None
+    return out
+
+
+def is_operator(request: web.Request) -> bool:
+    principal = request.get(PRINCIPAL)
+    return principal is not None and "operator" in (getattr(principal, "roles", None) or ())
+
+
 # -- assembly -------------------------------------------------------------------------------------
-async def assemble_status(app: web.Application) -> dict:
-    """Every section of /api/status; one failing source empties only its own section."""
+async def assemble_status(app: web.Application, pages: Pages | None = None) -> dict:
+    """Every section of /api/status (the operator view); one failing source empties only its own
+    section. ``pages``: which page of each list (default: the first of each)."""
     registry, store = app[STATUS_REGISTRY], app[STATUS_STORE]
+    pages = pages or Pages()
     errors: dict[str, str] = {}
 
     async def guarded(name: str, compute: Callable[[], Any]) -> Any:
@@ -256,9 +384,18 @@ async def assemble_status(app: web.Application) -> dict:
             errors[name] = f"{type(e).__name__}: {e}"[:300]
             return EMPTY[name] if name in EMPTY else None
 
-    peers = await guarded("peers", registry.peers)
+    page_info = {}
+
+    async def paged(name: str, compute: Callable[[], Any]) -> list:
+        offset, limit = getattr(pages, name)
+        rows, total = await guarded(name, compute) or ([], 0)
+        page_info[name] = {"offset": offset, "limit": limit, "total": total}
+        return rows
+
+    peers = await paged("peers", lambda: registry.page(*pages.peers))
+    serving, live = await guarded("inference", lambda: registry.serving(SERVING_STATES)) or ([], set())
+    counts = await guarded("counts", registry.counts)
     now = time.time()
-    counts = Counter(p["state"] for p in peers)
     status = {
         "coordinator": {
             "version": VERSION,
@@ -270,20 +407,22 @@ async def assemble_status(app: web.Application) -> dict:
             "grace_until": registry.grace_until,
         },
         "counts": {s: counts.get(s, 0) for s in ALL_STATES},
+        "reachability": await guarded("reachability", registry.reachability),
         "peers": peers,
-        "events": await guarded("events", lambda: store.run(recent_events, 20)),
+        "events": await paged("events", lambda: store.run(_events_page, *pages.events)),
     }
 
-    status["inference"] = await guarded("inference", lambda: inference_section(peers))
+    status["inference"] = await guarded("inference", lambda: inference_section(serving))
     status["links"] = await guarded("links", lambda: links_section(peers))
     backend = app.get(CHECKPOINTS) or open_backend(store.data_dir)
     status["checkpoints"] = await guarded("checkpoints", lambda: asyncio.to_thread(
         _checkpoint_rows, backend, app[MANIFEST_CACHE]))
     status["checkpoint_store"] = checkpoint_store_info(app)
-    live = {p["peer_id"] for p in peers if p["state"] in SERVING_STATES}
-    status["runs"] = await guarded("runs", lambda: store.run(_runs_rows, live))
+    status["runs"] = await paged("runs", lambda: store.run(_runs_rows, live, *pages.runs))
     offenses = await guarded("offenses", lambda: store.run(offense_summary))
     status["offenses"] = {**offenses, "ban_after": app.get(BAN_AFTER)}
+    status["pages"] = page_info
+    status["view"] = "operator"
     status["section_errors"] = errors
     return status
 
@@ -302,7 +441,8 @@ async def static_file(request: web.Request) -> web.FileResponse:
 
 
 async def api_status(request: web.Request) -> web.Response:
-    return web.json_response(await assemble_status(request.app))
+    status = await assemble_status(request.app, Pages.from_query(request.query))
+    return web.json_response(status if is_operator(request) else public_view(status))
 
 
 def setup_status(app: web.Application, store: Store, registry: MembershipRegistry) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,12 +62,15 @@ class Store:
     def open(self) -> None:
         """Create/open the database; raise StoreError with a readable reason on failure."""
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # 0700/0600: the database holds invite secrets (coordinator/auth.py)
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create data dir {self.data_dir}: {e.strerror or e}") from e
         if not self.data_dir.is_dir():
             raise StoreError(f"data dir {self.data_dir} is not a directory")
         try:
+            self.path.touch(mode=0o600, exist_ok=True)
+            os.chmod(self.path, 0o600)  # SQLite gives its -wal and -shm files the same mode
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
@@ -76,7 +80,7 @@ class Store:
             if check != "ok":
                 raise StoreError(f"database {self.path} is corrupt: {check}")
             conn.executescript(_CORE_SCHEMA)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, OSError) as e:
             raise StoreError(f"cannot use database {self.path}: {e}") from e
         self._conn = conn
         self.apply_schema("events", EVENTS_MIGRATIONS)

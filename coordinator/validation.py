@@ -1,19 +1,18 @@
 """Request checking shared by every route group: body limits, JSON parsing, typed field access,
-the swarm token and signed peer requests. Every failure is an :class:`ApiError`, which the app's
+and the check that a signed request's body is the one it signed (authentication itself:
+coordinator/auth.py). Every failure is an :class:`ApiError`, which the app's
 middleware turns into a JSON answer ``{"error": code, "message": text}`` (never a 500)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import re
-import time
 
 from aiohttp import web
 
-from peer.identity import peer_id_from_public, verify_signature
-from peer.membership import canonical_json, signing_bytes
+from peer.membership import canonical_json
+from peer.reqsign import H_BODY, body_sha
 
 PEER_ID_RE = re.compile(r"^[0-9a-f]{40}$")
 HEX_RE = re.compile(r"^[0-9a-f]*$")
@@ -39,9 +38,12 @@ class RateLimited(ApiError):
         self.retry_after = retry_after
 
 
-# Request-rate buckets of the app (peer.ratelimit.RateLimiter): "peer" keyed by the peer id of
-# signed requests, "address" keyed by the remote address of every other request.
+# Request-rate buckets of the app (peer.ratelimit.RateLimiter): "address" keyed by the remote
+# address of every request, "peer" keyed by the identity of every signed one.
 RATE_LIMITERS = web.AppKey("rate_limiters", dict)
+# The authenticated sender of a request (coordinator/auth.py:Principal), set by the auth
+# middleware on every request: None on the public routes (docs/security.md §Signed coordinator requests).
+PRINCIPAL = web.RequestKey("principal", object)
 
 
 def charge(request: web.Request, kind: str, key: str) -> None:
@@ -73,6 +75,7 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict:
         raise ApiError(408, "body_timeout", f"body not received within {BODY_TIMEOUT_S:g}s") from None
     except ConnectionError:  # the client went away mid-body: its fault, not a server error
         raise ApiError(400, "incomplete_body", "connection lost while receiving the body") from None
+    check_body(request, body)
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         canonical_json(data)  # re-encodable (no NaN, not absurdly deep): later signing cannot fail
@@ -128,45 +131,11 @@ def get_address(body: dict, key: str = "address") -> str:
     return address
 
 
-def check_token(request: web.Request, token: str) -> None:
-    """Require ``Authorization: Bearer <swarm token>`` (constant-time comparison)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise ApiError(401, "missing_token", "missing swarm token (send Authorization: Bearer <token>)")
-    # aiohttp keeps undecodable header bytes as surrogates: compare those bytes, do not crash on them
-    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")):
-        raise ApiError(401, "bad_token", "wrong swarm token")
-
-
-def get_public_key(body: dict) -> bytes:
-    key_hex = get_str(body, "public_key", max_len=64, pattern=HEX_RE)
-    if len(key_hex) != 64:
-        raise bad("field 'public_key' must be 32 bytes of hex")
-    return bytes.fromhex(key_hex)
-
-
-def check_signed(body: dict, action: str, public_key: bytes, max_skew_s: float) -> None:
-    """Verify the peer's Ed25519 signature and timestamp on a membership request."""
-    peer_id = get_str(body, "peer_id", max_len=40, pattern=PEER_ID_RE)
-    if peer_id_from_public(public_key) != peer_id:
-        raise ApiError(403, "peer_id_mismatch", "peer_id is not the hash of the public key")
-    timestamp = get_number(body, "timestamp")
-    skew = abs(time.time() - timestamp)
-    if skew > max_skew_s:
-        raise ApiError(403, "clock_skew", f"request timestamp is {skew:.0f}s off the coordinator "
-                                          f"clock (limit {max_skew_s:.0f}s); fix the clock")
-    sig_hex = get_str(body, "signature", max_len=128, pattern=HEX_RE)
-    if len(sig_hex) != 128:
-        raise bad("field 'signature' must be 64 bytes of hex")
-    if not verify_signature(public_key, bytes.fromhex(sig_hex), signing_bytes(action, body)):
-        raise ApiError(403, "bad_signature", f"signature on {action} does not verify")
-
-
-def check_signed_request(request: web.Request, body: dict, action: str, public_key: bytes,
-                         max_skew_s: float) -> str:
-    """:func:`check_signed`, then charge the verified peer id's request-rate bucket (signed
-    requests are limited per peer, not per address: many peers may share one). -> peer id."""
-    check_signed(body, action, public_key, max_skew_s)
-    charge(request, "peer", body["peer_id"])
-    return body["peer_id"]
+def check_body(request: web.Request, data: bytes | bytearray | memoryview) -> None:
+    """On a signed request the bytes read must be the bytes signed (``X-Lowband-Body``, see
+    peer/reqsign.py); 400 ``body_mismatch`` otherwise. Every body reader calls this."""
+    if request.get(PRINCIPAL) is None:
+        return
+    if body_sha(data) != request.headers.get(H_BODY):
+        raise ApiError(400, "body_mismatch", f"body does not hash to {H_BODY} (altered in "
+                                             "transit, or signed over other bytes)")

@@ -35,8 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +123,9 @@ class Swarm:
 
     workdir: Path
     verbose: bool
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # 256 bits
     url: str = ""
+    reader: Any = None                     # peer.membership.BlockingClient admitted with the token
     coordinator: Child | None = None
     peers: list[Child] = field(default_factory=list)
 
@@ -159,14 +158,17 @@ class Swarm:
         return child.ready
 
     def api(self, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        """A signed GET (no bearer secret: the demo's reader is admitted with the token)."""
+        from peer.membership import BlockingClient, CoordinatorError, CoordinatorUnavailable
+
+        if self.reader is None:
+            self.reader = BlockingClient(self.url, token=self.token, timeout=30)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise DemoError(f"coordinator answered {e.code} to GET {path}: {e.read()[:300]!r}") from None
-        except (urllib.error.URLError, OSError) as e:
+            return self.reader.get(path)
+        except CoordinatorUnavailable as e:
             raise DemoError(f"coordinator unreachable (GET {path}): {e}") from None
+        except CoordinatorError as e:
+            raise DemoError(f"coordinator answered {e.status} to GET {path}: {e}") from None
 
     def start_coordinator(self, port: int) -> str:
         self.token_file.write_text(self.token)

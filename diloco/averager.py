@@ -1,13 +1,16 @@
 """How trainers average pseudo-gradients: the `Averager` protocol and an in-process group.
 
 The trainers in this package never touch the network. They hand fp32 tensors to an `Averager`
-and get a `concurrent.futures.Future` of the MEAN over the participants. The mesh implementation
+and get a `concurrent.futures.Future` of the MEAN over the participants, weighted by what each
+contributed when they pass a ``weight`` (the batches of their inner phase: a peer that trained
+on more data counts for more; ``weighted_mean`` below is the rule). The mesh implementation
 (collectives.all_reduce running on the peer's asyncio loop thread, codec chosen there) lives with
 the peer role; `LocalGroup` below is the IN-PROCESS implementation: K trainers running in threads
 of one process, averaged exactly in fp32, for unit tests and simulations only.
 """
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,11 +24,48 @@ from .errors import AveragingError, ConfigError
 
 class AverageResult(list):
     """The averaged tensors (a `list[Tensor]`) plus how many peers took part, when the
-    averager knows it (`participants is None` otherwise)."""
+    averager knows it (`participants is None` otherwise), and for a weighted average the sum of
+    the participants' weights (`total_weight`; None: equal weights)."""
 
-    def __init__(self, tensors: list[Tensor], participants: int | None = None) -> None:
+    def __init__(self, tensors: list[Tensor], participants: int | None = None,
+                 total_weight: float | None = None) -> None:
         super().__init__(tensors)
         self.participants = participants
+        self.total_weight = total_weight
+
+
+def check_weight(weight: float | None) -> float | None:
+    """A contribution's weight: None (equal weights) or a finite number >= 0."""
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+            not math.isfinite(weight) or weight < 0:
+        raise AveragingError(f"an average's weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def weighted_terms(tensors: list[Tensor], weight: float) -> list[Tensor]:
+    """w * d in fp32 on the tensors' devices: what a peer puts into a weighted SUM."""
+    return [t.detach().to(torch.float32) * weight for t in tensors]
+
+
+def divide_once(summed: list[Tensor], total: float) -> list[Tensor]:
+    """sum(w_i * d_i) / sum(w_i): one fp32 division of the (bit-identical) sums by the same
+    total on every peer. A total of 0 (every participant sent weight 0, e.g. all joiners sending
+    zeros) averages to zeros."""
+    if total <= 0:
+        return [torch.zeros_like(t) for t in summed]
+    return [t / total for t in summed]
+
+
+def weighted_mean(contributions: list[list[Tensor]], weights: list[float]) -> list[Tensor]:
+    """The rule every averager implements: sum_i(w_i * d_i) / sum_i(w_i), the products and sums
+    in fp32, summed in the given order, divided once."""
+    sums = None
+    for terms in (weighted_terms(c, w) for c, w in zip(contributions, weights)):
+        sums = terms if sums is None else [a + b for a, b in zip(sums, terms)]
+    assert sums is not None, "no contributions"
+    return divide_once(sums, math.fsum(weights))
 
 
 @runtime_checkable
@@ -36,6 +76,8 @@ class Averager(Protocol):
     participants (an `AverageResult` when the participant count is known), with the same number,
     shapes and devices of tensors as given. Every peer passes the same `tag` for the same
     operation. The future raises on failure; it never hangs (the implementation owns a deadline).
+    ``weight``: this peer's weight (``weighted_mean``); every peer of an operation passes one
+    or none does (None: the plain mean).
     ``within_s`` (a hint): the result is not needed for about that long, so the traffic may be
     spread over it instead of bursting at the link's rate.
     """
@@ -46,13 +88,15 @@ class Averager(Protocol):
         change on another thread (the trainers weight by the count an average reports)."""
         ...
 
-    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None) -> Future[list[Tensor]]:
+    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None,
+              weight: float | None = None) -> Future[list[Tensor]]:
         ...
 
 
 @dataclass
 class _Round:
     contributions: dict[int, list[Tensor]] = field(default_factory=dict)
+    weights: dict[int, float | None] = field(default_factory=dict)
     futures: dict[int, tuple[Future, list[torch.device]]] = field(default_factory=dict)
     timer: threading.Timer | None = None
 
@@ -82,8 +126,14 @@ class LocalGroup:
             raise ConfigError(f"rank {rank} outside group of size {self.size}")
         return LocalAverager(self, rank)
 
-    def _start(self, rank: int, tensors: list[Tensor], tag: str) -> Future[list[Tensor]]:
+    def _start(self, rank: int, tensors: list[Tensor], tag: str,
+               weight: float | None = None) -> Future[list[Tensor]]:
         fut: Future[list[Tensor]] = Future()
+        try:
+            weight = check_weight(weight)
+        except AveragingError as e:
+            fut.set_exception(e)
+            return fut
         contribution = [t.detach().to("cpu", torch.float32, copy=True) for t in tensors]
         with self._lock:
             rnd = self._rounds.setdefault(tag, _Round())
@@ -91,6 +141,7 @@ class LocalGroup:
                 fut.set_exception(AveragingError(f"rank {rank} started tag {tag!r} twice"))
                 return fut
             rnd.contributions[rank] = contribution
+            rnd.weights[rank] = weight
             rnd.futures[rank] = (fut, [t.device for t in tensors])
             if rnd.timer is None:
                 rnd.timer = threading.Timer(self.timeout_s, self._expire, args=(tag, rnd))
@@ -115,15 +166,19 @@ class LocalGroup:
             for fut, _ in rnd.futures.values():
                 fut.set_exception(err)
             return
-        means = []
-        for i in range(len(shapes[0])):
-            acc = torch.zeros(shapes[0][i], dtype=torch.float32)
-            for r in range(self.size):  # fixed order -> identical bits for every member
-                acc += rnd.contributions[r][i]
-            means.append(acc / self.size)
+        weights = [rnd.weights[r] for r in range(self.size)]
+        if len({w is None for w in weights}) > 1:
+            err = AveragingError(f"tag {tag!r}: some members sent a weight and some did not")
+            for fut, _ in rnd.futures.values():
+                fut.set_exception(err)
+            return
+        total = None if weights[0] is None else math.fsum(weights)
+        # rank order: identical bits for every member; weight 1 each is the plain mean
+        means = weighted_mean([rnd.contributions[r] for r in range(self.size)],
+                              [1.0 if w is None else w for w in weights])
         for fut, devices in rnd.futures.values():
             fut.set_result(AverageResult([m.to(d, copy=True) for m, d in zip(means, devices)],
-                                         participants=self.size))
+                                         participants=self.size, total_weight=total))
 
     def _expire(self, tag: str, rnd: _Round) -> None:
         with self._lock:
@@ -147,5 +202,6 @@ class LocalAverager:
     def group_size(self) -> int:
         return self.group.size
 
-    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None) -> Future[list[Tensor]]:
-        return self.group._start(self.rank, tensors, tag)  # in-process: nothing to pace
+    def start(self, tensors: list[Tensor], tag: str, *, within_s: float | None = None,
+              weight: float | None = None) -> Future[list[Tensor]]:
+        return self.group._start(self.rank, tensors, tag, weight)  # in-process: nothing to pace

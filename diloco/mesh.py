@@ -11,7 +11,8 @@ state hash equal everywhere.
 With ``robust`` set, the average is the robust all-reduce (collectives.robust): peers whose
 pseudo-gradient is poisoned are excluded (every participant still gets the result), the
 participant count leaves them out, and ``last`` says who was excluded and which of them this
-peer caught itself as a shard owner -- what it may report to the coordinator.
+peer caught itself as a shard owner -- what it may report to the coordinator (only for an
+average over exactly the rendezvous participants, whose order fixes the shard owners).
 
 While the coordinator is unreachable, ``offline_rendezvous`` stands in for its rendezvous: the
 peers of the last completed average meet over the mesh (rule in its docstring, tags from
@@ -131,7 +132,12 @@ class MeshAverager:
         sent1, recv1 = self._traffic(others)
         # The mean is over the accepted contributions only.
         self._size = len(out.members) - len(out.offenders)
+        # What this peer caught as a shard owner; reportable only when the average ran over
+        # exactly the rendezvous participants: the coordinator checks the shard index against
+        # that ring order (after a retry over survivors the indices shift; those go unreported).
         caught = [o for o in out.findings if out.members[o.shard] == me and o.peer != me]
+        if list(out.members) != list(rv.participants):
+            caught = []
         self.last = AverageStats(list(out.members), out.attempts, sent1 - sent0, recv1 - recv0,
                                  t1 - t0, time.perf_counter() - t1, list(out.offenders), caught)
         return AverageResult(list(out), participants=self._size)

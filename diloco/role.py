@@ -13,18 +13,22 @@ What a peer does (coordinator routes: coordinator/runs.py, coordinator/checkpoin
    Shakespeare), continuing at the slot's stored position, so a successor or a restarted run
    picks up that slot's data stream where it stopped.
 2. Get the global state, verified against its hash: a snapshot from a live peer that holds the
-   current state (RPC ``diloco.snapshot``, content-addressed chunks, hash-checked), else the
-   coordinator's latest checkpoint, else the bit-identical initialization from the run seed.
+   current state (RPC ``diloco.snapshot``, content-addressed chunks, every header field
+   validated, the state checked against the coordinator's agreed hash of the step the donor
+   claims, never the donor's own: a bad donor is skipped), else the coordinator's latest
+   checkpoint, else the bit-identical initialization from the run seed.
    A peer that took a live snapshot joins mid-run: its first outer step contributes a zero
    pseudo-gradient without an inner phase, so it reaches that step's rendezvous in time.
 3. Loop: inner phase (H steps, or the ``inner_seconds`` wall-clock budget), rendezvous,
-   all-reduce of the pseudo-gradient (``MeshAverager``), Nesterov outer step, report metrics and
-   the global-state hash. With the run's ``robust`` mode on, poisoned pseudo-gradients are
-   excluded from the average; the offenses this peer caught as a shard owner are reported to
-   the coordinator (peer id, reason, step), which can ban the offender. Told to resync (late,
-   or its hash lost the majority vote), it reloads from a donor. Every ``checkpoint_every``
-   steps the coordinator designates one participant to upload a checkpoint (params, outer
-   momentum, step, config, hash) — only missing chunks.
+   all-reduce of the pseudo-gradient (``MeshAverager``), Nesterov outer step, report metrics,
+   the global-state hash and the ids the final average ran over (the coordinator benches a
+   participant missing from them: coordinator/benching.py). Only ``train`` peers may fetch a
+   snapshot. With the run's ``robust`` mode on (the default, ``detect``),
+   poisoned pseudo-gradients are excluded from the average; the offenses this peer caught as a
+   shard owner are reported to the coordinator (peer id, reason, step, shard), which can ban
+   the offender. Told to resync (late, or its hash lost the majority vote), it reloads from a
+   donor. Every ``checkpoint_every`` steps the coordinator designates one participant to upload
+   a checkpoint (params, outer momentum, step, config, hash) — only missing chunks.
 4. Coordinator outage (docs/architecture.md §Coordinator outage: collectives go on with the last known membership):
    when the coordinator has not answered a rendezvous for ``OFFLINE_AFTER_S`` (refused, timed
    out, 5xx), the peers of the last completed average take the next steps without it, meeting
@@ -65,7 +69,7 @@ from .mesh import (AverageStats, MeshAverager, NotAParticipant, Rendezvous, offl
                    step_tag)
 from .run_client import RunClient
 from .run_config import RunConfig, build_model, build_optimizer, corpus_tokens, lm_loss, shard
-from .state_io import build_manifest, global_tensors, pack, snapshot_from_tensors, unpack
+from .state_io import build_manifest, global_tensors, pack, parse_snapshot, snapshot_from_tensors
 from .train_options import TrainOptions
 
 log = logging.getLogger("lowband.train")
@@ -82,6 +86,8 @@ UPLOAD_RETRY_MAX_S = 10.0      # longest pause between upload tries while it is 
 OFFLINE_AFTER_S = 3.0
 PROBE_TIMEOUT_S = 5.0
 MAX_QUEUED_REPORTS = 10_000    # step reports kept for the coordinator (oldest dropped first)
+AGREED_WAIT_S = 15.0           # how long a joiner waits for the coordinator to agree on a step
+AGREED_POLL_S = 0.5
 
 
 class Stopping(DiLoCoError):
@@ -116,7 +122,9 @@ class TrainRole:
         self._offline = False                # the coordinator does not lead the steps now
         self._rounds = (0, 0)                # (step, rendezvous at that step that led to an average)
         # (step, state hash, metrics, wall time of the step) not yet sent to the coordinator
-        self._reports: deque[tuple[int, str, dict, float]] = deque(maxlen=MAX_QUEUED_REPORTS)
+        # (step, state hash, metrics, wall time of the step, ids the step's average ran over)
+        self._reports: deque[tuple[int, str, dict, float, list[str]]] = deque(
+            maxlen=MAX_QUEUED_REPORTS)
         self._report_lock = asyncio.Lock()   # one sender of the queue at a time
         self._answered = asyncio.Event()     # the coordinator answered since the last failure
         self._uploads: list[Future] = []
@@ -127,8 +135,8 @@ class TrainRole:
         a thread of its own."""
         self.daemon = daemon
         self.loop = asyncio.get_running_loop()
-        cfg = daemon.config
-        self.client = RunClient(cfg.coordinator, cfg.token, daemon.identity)
+        # Same coordinator, key, credential and pinned TLS certificate as the daemon's session.
+        self.client = daemon.client.derive(RunClient)
         try:
             answer = await self.client.join_run(
                 self.run, RunConfig(**self.options.config).to_dict(), sorted(self.options.config))
@@ -141,7 +149,7 @@ class TrainRole:
         except BaseException:
             await self.client.close()
             raise
-        daemon.host.handle(SNAPSHOT_METHOD, self._on_snapshot)
+        daemon.host.handle(SNAPSHOT_METHOD, self._on_snapshot, roles=("train",))
         self._thread = threading.Thread(target=self._thread_main, args=(answer,),
                                         name=f"train-{self.run}", daemon=True)
         self._thread.start()
@@ -228,34 +236,55 @@ class TrainRole:
 
     # -- global state --------------------------------------------------------------------------
     def _load(self, tensors: dict, step: int, expected_hash: str, source: str) -> None:
-        """Adopt a global state if it hashes to ``expected_hash``; otherwise keep the old one."""
+        """Adopt a global state if it hashes to ``expected_hash``; otherwise keep the old one
+        (also when it does not fit the model: ``load_snapshot`` may fail half way)."""
         assert self.trainer is not None
         with self._state_lock:
             previous = self.trainer.snapshot()
-            self.trainer.load_snapshot(snapshot_from_tensors(tensors, step))
-            got = self.trainer.global_state_hash()
-            if got != expected_hash:
+            try:
+                self.trainer.load_snapshot(snapshot_from_tensors(tensors, step))
+                got = self.trainer.global_state_hash()
+                if got != expected_hash:
+                    raise StateError(f"state from {source} hashes to {got[:12]}, expected "
+                                     f"{expected_hash[:12]}; not adopted")
+            except StateError:
                 self.trainer.load_snapshot(previous)
-                raise StateError(f"state from {source} hashes to {got[:12]}, expected "
-                                 f"{expected_hash[:12]}; not adopted")
+                raise
             self.state_hash = got
         self.source = source
         self._say(f"state from {source}: step {step} hash {got}")
 
     def _from_peer(self, donor: str) -> None:
+        """Adopt a donor's snapshot if it hashes to the coordinator's agreed hash of the step it
+        claims (never the hash the donor itself sends: a lying donor's state would pass)."""
         assert self.daemon is not None
         # one RPC answer: nothing to count until it arrives, so the elapsed time is shown
         with waiting(f"train {self.run}: state from peer {donor[:12]}", logger=log):
             header, payload = self._call(
                 self.daemon.host.call(donor, SNAPSHOT_METHOD, {"run": self.run}, b"",
                                       timeout=SNAPSHOT_TIMEOUT_S), SNAPSHOT_TIMEOUT_S + 10)
-        n = int(header["manifest_bytes"])
-        view = memoryview(payload)
-        manifest, tensors = unpack(json.loads(bytes(view[:n])), view[n:], int(header["chunk_size"]))
-        if manifest.run != self.run:
-            raise StateError(f"donor sent state of run {manifest.run}")
-        self._load(tensors, manifest.step, str(manifest.meta["global_state_hash"]),
-                   f"peer {donor[:12]}")
+        manifest, tensors = parse_snapshot(self.run, header, payload)
+        self._load(tensors, manifest.step, self._agreed_hash(manifest.step), f"peer {donor[:12]}")
+
+    def _agreed_hash(self, step: int) -> str:
+        """The coordinator's agreed hash of the global state after ``step``
+        (``state_hashes`` of ``GET /api/runs/RUN``, coordinator/votes.py). For the run's
+        current step the donors' own reports may still be on their way: ask again for
+        ``AGREED_WAIT_S``; any other step without one fails at once (a donor claiming a step
+        the run never reached wastes no time)."""
+        assert self.client is not None
+        end = time.monotonic() + AGREED_WAIT_S
+        while True:
+            info = self._call(self.client.run_info(self.run))
+            hashes = info.get("state_hashes")
+            agreed = hashes.get(str(step)) if isinstance(hashes, dict) else None
+            if isinstance(agreed, str) and len(agreed) == 64:
+                return agreed
+            if step != info.get("step") or time.monotonic() >= end:
+                raise StateError(f"the coordinator has no agreed state hash for step {step} of "
+                                 f"run {self.run}; the donor's state cannot be verified")
+            if self._stop.wait(AGREED_POLL_S):
+                raise Stopping("the peer is stopping")
 
     def _from_checkpoint(self) -> bool:
         assert self.client is not None
@@ -286,7 +315,7 @@ class TrainRole:
             try:
                 self._from_peer(donor)
                 return True
-            except (LowbandError, TimeoutError, KeyError, ValueError) as e:
+            except (LowbandError, TimeoutError) as e:  # every donor field is validated: skip it
                 log.warning("snapshot from %s failed: %s", donor[:12], e)
         return False
 
@@ -389,8 +418,12 @@ class TrainRole:
         self._generation = int(answer["generation"])
         self._checkpoint_due = bool(answer["checkpoint"])
         if not answer["participant"]:
+            bench = answer.get("bench") or {}
             why = ("arrived late" if answer["late"] else
                    "state hash lost the majority vote" if answer["majority_hash"] != base else
+                   f"benched until step {bench['until_step']} (it was counted in an average it "
+                   f"did not take part in)" if bench.get("until_step", 0) >= step else
+                   "newcomers wait for a free place in a window" if "bench" in answer else
                    "the coordinator did not count this peer as live")
             raise NotAParticipant(f"outer step {step}: {why}",
                                   [d["peer_id"] for d in answer.get("donors", [])], answer["late"])
@@ -417,11 +450,11 @@ class TrainRole:
         the coordinator does not answer (the rest stay queued); a report it refuses is dropped."""
         async with self._report_lock:
             while self._reports:
-                step, state_hash, metrics, at = self._reports[0]
+                step, state_hash, metrics, at, averaged = self._reports[0]
                 # The coordinator dates the report back by the time it waited here.
                 metrics = {**metrics, "queued_s": round(max(0.0, time.time() - at), 3)}
                 try:
-                    await self.client.report(self.run, step, state_hash, metrics)
+                    await self._report(step, state_hash, metrics, averaged)
                 except CoordinatorUnavailable:
                     self._answered.clear()
                     raise
@@ -429,6 +462,16 @@ class TrainRole:
                     log.warning("report for step %d refused: %s", step, e)
                 self._answered.set()
                 self._reports.popleft()
+
+    async def _report(self, step: int, state_hash: str, metrics: dict,
+                      averaged: list[str]) -> dict:
+        """One step report, with ``averaged``: the peers the final average ran over (the fault
+        layer's survivors), which the coordinator compares with the window's participants to
+        bench silent ones (coordinator/benching.py)."""
+        assert self.client is not None
+        # (a stats-less step has no member list to send)
+        return await self.client.report(self.run, step, state_hash, metrics,
+                                        averaged if self.daemon.peer_id in averaged else None)
 
     def _inner_phase(self) -> InnerReport:
         """H inner steps, or as many as fit in ``inner_seconds``; one step at a time so that a
@@ -501,7 +544,7 @@ class TrainRole:
             metrics["offline"] = 1
         # Queued, then sent at once while the coordinator leads (the next rendezvous may break a
         # tie with it); offline, the next offline rendezvous sends the queue (its probe).
-        self._reports.append((step, self.state_hash, metrics, time.time()))
+        self._reports.append((step, self.state_hash, metrics, time.time(), sorted(stats.members)))
         if not self._offline:
             try:
                 self._call(self._send_reports())
@@ -528,7 +571,9 @@ class TrainRole:
             self._say(f"step {step}: excluded peer {o.peer}: {o.reason()}")
         if not stats.caught or self._offline:  # offline nobody hears it; it stays excluded anyway
             return
-        offenses = [{"peer_id": o.peer, "code": o.code, "detail": o.detail} for o in stats.caught]
+        # The shard index lets the coordinator check this peer owned the shard it screened.
+        offenses = [{"peer_id": o.peer, "code": o.code, "detail": o.detail, "shard": o.shard}
+                    for o in stats.caught]
         try:
             answer = self._call(self.client.report_offenses(self.run, step, offenses))
         except (LowbandError, TimeoutError) as e:

@@ -1,6 +1,7 @@
 """Peer-side HTTP client of the coordinator's run and checkpoint routes (coordinator/runs.py,
-coordinator/checkpoint_routes.py). Run requests are signed like membership requests, so a token
-holder cannot act as another peer in a rendezvous."""
+coordinator/checkpoint_routes.py). Every request is signed by the peer's key like any other
+coordinator request (peer/membership.py, peer/reqsign.py), chunk uploads included (the body hash
+is signed), so nobody can act as another peer in a rendezvous or upload in its name."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ from urllib.parse import quote
 from torch import Tensor
 
 from peer.blobs import Manifest, ManifestError
-from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable, signing_bytes
+from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from peer.progress import Progress
 
 from .errors import StateError
@@ -27,22 +28,20 @@ RATE_LIMIT_RETRIES = 5
 
 
 class RunClient(CoordinatorClient):
-    """``CoordinatorClient`` plus the run and checkpoint calls of one peer."""
+    """``CoordinatorClient`` plus the run and checkpoint calls of one peer. A daemon's role gets
+    one with ``daemon.client.derive(RunClient)`` (same coordinator, key, credential, TLS pin)."""
 
-    def __init__(self, url: str, token: str | bytes | None, identity, *,
-                 timeout: float = SYNC_REQUEST_TIMEOUT_S) -> None:
-        super().__init__(url, token, identity, timeout=timeout)
+    def __init__(self, url: str | None, token: str | bytes | None = None, identity=None, *,
+                 timeout: float = SYNC_REQUEST_TIMEOUT_S, **kwargs: Any) -> None:
+        super().__init__(url, token, identity, timeout=timeout, **kwargs)
 
-    async def _signed_at(self, action: str, path: str, fields: dict) -> dict:
+    async def _post(self, path: str, fields: dict) -> dict:
         """A signed POST; asked to slow down (429: rate or capacity limit), it waits and asks
         again a few times (every run request is idempotent)."""
-        identity = self._need_identity()
         retries = 0
         while True:
-            body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
-            body["signature"] = identity.sign(signing_bytes(action, body)).hex()
             try:
-                return await self._request("POST", path, body)
+                return await self._request("POST", path, fields)
             except CoordinatorError as e:
                 if e.status != 429 or retries == RATE_LIMIT_RETRIES:
                     raise
@@ -54,8 +53,7 @@ class RunClient(CoordinatorClient):
         """Create-or-get ``run``: the stored config (the creator's), ``conflicts`` with the
         ``explicit`` keys of ``config``, this peer's data ``slot``/``slot_position``, the run's
         ``step``, ``latest_checkpoint`` and current ``donors``."""
-        return await self._signed_at("run_join", f"/runs/{quote(run)}",
-                                     {"config": config, "explicit": explicit})
+        return await self._post(f"/runs/{quote(run)}", {"config": config, "explicit": explicit})
 
     async def sync(self, run: str, step: int, base_hash: str, *, deadline_s: float,
                    unavailable_s: float | None = None) -> dict:
@@ -70,8 +68,8 @@ class RunClient(CoordinatorClient):
         down_since: float | None = None
         while True:
             try:
-                answer = await self._signed_at("run_sync", f"/runs/{quote(run)}/sync",
-                                               {"step": step, "base_hash": base_hash})
+                answer = await self._post(f"/runs/{quote(run)}/sync",
+                                          {"step": step, "base_hash": base_hash})
                 if not answer.get("pending"):
                     return answer
                 delay, down_since = 0.25, None
@@ -87,18 +85,24 @@ class RunClient(CoordinatorClient):
                 raise CoordinatorUnavailable(f"rendezvous for step {step} of run {run} did not "
                                              f"close within {deadline_s:.0f}s")
 
-    async def report(self, run: str, step: int, state_hash: str, metrics: dict) -> dict:
-        return await self._signed_at("run_report", f"/runs/{quote(run)}/report",
-                                     {"step": step, "state_hash": state_hash, "metrics": metrics})
+    async def report(self, run: str, step: int, state_hash: str, metrics: dict,
+                     averaged: list[str] | None = None) -> dict:
+        """Report the global-state hash after outer step ``step``; ``averaged``: the peers the
+        final average ran over, which the coordinator checks against the window's participants
+        (coordinator/benching.py)."""
+        body = {"step": step, "state_hash": state_hash, "metrics": metrics}
+        if averaged is not None:
+            body["averaged"] = averaged
+        return await self._post(f"/runs/{quote(run)}/report", body)
 
     async def report_offenses(self, run: str, step: int, offenses: list[dict]) -> dict:
         """Report the peers this peer caught sending a poisoned pseudo-gradient at outer step
         ``step`` (``[{peer_id, code, detail}]``); the answer lists those now ``banned``."""
-        return await self._signed_at("run_offense", f"/runs/{quote(run)}/offenses",
-                                     {"step": step, "offenses": offenses})
+        return await self._post(f"/runs/{quote(run)}/offenses",
+                                {"step": step, "offenses": offenses})
 
     async def leave_run(self, run: str) -> dict:
-        return await self._signed_at("run_leave", f"/runs/{quote(run)}/leave", {})
+        return await self._post(f"/runs/{quote(run)}/leave", {})
 
     async def run_info(self, run: str) -> dict:
         return await self._request("GET", f"/runs/{quote(run)}")
@@ -106,7 +110,7 @@ class RunClient(CoordinatorClient):
     # -- checkpoints ---------------------------------------------------------------------------
     async def _raw(self, method: str, path: str, data: bytes | memoryview | None = None) -> bytes:
         """A request whose body and/or answer are raw bytes; errors as in ``_request``."""
-        status, body = await self._exchange(method, path, data)
+        status, body = await self._send(method, path, data)
         if status >= 500:
             raise CoordinatorUnavailable(f"coordinator {self.url}: HTTP {status}", status=status)
         if status >= 400:

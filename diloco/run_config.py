@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.model import Llama, LlamaConfig
+from pipeline.tokenizer import Tokenizer
 
 from .data import TokenShards, cache_root, reference_tokenizer, shakespeare_corpus, tokenize_corpus
 from .run_spec import CODECS, ROBUST_MODES, RunConfig  # noqa: F401 (re-exported: the torch-free part)
@@ -36,6 +37,31 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    @staticmethod
+    def hf() -> Tokenizer:
+        """The same ids as a Hugging Face tokenizer, for exports: GPT-2's byte-level alphabet
+        with one token per byte (id = byte value) and no merges; eos is id 0."""
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        tk = HFTokenizer(models.BPE(vocab={c: b for b, c in _gpt2_byte_chars().items()}, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        return Tokenizer(tk, eos_id=ByteTokenizer.eos_id)
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what tokenizers' ByteLevel maps each byte to):
+    printable Latin-1 bytes stand for themselves, the others take code points from 256 up."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+def run_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """The tokenizer a run trains with, as a ``pipeline.tokenizer.Tokenizer`` (what an export
+    ships beside the weights)."""
+    return ByteTokenizer.hf() if cfg.tokenizer == "bytes" else reference_tokenizer()[0]
 
 
 def build_model(cfg: RunConfig) -> nn.Module:

@@ -28,19 +28,26 @@ class RunConfig:
     """Run-wide settings (defaults of docs/architecture.md §DiLoCo rules; H is small so CPU demos
     see outer steps within seconds).
 
+    inner_steps: H, the inner steps per outer step; also the batches the coordinator hands each
+    peer per inner phase (diloco/data.py: how a run's data grows with the swarm).
     inner_seconds: when set, each peer's inner phase is a wall-clock budget (heterogeneous peers
-    do as many steps as fit, so all reach the rendezvous together) instead of ``inner_steps``.
+    do as many steps as fit, so all reach the rendezvous together), capped at ``inner_steps``
+    (the peer's range of batches); pseudo-gradients are weighted by the batches each peer
+    trained on (diloco/weighted.py), so a slow peer's shorter phase counts for less.
+    data_shards: legacy (runs created by older peers store it); data is handed out in ranges of
+    one stream, not in a fixed number of shards.
     error_feedback: pre-quantize pseudo-gradients with ``codec`` under error feedback (for int4).
     zstd: compress the codec's bytes with zstd on the wire (lossless; int8 pseudo-gradients in
     bench/diloco.py: 11% fewer bytes).
     total_steps: the run ends at this outer step (0 = never).
     sync_timeout_s / min_peers: a rendezvous waits for the peers in lockstep and for at least
     min_peers arrivals, but never longer than sync_timeout_s after the first expected arrival.
-    robust: "off" averages pseudo-gradients over the ring; otherwise over the robust all-reduce,
-    whose shard owners screen every contribution (non-finite, norm above 4x the median, pointing
-    away from the coordinate-wise median), exclude offenders and aggregate the rest by "detect":
-    mean, "trimmed": trimmed mean, "clip": centered clipping. Part of the run config because
-    every participant must run the same collective.
+    robust: averages pseudo-gradients over the robust all-reduce, whose shard owners screen
+    every contribution (non-finite, norm above 4x the median, pointing away from the
+    coordinate-wise median), exclude offenders and aggregate the rest by "detect" (the default:
+    in an open swarm any participant may be hostile): mean, "trimmed": trimmed mean, "clip":
+    centered clipping; "off" averages over the ring (a trusted swarm; no screening). Part of the
+    run config because every participant must run the same collective.
     """
 
     preset: str = "tiny"
@@ -63,7 +70,7 @@ class RunConfig:
     sync_timeout_s: float = 30.0
     min_peers: int = 1
     data_shards: int = 16
-    robust: str = "off"
+    robust: str = "detect"
 
     def __post_init__(self) -> None:
         from .run_config import PRESETS  # torch: only when a config is built, not imported

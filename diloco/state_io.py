@@ -7,17 +7,20 @@ them); momenta are stored as ``MOMENTUM_PREFIX + name``.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from peer.blobs import CHUNK_SIZE, Manifest, ManifestError, TensorEntry, sha256_hex, split_chunks
+from peer.blobs import (CHUNK_SIZE, MAX_CHUNK_BYTES, Manifest, ManifestError, TensorEntry,
+                        sha256_hex, split_chunks)
 
 from .errors import StateError
 
 MOMENTUM_PREFIX = "outer_momentum."
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a manifest lists ~100 bytes per 4 MiB chunk
 _DTYPE = "F32"  # the global state is fp32 by construction (docs/architecture.md §DiLoCo rules)
 
 
@@ -104,3 +107,33 @@ def unpack(manifest_dict: Any, payload: bytes | bytearray | memoryview,
             lookup.setdefault(sha, bytes(view[a:min(start + e.nbytes, a + chunk_size)]))
         start += e.nbytes
     return manifest, tensors_from_chunks(manifest, lookup.__getitem__)
+
+
+def parse_snapshot(run: str, header: Any, payload: Any) -> tuple[Manifest, dict[str, Tensor]]:
+    """A donor's ``diloco.snapshot`` answer (header ``{manifest_bytes, chunk_size}``, payload =
+    manifest JSON + ``pack``) -> (manifest, tensors). The donor is untrusted: every field is
+    checked and anything malformed is a StateError, so the caller skips this donor. The tensors
+    are verified against the manifest's chunk hashes only; whether they are the run's state is
+    for the caller to check against the coordinator's agreed hash."""
+    if not isinstance(header, dict):
+        raise StateError(f"snapshot header is a {type(header).__name__}, not a map")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise StateError(f"snapshot payload is a {type(payload).__name__}, not bytes")
+    view = memoryview(payload).cast("B")
+    sizes = {}
+    for key, hi in (("manifest_bytes", min(len(view), MAX_MANIFEST_BYTES)),
+                    ("chunk_size", MAX_CHUNK_BYTES)):
+        value = header.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            raise StateError(f"snapshot header field {key!r} must be an integer in [1, {hi}], "
+                             f"got {value!r:.40}")
+        sizes[key] = value
+    n = sizes["manifest_bytes"]
+    try:
+        manifest_dict = json.loads(bytes(view[:n]))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise StateError(f"snapshot manifest is not JSON: {e}") from None
+    manifest, tensors = unpack(manifest_dict, view[n:], sizes["chunk_size"])
+    if manifest.run != run:
+        raise StateError(f"donor sent state of run {manifest.run}, not {run}")
+    return manifest, tensors

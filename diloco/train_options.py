@@ -18,7 +18,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "preset": ("--preset", str, "model preset (micro, tiny, smollm2-135m)"),
     "inner_steps": ("--inner-steps", int, "H: inner steps per outer step"),
     "inner_seconds": ("--inner-seconds", float,
-                      "wall-clock inner-phase budget per outer step (heterogeneous peers; 0 = use H)"),
+                      "wall-clock inner-phase budget per outer step, at most H steps (heterogeneous "
+                      "peers; 0 = use H)"),
     "total_steps": ("--outer-steps", int, "stop the run at this outer step (0 = never)"),
     "codec": ("--codec", str, "all-reduce codec for pseudo-gradients"),
     "error_feedback": ("--error-feedback", bool, "quantize pseudo-gradients under error feedback"),
@@ -34,7 +35,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "min_peers": ("--min-peers", int, "a rendezvous waits for this many peers (up to the timeout)"),
     "robust": ("--robust", str, "average over the robust all-reduce: detect (exclude poisoned "
                                 "pseudo-gradients and report their senders), trimmed / clip (and "
-                                "trimmed mean / centered clipping of the rest); off: the ring"),
+                                "trimmed mean / centered clipping of the rest); off: the plain "
+                                "ring, no screening (only for a swarm whose peers you trust)"),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"codec": CODECS, "robust": tuple(ROBUST_MODES)}
 _METAVARS = {"preset": "NAME", "inner_seconds": "SECONDS", "sync_timeout_s": "SECONDS"}

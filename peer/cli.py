@@ -4,8 +4,10 @@
 ``READY {json}`` (peer_id, address, listen, coordinator, device, pid) on stdout once it has
 joined, for scripts and tests. Everything else it says while up (role progress, per-step lines,
 errors) goes through `logging` on stderr, so ``--log-format json`` gives one JSON object per
-line; a failure to start is one ``peer: ...`` line on stderr, like any usage error. It exits 0 after a clean leave on SIGINT/SIGTERM, 2 on a usage/config error (wrong swarm token
-included), 1 on a fatal runtime error.
+line; a failure to start is one ``peer: ...`` line on stderr, like any usage error. It exits 0
+after a clean leave on SIGINT/SIGTERM, 2 when it cannot start (bad flags, a weak token, not
+admitted: used invite, wrong token, an http:// coordinator off this machine without
+--insecure), 1 on a fatal runtime error (this peer's identity revoked or banned).
 
 Building the parser imports nothing heavy (no torch, aiohttp or the role plug-ins: their flags
 come from light ``lowband.role_options`` modules), so `peer --help`, `peer id` and
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING
 
 from peer.defaults import DEFAULT_KEY_PATH, DEFAULT_LISTEN
 from peer.roles import add_role_arguments, plugin_entry_points
-from peer.runtime import CommandParser, add_logging_args, add_token_args, read_token, setup_logging
+from peer.runtime import (CommandParser, add_coordinator_args, add_logging_args,
+                          read_coordinator_args, setup_logging)
 
 if TYPE_CHECKING:
     from peer.daemon import DaemonConfig
@@ -110,7 +113,7 @@ def format_table(peers: list[PeerInfo]) -> str:
     rows = [header]
     for p in peers:
         links = p.stats.get("links", {}) if isinstance(p.stats, dict) else {}
-        rows.append((p.peer_id[:12], p.address, p.state, ",".join(p.roles) or "-",
+        rows.append((p.peer_id[:12], p.address or "hidden", p.state, ",".join(p.roles) or "-",
                      p.device or "-", _human_bytes(p.memory),
                      "-" if p.heartbeat_age_s is None else f"{p.heartbeat_age_s:.1f}s",
                      "-" if p.throughput is None else f"{p.throughput / 1e9:.1f}",
@@ -119,18 +122,28 @@ def format_table(peers: list[PeerInfo]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def run_status(url: str, token: str | None, as_json: bool) -> int:
+def run_status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from peer.identity import Identity
     from peer.membership import CoordinatorError, PeerInfo, read_status
 
     try:
-        status = read_status(url, token)
+        where = read_coordinator_args(args)
+        if args.key is not None and not args.key.expanduser().is_file():
+            raise ValueError(f"no identity key at {args.key}")
+        identity = Identity.load_or_create(args.key) if args.key is not None else None
+        status = read_status(where["coordinator"], identity, join=where["join"],
+                             insecure=where["insecure"])
+        url = where["coordinator"] or status.get("coordinator") or "coordinator"
+    except (OSError, ValueError) as e:
+        print(f"peer: {e}", file=sys.stderr)
+        return 2
     except CoordinatorError as e:
         print(f"peer: {e}", file=sys.stderr)
         return 1
-    if as_json:
+    if args.json:
         print(json.dumps(status, indent=2))
         return 0
     peers = [PeerInfo.from_dict(p) for p in status.get("peers", [])]
@@ -153,15 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "keep a mesh view of live peers and ping them (RTT in the stats), rejoin when "
                     "the coordinator comes back, leave cleanly on SIGINT/SIGTERM. Prints "
                     "'READY {json}' once joined.",
-        epilog="Exit status: 0 after a clean stop (SIGINT/SIGTERM), 2 when it cannot start "
-               "(wrong swarm token, bad flags, missing role plug-in, port in use), 1 on a fatal "
-               "error while running.")
-    join.add_argument("--coordinator", required=True, help="coordinator URL, e.g. http://HOST:8470")
-    add_token_args(join)
+        epilog="Admission: --join STRING (an invite from `coordinator invite`), --token (a closed "
+               "swarm's token) or neither (a coordinator started with --open); the credential is "
+               "kept next to the key (KEY.cred). Exit status: 0 after a clean stop "
+               "(SIGINT/SIGTERM), 2 when it cannot start (not admitted: used invite, wrong token; "
+               "bad flags, missing role plug-in, port in use), 1 on a fatal error while running "
+               "(this peer's identity revoked, banned).")
+    add_coordinator_args(join)
     join.add_argument("--listen", default=DEFAULT_LISTEN,
                       help="HOST:PORT for peer connections (port 0 = any)")
     join.add_argument("--announce", help="HOST:PORT other peers dial (default: the listen address; "
-                                         "for 0.0.0.0 the local IP that routes to the coordinator)")
+                                         "for 0.0.0.0 the IP the coordinator sees us at, with the "
+                                         "listen port). The coordinator dials it back; behind a NAT "
+                                         "that fails and peers reach us through relays")
+    join.add_argument("--no-relay", dest="relay", action="store_false",
+                      help="do not relay traffic for peers behind NATs (reachable peers relay by "
+                           "default: the end-to-end encryption passes through unread)")
+    join.add_argument("--relay-rate", type=float, metavar="MBIT",
+                      help="cap all relayed traffic at MBIT Mbit/s (default: uncapped)")
     join.add_argument("--key", type=Path, default=DEFAULT_KEY_PATH,
                       help="Ed25519 identity key file, created if missing")
     join.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -184,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the coordinator's membership table",
                             description="Print every peer the coordinator knows: state, address, "
                                         "roles, device, memory, heartbeat age, throughput, links.")
-    status.add_argument("--coordinator", required=True, help="coordinator URL")
-    add_token_args(status, "$LOWBAND_TOKEN; status is readable without one")
+    add_coordinator_args(status, token=False)
+    status.add_argument("--key", type=Path,
+                        help="sign the request with this identity key: an admitted operator sees "
+                             "every peer's address and stats (default: the public view)")
     status.add_argument("--json", action="store_true", help="print the raw /api/status JSON")
 
     ident = sub.add_parser("id", help="print this peer's id (creates the key if missing)",
@@ -265,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is not None:
         return args.run(args)
     if args.command == "status":
-        return run_status(args.coordinator, read_token(args.token, args.token_file), args.json)
+        return run_status(args)
     roles = {name: value for name, value in (("train", args.train), ("serve", args.serve)) if value}
     errors = role_flag_errors(args, roles)
     if errors:
@@ -280,13 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     from peer.transport import install_event_loop_policy
 
     try:
-        config = DaemonConfig(coordinator=args.coordinator,
-                              token=read_token(args.token, args.token_file) or "",
-                              listen=args.listen, announce=args.announce, key_path=args.key,
-                              device=args.device, roles=roles, ping_interval=args.ping_interval,
-                              role_options=role_options,
-                              metrics_port=args.metrics_port)
-    except DaemonError as e:
+        config = DaemonConfig(**read_coordinator_args(args), listen=args.listen,
+                              announce=args.announce, key_path=args.key, device=args.device,
+                              roles=roles, ping_interval=args.ping_interval,
+                              role_options=role_options, metrics_port=args.metrics_port,
+                              relay=args.relay, relay_rate=None if args.relay_rate is None
+                              else args.relay_rate * 1e6 / 8)
+    except (DaemonError, ValueError) as e:
         print(f"peer: {e}", file=sys.stderr)
         return 2
     install_event_loop_policy()  # uvloop where installed; plain asyncio otherwise

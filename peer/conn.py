@@ -4,6 +4,17 @@ The connection knows nothing about pools, messages or RPC: it runs the sans-IO
 :class:`~peer.handshake.Handshake`, then lets the kernel write straight into the buffer that
 :class:`~peer.secure.SecureChannel`'s incremental decoder asks for, and hands each decoded frame
 to its :class:`ConnOwner` (the PeerHost), which it reaches only through that interface.
+
+Backpressure. Every write waits while the transport's write buffer is above its high mark.
+Replies are stricter, since a peer that sends requests and never reads would otherwise make
+us buffer replies without bound: an RPC response waits *before* it is written, and while it
+waits we also stop reading from the connection (TCP then pushes back on the requester),
+unless we await something on this connection ourselves. That exception
+keeps two honest peers that serve each other large replies on one connection from both
+stopping to read (a deadlock); pausing on any full buffer would deadlock plain bidirectional
+bulk traffic. Small control replies (PONG, refusals) are never queued: :meth:`Connection.write_now`
+writes them at once or drops them. A connection that stays paused hears nothing, so the
+host's keepalive drops it after its dead-peer timeout.
 """
 from __future__ import annotations
 
@@ -33,8 +44,9 @@ class ConnOwner(Protocol):
     def conn_made(self, conn: "Connection", remote_ip: str | None) -> bool:
         """A TCP connection is up (``remote_ip`` for inbound ones); False: refuse it."""
 
-    def conn_ready(self, conn: "Connection") -> LinkStats | None:
-        """The handshake is done: the stats to count this connection's bytes in; None: refuse."""
+    def conn_ready(self, conn: "Connection") -> LinkStats:
+        """The handshake is done: the stats to count this connection's bytes in. Raises a
+        LowbandError (its text is the reason) to refuse the connection."""
 
     def conn_frame(self, conn: "Connection", frame: Frame) -> None:
         """A session frame; its payload is a bytearray the owner may keep."""
@@ -57,8 +69,14 @@ class Connection(asyncio.BufferedProtocol):
 
     _ids = itertools.count(1)
 
-    def __init__(self, owner: ConnOwner, config: ConnConfig, handshake: Handshake, where: str) -> None:
+    def __init__(self, owner: ConnOwner, config: ConnConfig, handshake: Handshake, where: str, *,
+                 path: str = "direct", relayed: bool = False) -> None:
+        """``path``: how the link is connected (direct | reversed | punched | relayed);
+        ``relayed``: the socket is a relay circuit (its remote address is the relay's, so it is
+        not counted as an inbound connection from that address)."""
         self.id = next(self._ids)
+        self.path = path
+        self.relayed = relayed
         self.owner = owner
         self.config = config
         self.hs = handshake
@@ -74,8 +92,13 @@ class Connection(asyncio.BufferedProtocol):
         self.stats = LinkStats()  # replaced by the peer's shared stats once registered
         self.calls: dict[int, asyncio.Future] = {}  # call/ping id -> future, for requests sent here
         self.inbound_ip: str | None = None  # remote IP while the owner counts it against its limits
+        # the far end's IP: its socket's, or for a relay circuit the one the relay saw (set by the owner)
+        self.remote_ip: str | None = None
         self.last_rx = time.monotonic()
-        self._reason = "closed by peer"
+        self.ping_strikes = 0  # PINGs dropped by the host's rate limit
+        self._reading_paused = False  # while a reply waits for the peer to read
+        self._held = False  # reading stopped for good here (a relay holds the socket for a circuit)
+        self._reason = f"closed by the peer or its relay ({where})" if relayed else "closed by peer"
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._hs_buf = bytearray(MAX_HANDSHAKE_FRAME)
@@ -88,10 +111,12 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport (uvloop's is not a subclass)
         ip = None
-        if not self.hs.initiator:
+        if not self.relayed:
             peer = transport.get_extra_info("peername")
-            self.where = f"{peer[0]}:{peer[1]}" if peer else self.where
-            ip = peer[0] if peer else "?"
+            self.remote_ip = str(peer[0]) if peer else None
+            if not self.hs.initiator:
+                self.where = f"{peer[0]}:{peer[1]}" if peer else self.where
+                ip = peer[0] if peer else "?"
         if not self.owner.conn_made(self, ip):
             self.closed = True
             transport.abort()
@@ -129,6 +154,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._reading_paused and not self._held:
+            self._reading_paused = False
+            if not self.closed and self.transport is not None:
+                self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -161,11 +190,11 @@ class Connection(asyncio.BufferedProtocol):
         self.peer_id = self.hs.result.peer_id
         self.channel = SecureChannel(self.hs.result.send_key, self.hs.result.recv_key,
                                      max_payload=self.config.max_payload)
-        stats = self.owner.conn_ready(self)
-        if stats is None:
-            self._fail_handshake(PeerUnavailable("host is closing"))
+        try:
+            self.stats = self.owner.conn_ready(self)
+        except LowbandError as e:
+            self._fail_handshake(e)
             return
-        self.stats = stats
         self.registered = True
         self.ready.set_result(self)
         # records that arrived with the last handshake frame go through the same decoder
@@ -187,8 +216,25 @@ class Connection(asyncio.BufferedProtocol):
                 f"handshake with {self.where} timed out after {self.config.handshake_timeout}s"))
 
     # ---------------------------------------------------------------- sending
-    async def send_frame(self, type_: int, header: dict, payload: bytes | memoryview = b"", flags: int = 0) -> None:
-        """Seal one frame into a record and write it; waits while the write buffer is full."""
+    def write_now(self, type_: int, header: dict, payload: bytes | memoryview = b"", flags: int = 0, *,
+                  even_if_full: bool = False) -> bool:
+        """Seal and write a small frame at once if the connection is open and (unless
+        ``even_if_full``) its write buffer is below its high mark; False: not written (dropped)."""
+        if (self.closed or self.channel is None or self.transport is None
+                or not (even_if_full or self._can_write.is_set())):
+            return False
+        record = self.channel.seal_frame(type_, header, payload, flags)
+        self.transport.write(record)
+        self._written += len(record)
+        self.stats.bytes_sent += len(record)
+        return True
+
+    async def send_frame(self, type_: int, header: dict, payload: bytes | memoryview = b"", flags: int = 0,
+                         reply: bool = False) -> None:
+        """Seal one frame into a record and write it; waits while the write buffer is full
+        (a ``reply`` waits before it is written, see the module docstring)."""
+        if reply and not self._can_write.is_set():
+            await self._wait_to_reply()
         if self.closed or self.channel is None or self.transport is None:
             raise PeerUnavailable(f"connection to {self.peer_id[:12]} is closed")
         # seal + write without an await in between: counters follow the byte order on the socket
@@ -203,6 +249,18 @@ class Connection(asyncio.BufferedProtocol):
             await self._can_write.wait()
         if self.closed:
             raise PeerUnavailable(f"connection to {self.peer_id[:12]} lost while sending ({self._reason})")
+
+    def hold_reading_if_full(self) -> None:
+        """A request arrived or a reply waits: stop reading while the write buffer is over its
+        mark, unless we await something on this connection (see the module docstring)."""
+        if (not self._can_write.is_set() and not self.calls and not self._reading_paused
+                and not self.closed and self.transport is not None):
+            self._reading_paused = True  # resume_writing resumes reading
+            self.transport.pause_reading()
+
+    async def _wait_to_reply(self) -> None:
+        self.hold_reading_if_full()
+        await self._can_write.wait()
 
     def _free_slot(self, payload_len: int) -> list | None:
         """A record buffer for a ``payload_len`` frame that the transport no longer references.
@@ -235,6 +293,24 @@ class Connection(asyncio.BufferedProtocol):
     def _ring_limit(self) -> int:
         assert self.channel is not None
         return self.config.write_buffer_bytes + 2 * self.channel.max_record_bytes  # ~6 MiB by default
+
+    def detach(self) -> asyncio.Transport:
+        """Stop being the socket's protocol (a relay circuit takes it over, :mod:`peer.relay`):
+        reading pauses until the new protocol resumes it, and this object sends nothing more.
+        Records are read exactly to their end, so no byte of what follows was consumed here."""
+        assert self.transport is not None
+        self.hold()
+        self.closed = True
+        self._can_write.set()  # wake writers; they see ``closed``
+        if self._timer is not None:
+            self._timer.cancel()
+        return self.transport
+
+    def hold(self) -> None:
+        """Read nothing more until the socket changes hands (:meth:`detach`)."""
+        if not self._reading_paused and not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+        self._reading_paused = self._held = True
 
     def close(self, reason: str, abort: bool = False) -> None:
         if self.closed or self.transport is None:

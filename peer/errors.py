@@ -37,6 +37,10 @@ class RemoteRateLimited(RemoteError):
     """The remote peer's request rate limit for us is exhausted; retry later."""
 
 
+class Forbidden(RemoteError):
+    """The remote peer refused the call: our credential lacks every role its handler requires."""
+
+
 class NoSuchMethod(RemoteError):
     """The remote peer has no handler for the method called."""
 

@@ -1,13 +1,20 @@
 """The tagged mailbox of a PeerHost: completed one-way messages wait here for ``recv``.
 
 Messages are keyed by (peer id, tag). A receiver already waiting gets a message directly;
-otherwise it is buffered, counted against the sending peer's unread-bytes limit.
+otherwise it is buffered, counted against the sending peer's unread-bytes limit and against a
+host-wide one (identities are free, so per-peer limits alone do not bound the host's memory).
+
+When the host-wide limit is reached, room is made before anyone is refused: first the unread
+mail of peers no longer connected is dropped, then the peer holding the most unread bytes is
+evicted (its mail dropped, the host cuts it off), unless that is the sender, whose message is
+then refused. Junk parked by many throwaway identities therefore cannot shut out honest peers.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import defaultdict, deque
+from typing import Callable
 
 from peer.errors import PeerUnavailable, TransportTimeout
 
@@ -22,8 +29,16 @@ def _expire(fut: asyncio.Future, peer_id: str, tag: str, timeout: float) -> None
 
 
 class Mailbox:
-    def __init__(self, max_bytes_per_peer: int) -> None:
+    def __init__(self, max_bytes_per_peer: int, max_bytes_total: int = 1 << 62, *,
+                 connected: Callable[[str], bool] = lambda _: True,
+                 evict: Callable[[str, str], object] = lambda peer_id, reason: None) -> None:
+        """``connected(peer_id)``: whether the peer still has a connection; ``evict(peer_id,
+        reason)``: cut a peer off whose mail was dropped to make room."""
         self.max_bytes_per_peer = max_bytes_per_peer
+        self.max_bytes_total = max_bytes_total
+        self._connected = connected
+        self._evict = evict
+        self.total = 0  # completed, unread bytes of every peer
         self._mail: dict[tuple[str, str], deque[Envelope]] = defaultdict(deque)
         self._waiters: dict[tuple[str, str], deque[asyncio.Future]] = defaultdict(deque)
         self._bytes: dict[str, int] = {}  # peer id -> completed, unread bytes
@@ -64,26 +79,56 @@ class Mailbox:
                 if not waiters:
                     del self._waiters[key]
 
-    def deliver(self, peer_id: str, tag: str, msg: Envelope) -> bool:
-        """Hand ``msg`` to a waiting receiver or buffer it; False: it would exceed the peer's
-        unread-bytes limit (dropped; the caller cuts the peer off)."""
+    def deliver(self, peer_id: str, tag: str, msg: Envelope) -> str | None:
+        """Hand ``msg`` to a waiting receiver or buffer it. Returns None, or why it was refused
+        (it would exceed the peer's or the host's unread-bytes limit; dropped, and the caller
+        cuts the peer off)."""
         key = (peer_id, tag)
         waiters = self._waiters.get(key)
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(msg)
-                return True
-        buffered, size, limit = self._bytes.get(peer_id, 0), len(msg[1]), self.max_bytes_per_peer
-        if buffered and buffered + size > limit:
-            # nobody reads what this peer sends: refuse rather than buffer without bound
-            log.warning("dropping connections to %s: %d unread bytes buffered, a %d-byte message "
-                        "under %r would exceed the %d-byte mailbox limit", peer_id[:12], buffered,
-                        size, tag, limit)
-            return False
-        self._bytes[peer_id] = buffered + size
-        self._mail[key].append(msg)
+                return None
+        buffered, size = self._bytes.get(peer_id, 0), len(msg[1])
+        # nobody reads what this peer sends: refuse rather than buffer without bound
+        if buffered and buffered + size > self.max_bytes_per_peer:
+            reason = (f"{buffered} unread bytes buffered, a {size}-byte message under {tag!r} would "
+                      f"exceed the {self.max_bytes_per_peer}-byte mailbox limit")
+        elif self.total + size > self.max_bytes_total and not self._make_room(peer_id, size):
+            reason = (f"{self.total} unread bytes buffered from all peers, a {size}-byte message "
+                      f"under {tag!r} would exceed the host-wide {self.max_bytes_total}-byte mailbox limit")
+        else:
+            self._bytes[peer_id] = buffered + size
+            self.total += size
+            self._mail[key].append(msg)
+            return None
+        return reason
+
+    def _make_room(self, sender: str, size: int) -> bool:
+        """Free buffered mail (see the module docstring) until ``size`` more bytes fit; False:
+        the sender itself holds the most, and is refused."""
+        for peer_id in [p for p in self._bytes if p != sender and not self._connected(p)]:
+            log.warning("host-wide mailbox limit reached: dropping %d unread bytes of departed peer %s",
+                        self._bytes[peer_id], peer_id[:12])
+            self.drop_peer(peer_id)
+        while self.total + size > self.max_bytes_total:
+            holder = max(self._bytes, key=self._bytes.__getitem__, default=None)
+            if holder is None or self._bytes.get(sender, 0) + size >= self._bytes[holder]:
+                return False
+            reason = (f"host-wide mailbox limit of {self.max_bytes_total} bytes reached, and this peer "
+                      f"holds the most unread bytes ({self._bytes[holder]}): its mail is dropped")
+            self.drop_peer(holder)
+            self._evict(holder, reason)
         return True
+
+    def drop_peer(self, peer_id: str) -> int:
+        """Drop every buffered message of ``peer_id``; how many bytes were freed."""
+        freed = 0
+        for key in [k for k in self._mail if k[0] == peer_id]:
+            freed += sum(len(payload) for _, payload in self._mail.pop(key))
+        self._unbuffer(peer_id, freed)
+        return freed
 
     def discard_tag(self, prefix: str) -> int:
         """Drop buffered messages whose tag starts with ``prefix``; how many were dropped."""
@@ -108,6 +153,7 @@ class Mailbox:
                     fut.set_exception(PeerUnavailable(reason))
 
     def _unbuffer(self, peer_id: str, size: int) -> None:
+        self.total -= size
         left = self._bytes.get(peer_id, 0) - size
         if left > 0:
             self._bytes[peer_id] = left

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Callable, Iterator, Union
 
-from peer.errors import NoSuchMethod, ProtocolError, RemoteBusy, RemoteError, RemoteRateLimited
+from peer.errors import Forbidden, NoSuchMethod, ProtocolError, RemoteBusy, RemoteError, RemoteRateLimited
 
 __all__ = ["STRIPED", "Kind", "ErrorCode", "Mail", "Request", "Response", "Error", "Message",
            "encode_meta", "decode_meta", "remote_error", "OutgoingMessage", "Delivery", "Reassembler"]
@@ -46,11 +46,12 @@ class ErrorCode(IntEnum):
     BUSY = 3            # too many handlers of this caller running
     RATE_LIMITED = 4
     BAD_RESPONSE = 5    # the handler's response could not be encoded
+    FORBIDDEN = 6       # the caller's credential lacks the roles the handler requires
 
 
 _ERROR_CLASSES: dict[ErrorCode, type[RemoteError]] = {
     ErrorCode.NO_SUCH_METHOD: NoSuchMethod, ErrorCode.BUSY: RemoteBusy,
-    ErrorCode.RATE_LIMITED: RemoteRateLimited}
+    ErrorCode.RATE_LIMITED: RemoteRateLimited, ErrorCode.FORBIDDEN: Forbidden}
 
 
 @dataclass(frozen=True)
@@ -219,18 +220,33 @@ class _Partial:
 @dataclass
 class _PeerState:
     partials: dict[int, _Partial] = field(default_factory=dict)
+    declared: int = 0  # sum of the declared sizes of ``partials``
+    held: int = 0  # bytes received into ``partials``
     max_striped_mid: int = -1  # highest striped message id seen
     striped_watermark: int = -1  # striped ids at or below it lost chunks with a connection
 
 
 class Reassembler:
-    """Chunks in, :class:`Delivery` out, for every peer of a host. Limits apply per peer."""
+    """Chunks in, :class:`Delivery` out, for every peer of a host.
+
+    Limits: per peer, the partial messages in flight and the sum of their declared sizes; for
+    the whole host, the bytes actually held in partial messages (``max_buffered_bytes``: with
+    free identities per-peer caps bound nothing, and counting received bytes rather than
+    declared sizes means a sender cannot reserve memory it never sends). A chunk over a limit
+    raises ProtocolError, which costs the sender its connection and frees what it held; at the
+    host-wide limit, a peer holding more than the sender is evicted first (its partial messages
+    dropped, ``evict(peer_id, reason)`` cuts it off), so parked bytes cannot shut others out.
+    """
 
     def __init__(self, max_message_bytes: int, max_pending_bytes_per_peer: int, max_partials_per_peer: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, *, max_buffered_bytes: int = 1 << 62,
+                 evict: Callable[[str, str], object] = lambda peer_id, reason: None) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_pending_bytes_per_peer = max_pending_bytes_per_peer
         self.max_partials_per_peer = max_partials_per_peer
+        self.max_buffered_bytes = max_buffered_bytes
+        self._evict = evict
+        self.buffered = 0  # bytes held in partial messages, all peers
         self._clock = clock
         self._peers: dict[str, _PeerState] = {}
 
@@ -248,6 +264,8 @@ class Reassembler:
             raise ProtocolError(f"chunk at {off} of {len(chunk)} bytes is off the {size}-byte grid of {total}")
         if off == 0 and len(chunk) == total:  # fast path: the whole message in one chunk
             return Delivery(decode_meta(header), chunk if isinstance(chunk, bytearray) else bytearray(chunk), None)
+        if self.buffered + len(chunk) > self.max_buffered_bytes:
+            self._make_room(peer_id, len(chunk))
         state = self._peers.get(peer_id)
         if state is None:
             state = self._peers[peer_id] = _PeerState()
@@ -259,19 +277,46 @@ class Reassembler:
                 state.max_striped_mid = max(mid, state.max_striped_mid)
             if len(state.partials) >= self.max_partials_per_peer:
                 raise ProtocolError(f"more than {self.max_partials_per_peer} partial messages in flight")
-            if sum(q.total for q in state.partials.values()) + total > self.max_pending_bytes_per_peer:
+            if state.declared + total > self.max_pending_bytes_per_peer:
                 raise ProtocolError(f"partial messages would exceed {self.max_pending_bytes_per_peer} bytes")
             p = state.partials[mid] = _Partial(total, size, bool(flags & STRIPED), self._clock())
+            state.declared += total
         if p.total != total or p.chunk != size:
             raise ProtocolError(f"chunk of message {mid} disagrees with its earlier chunks on sizes")
         if off == 0:
             p.message = decode_meta(header)
         p.conns.add(conn_id)
-        if not p.add(off, chunk):
+        done = p.add(off, chunk)
+        self.buffered += len(chunk)
+        state.held += len(chunk)
+        if not done:
             return None
         del state.partials[mid]
+        state.declared -= total
+        state.held -= total
+        self.buffered -= total
         assert p.message is not None  # all grid chunks present, so offset 0 is too
         return Delivery(p.message, p.buf, self._clock() - p.started)
+
+    def _drop(self, state: _PeerState, mid: int) -> None:
+        p = state.partials.pop(mid)
+        held = len(p.buf) + sum(len(c) for c in p.ahead.values())
+        state.declared -= p.total
+        state.held -= held
+        self.buffered -= held
+
+    def _make_room(self, sender: str, size: int) -> None:
+        """Evict peers holding more than the sender until ``size`` more bytes fit; ProtocolError
+        (the sender's) once the sender would hold the most."""
+        mine = self._peers[sender].held if sender in self._peers else 0
+        while self.buffered + size > self.max_buffered_bytes:
+            holder = max(self._peers, key=lambda p: self._peers[p].held, default=sender)
+            if holder == sender or mine + size >= self._peers[holder].held:
+                raise ProtocolError(f"host-wide limit of {self.max_buffered_bytes} bytes in partial messages reached")
+            reason = (f"host-wide limit of {self.max_buffered_bytes} bytes in partial messages reached, and "
+                      f"this peer holds the most ({self._peers[holder].held}): its partial messages are dropped")
+            self.connection_lost(holder, -1, last=True)
+            self._evict(holder, reason)
 
     def connection_lost(self, peer_id: str, conn_id: int, last: bool) -> None:
         """A connection to ``peer_id`` died (``last``: it was the peer's only one): drop the
@@ -280,11 +325,14 @@ class Reassembler:
         if state is None:
             return
         state.striped_watermark = state.max_striped_mid
+        doomed = list(state.partials) if last else [
+            m for m, p in state.partials.items() if p.striped or conn_id in p.conns]
+        for mid in doomed:
+            self._drop(state, mid)
         if last:
-            state.partials.clear()
-            return
-        for mid in [m for m, p in state.partials.items() if p.striped or conn_id in p.conns]:
-            del state.partials[mid]
+            # nothing of this peer can arrive any more (its chunks rode on the dead connections,
+            # new connections bring new message ids): forget it, so free identities cost nothing
+            del self._peers[peer_id]
 
     def discard_tag(self, prefix: str) -> int:
         """Drop partially received mail whose tag starts with ``prefix``; how many were dropped."""
@@ -293,7 +341,7 @@ class Reassembler:
             doomed = [m for m, p in state.partials.items()
                       if isinstance(p.message, Mail) and p.message.tag.startswith(prefix)]
             for mid in doomed:
-                del state.partials[mid]
+                self._drop(state, mid)
             dropped += len(doomed)
         return dropped
 

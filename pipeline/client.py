@@ -54,13 +54,15 @@ from tokenizers import Tokenizer as _HFTokenizer
 from torch import Tensor
 
 from peer.errors import LowbandError, PeerUnavailable, RemoteError, TransportTimeout
+from peer.access import CredentialCache
 from peer.identity import Identity
 from peer.membership import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+from peer.reach import route_for
 from peer.transport import PeerHost
 from pipeline.generate import Completions, Prompt, Sampler, _is_batch, _prompt_ids
 from pipeline.protocol import (CLOSE, HEAD_OUTPUTS, INFO, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES, BadRequest,
-                               ContextLimitExceeded, ModelNotFound, NoRoute, ServingError, SessionError,
-                               pack_tensor, unpack_tensor)
+                               ClientQuotaExceeded, ContextLimitExceeded, ModelNotFound, NoRoute, ServingError,
+                               SessionError, pack_tensor, unpack_tensor)
 from pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger("lowband.pipeline.client")
@@ -69,7 +71,8 @@ HOP_OVERHEAD_S = 0.002      # per-hop cost beyond the RTT (serialization, schedu
 SPOT_CHECK_RTOL = 1e-3      # spot-check agreement, relative to the outputs' max |value| (module docstring)
 _FAILURES = (PeerUnavailable, TransportTimeout, SessionError, RemoteError)  # -> failover
 _REMOTE_TYPES = {"BadRequest": BadRequest, "ContextLimitExceeded": ContextLimitExceeded,
-                 "ModelNotFound": ModelNotFound, "SessionError": SessionError}
+                 "ModelNotFound": ModelNotFound, "SessionError": SessionError,
+                 "ClientQuotaExceeded": ClientQuotaExceeded}
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class ServerInfo:
     n_layers: int
     max_seq_len: int
     vocab_size: int
+    reachable: bool = True                         # dialled directly; else through its relays
+    relays: tuple[tuple[str, str], ...] = ()       # (relay peer id, address) it reserved at
 
 
 @dataclass
@@ -166,10 +171,9 @@ class _Coordinator(CoordinatorClient):
     """``CoordinatorClient`` plus the inference client's one write: reporting a liar."""
 
     async def report_inference_offense(self, offender: str, detail: dict) -> dict:
-        """Signed with the client's own key (clients do not join, so the key travels along);
-        coordinator/membership.py ``inference_offense`` checks it and logs the report."""
-        fields = {"public_key": self._need_identity().public_bytes.hex(), "offender": offender, "detail": detail}
-        return await self._signed("inference_offense", fields, "/inference/offenses")
+        """Signed with the client's admitted key; coordinator/membership.py
+        ``inference_offense`` checks it and logs the report."""
+        return await self._request("POST", "/inference/offenses", {"offender": offender, "detail": detail})
 
 
 class _Session:
@@ -247,7 +251,11 @@ class _Session:
             self.failovers += 1
             if self.failovers > self.client.max_failovers:
                 raise ServingError(f"giving up after {self.failovers - 1} failovers; last error: {error}") from error
-            servers, cost = await self.client.candidates(self.model, self.excluded)
+            try:
+                servers, cost = await self.client.candidates(self.model, self.excluded)
+            except ModelNotFound:  # every server failed: say why, not "unknown model"
+                raise ServingError(f"no server of {self.model!r} left after failures; "
+                                   f"last error: {error}") from error
             hist, new = failed.history, []
             try:
                 for s, a, b in plan_route(servers, failed.start, failed.end, cost):
@@ -350,25 +358,37 @@ class InferenceClient:
     default, exact; "fp16"/"bf16" halve the bytes). ``spot_check``: probability that a hop's
     step is re-run on a second server of its span and compared (module docstring; 0 = off).
     ``untrusted`` maps each server caught returning wrong activations to the report sent about it.
+
+    Admission (peer/access.py): ``join`` (a join string with a client invite), ``token`` (a
+    closed swarm's token) or neither (an ``--open`` coordinator); ``coordinator`` overrides the
+    join string's URL, ``insecure`` allows plain http to a non-loopback coordinator. The client's
+    key is ``identity``, else loaded from ``key_path`` (its credential cached beside it, so one
+    invite serves every run), else a fresh one per client. Its PeerHost shows the credential to
+    servers, which accept only credentials of the same coordinator.
     """
 
-    def __init__(self, coordinator_url: str, token: str, *, wire: str = "fp32", step_timeout: float = 120.0,
-                 max_failovers: int = 8, identity: Identity | None = None, spot_check: float = 0.0):
+    def __init__(self, coordinator: str | None = None, token: str | None = None, *,
+                 join: str | None = None, insecure: bool = False, key_path: str | None = None,
+                 wire: str = "fp32", step_timeout: float = 120.0, max_failovers: int = 8,
+                 identity: Identity | None = None, spot_check: float = 0.0):
         if wire not in WIRE_DTYPES:
             raise ValueError(f"wire must be one of {sorted(WIRE_DTYPES)}, got {wire!r}")
         if isinstance(spot_check, bool) or not isinstance(spot_check, (int, float)) or not 0 <= spot_check <= 1:
             raise ValueError(f"spot_check must be a probability in [0, 1], got {spot_check!r}")
-        if not token:
-            raise ValueError("a swarm token is required to talk to servers")
-        self.url, self.token, self.wire = coordinator_url, token, wire
+        if identity is None and key_path is not None:
+            identity = Identity.load_or_create(key_path)
+        # Checks the URL rule (no plain http off this machine) before anything connects.
+        self._coord = _Coordinator(coordinator, token, identity or Identity.generate(), join=join,
+                                   insecure=insecure,
+                                   cache=CredentialCache(key_path) if key_path is not None else None)
+        self.url, self.wire = self._coord.url, wire
         self.step_timeout, self.max_failovers = step_timeout, max_failovers
         self.spot_check = float(spot_check)
         self.rng = random.SystemRandom()
         self.untrusted: dict[str, dict] = {}
         self._background: set[asyncio.Task] = set()
-        self.identity = identity or Identity.generate()
+        self.identity = self._coord.identity
         self._host: PeerHost | None = None
-        self._coord: _Coordinator | None = None
         self._tokenizers: dict[str, Tokenizer] = {}
         self._rtt: dict[str, float] = {}
         self._peers: list | None = None  # the coordinator's last answer
@@ -383,14 +403,28 @@ class InferenceClient:
     # -- plumbing ----------------------------------------------------------------------------
     @property
     def host(self) -> PeerHost:
+        """The client's PeerHost (after ``connect``, which every public coroutine awaits)."""
         if self._host is None:
-            self._host = PeerHost(self.identity, self.token.encode("utf-8"), conns_per_peer=1)
-            self._coord = _Coordinator(self.url, self.token, self.identity)
+            raise RuntimeError("InferenceClient is not connected yet: await client.connect()")
+        return self._host
+
+    async def connect(self) -> PeerHost:
+        """Be admitted (role client) and open the PeerHost that shows the credential; idempotent."""
+        if self._host is None:
+            credential = await self._coord.admit()
+            if not credential.has("client"):
+                raise CoordinatorError(f"this client's credential allows roles {sorted(credential.roles)}, "
+                                       "not client: ask for an invite with --role client", code="forbidden")
+            if self._host is None:  # another task may have connected meanwhile
+                # A client does not listen: it dials, or opens circuits through servers' relays.
+                self._host = PeerHost(self.identity, None, credential=credential,
+                                      authority=credential.authority, conns_per_peer=1, relay=False)
+                self._host.reachable = False
         return self._host
 
     async def servers(self, model: str | None = None) -> list[ServerInfo]:
         """Live servers announced to the coordinator (of ``model`` if given)."""
-        _ = self.host
+        await self.connect()
         try:
             self._peers = await self._coord.peers()
         except CoordinatorUnavailable:
@@ -399,14 +433,19 @@ class InferenceClient:
             # With the coordinator down, keep serving from the last membership
             # (docs/architecture.md §Coordinator outage).
         found = []
+        rows = {p.peer_id: {"peer_id": p.peer_id, "address": p.address, "reachable": p.reachable,
+                            "relays": p.relays} for p in self._peers
+                if p.state in ("active", "suspect") and p.address is not None}
         for p in self._peers:
             info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None
-            if p.state not in ("active", "suspect") or not isinstance(info, dict) or info.get("serving") is False:
+            # verified addresses only, or the relays of a server behind a NAT (peer.reach)
+            route = route_for(rows[p.peer_id], rows) if p.peer_id in rows else None
+            if route is None or not isinstance(info, dict) or info.get("serving") is False:
                 continue  # tensor-split shards and forming groups are not entry points
             try:
-                s = ServerInfo(p.peer_id, p.address, str(info["model"]), int(info["blocks"][0]),
+                s = ServerInfo(p.peer_id, route.address, str(info["model"]), int(info["blocks"][0]),
                                int(info["blocks"][1]), int(info["n_layers"]), int(info["max_seq_len"]),
-                               int(info["vocab_size"]))
+                               int(info["vocab_size"]), route.reachable, route.relays)
             except (KeyError, IndexError, TypeError, ValueError):
                 continue  # a malformed announcement is not a server we can use
             if model is None or s.model == model:
@@ -435,10 +474,12 @@ class InferenceClient:
             raise ModelNotFound(f"no live server announces model {model!r} (served now: {known or 'none'})"
                                 if not exclude else f"no server of {model!r} left after failures")
         for s in servers:
-            self.host.add_route(s.peer_id, s.address)
+            self.host.add_route(s.peer_id, s.address, relays=s.relays, reachable=s.reachable)
         await asyncio.gather(*(self._measure(s.peer_id) for s in servers if s.peer_id not in self._rtt))
         # The transport's running RTT estimate (from real calls) supersedes the first ping.
+        # A relayed hop costs one more overhead: routes prefer direct (or punched) links.
         cost = {s.peer_id: (self.host.link_stats(s.peer_id).rtt_s or self._rtt[s.peer_id]) + HOP_OVERHEAD_S
+                * (2 if self.host.link_path(s.peer_id) == "relayed" else 1)
                 for s in servers if s.peer_id in self._rtt}
         return servers, cost
 
@@ -492,6 +533,7 @@ class InferenceClient:
     async def server_info(self, peer_id: str, address: str | None = None) -> dict:
         """A server's live announcement (sessions count included); ``address`` to dial it when
         it is not an entry point the client routed to (e.g. a tensor-split shard)."""
+        await self.connect()
         if address is not None:
             self.host.add_route(peer_id, address)
         h, _ = await self.host.call(peer_id, INFO, {}, timeout=10.0)
@@ -627,8 +669,8 @@ class InferenceClient:
         await asyncio.gather(*self._background)  # session closes and reports: bounded by their timeouts
         if self._host is not None:
             await self._host.close()
-            await self._coord.close()
             self._host = None
+        await self._coord.close()
 
     # -- blocking API ------------------------------------------------------------------------
     def _run(self, coro, timeout: float | None = None):

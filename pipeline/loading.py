@@ -11,6 +11,10 @@ GGUF (llama.cpp's format) is read with ``gguf.GGUFReader`` (memory-mapped) and d
 converter permutes the rows of attn_q / attn_k so rotary pairs are adjacent; we undo that so
 both sources share the rotate-half layout of ``pipeline.model``.
 
+``weights`` (``pipeline.serve_options.WEIGHT_FORMATS``): ``fp32`` dequantizes everything at load;
+``bf16`` / ``q8`` / ``q4`` hand each linear and embedding weight to ``pipeline.quant`` as it is
+stored (GGUF blocks, rows unpermuted like the float path) to be kept quantized.
+
 A Hugging Face folder is ``config.json`` + ``*.safetensors`` (+ ``tokenizer.json``), read lazily
 with ``safetensors.safe_open`` so only the requested tensors are touched.
 """
@@ -29,6 +33,7 @@ from torch import Tensor
 
 from peer.progress import Progress
 from pipeline.model import Llama, LlamaConfig
+from pipeline.quant import GGUFBlocks, Source, check_weights, quantize_model
 
 log = logging.getLogger("lowband.pipeline.loading")
 
@@ -66,20 +71,24 @@ def gemma3_270m_path() -> Path:
 
 def load_model(path: str | Path, blocks: Iterable[int] | None = None, with_embed: bool | None = None,
                with_head: bool | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> Llama:
-    """A ``Llama`` holding ``blocks`` (default all) of the GGUF file or HF folder at ``path``."""
+               dtype: torch.dtype = torch.float32, weights: str = "fp32") -> Llama:
+    """A ``Llama`` holding ``blocks`` (default all) of the GGUF file or HF folder at ``path``,
+    its weights held as ``weights`` says (ValueError for an unknown format)."""
+    check_weights(weights)
     path = Path(path)
     if path.is_dir():
-        return load_hf(path, blocks, with_embed, with_head, device, dtype)
+        return load_hf(path, blocks, with_embed, with_head, device, dtype, weights)
     if path.is_file():
-        return load_gguf(path, blocks, with_embed, with_head, device, dtype)
+        return load_gguf(path, blocks, with_embed, with_head, device, dtype, weights)
     raise ModelLoadError(f"no model at {path} (expected a .gguf file or a folder with config.json)")
 
 
 def _build(cfg: LlamaConfig, fetch: Callable[[str], Tensor], blocks, with_embed, with_head,
-           device, dtype, source: Path | None = None) -> Llama:
+           device, dtype, source: Path | None = None, weights: str = "fp32",
+           fetch_stored: Callable[[str], Source] | None = None) -> Llama:
     """Build on the meta device, fetch exactly the keys the part needs, adopt them (progress:
-    bytes of the part's fp32 tensors)."""
+    bytes of the part's fp32 tensors). Unless ``weights`` is fp32, linear and embedding weights
+    are first swapped for quantized modules filled from ``fetch_stored`` (default ``fetch``)."""
     # a file's metadata is untrusted: rope tables are max_seq_len x head_dim floats, and a lying
     # block count would have us build millions of (meta) blocks before any tensor is missed
     if cfg.max_seq_len > MAX_CONTEXT:
@@ -91,8 +100,13 @@ def _build(cfg: LlamaConfig, fetch: Callable[[str], Tensor], blocks, with_embed,
             model = Llama(cfg, blocks, with_embed, with_head)
     except (ValueError, TypeError, OverflowError, RuntimeError) as e:
         raise ModelLoadError(f"model config {cfg} cannot be built: {e}") from e
-    state = {}
-    wanted = model.state_dict()
+    if weights != "fp32":
+        try:
+            quantize_model(model, weights, fetch_stored or fetch, device)
+        except (ValueError, IndexError) as e:  # a block layout that does not match the shape
+            raise ModelLoadError(f"cannot hold the weights as {weights}: {e}") from e
+    state = {k: t for k, t in model.state_dict().items() if not t.is_meta}  # quantized, already filled
+    wanted = {k: t for k, t in model.state_dict().items() if t.is_meta}
     total = sum(meta.numel() * meta.element_size() for meta in wanted.values())
     with Progress(f"loading {source.name if source else 'model'}", total=total, logger=log) as progress:
         for key, meta in wanted.items():
@@ -197,13 +211,11 @@ def _unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
     out, rest = w.shape[0], w.shape[1:]
     if out % (2 * n_heads):  # metadata and tensor disagree (the shape check would come too late)
         raise ModelLoadError(f"{out} rows do not split into {n_heads} heads of rotary pairs")
-    return w.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
+    return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(out, *rest)  # torch or numpy
 
 
-def read_gguf_tensor(reader, cfg: LlamaConfig, key: str, tensors: dict | None = None) -> Tensor:
-    """Our state-dict ``key`` dequantized to fp32 from the GGUF tensors."""
-    from gguf.quants import dequantize
-
+def _gguf_tensor(reader, key: str, cfg: LlamaConfig, tensors: dict | None):
+    """The GGUF tensor that holds our state-dict ``key``."""
     tensors = tensors if tensors is not None else {t.name: t for t in reader.tensors}
     if key == "embedding.weight" or (key == "lm_head.weight" and cfg.tie_embeddings):
         name = "token_embd.weight"
@@ -219,6 +231,26 @@ def read_gguf_tensor(reader, cfg: LlamaConfig, key: str, tensors: dict | None = 
     t = tensors.get(name)
     if t is None:
         raise ModelLoadError(f"GGUF file lacks tensor {name}")
+    return t
+
+
+def _unpermute(w, name: str, cfg: LlamaConfig):
+    """Rows of a q/k weight (floats, or rows of quantized blocks) in the rotate-half layout."""
+    if cfg.family != "llama":  # llama.cpp permutes q/k rows for its Llama rope only
+        return w
+    if name.endswith("attn_q.weight"):
+        return _unpermute_rope_rows(w, cfg.n_heads)
+    if name.endswith("attn_k.weight"):
+        return _unpermute_rope_rows(w, cfg.n_kv_heads)
+    return w
+
+
+def read_gguf_tensor(reader, cfg: LlamaConfig, key: str, tensors: dict | None = None) -> Tensor:
+    """Our state-dict ``key`` dequantized to fp32 from the GGUF tensors."""
+    from gguf.quants import dequantize
+
+    t = _gguf_tensor(reader, key, cfg, tensors)
+    name = t.name
     try:
         arr = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if not arr.flags.writeable:  # F32/F16 tensors come back as views of the read-only memmap
@@ -227,23 +259,31 @@ def read_gguf_tensor(reader, cfg: LlamaConfig, key: str, tensors: dict | None = 
             tuple(int(d) for d in reversed(t.shape)))
     except Exception as e:
         raise ModelLoadError(f"cannot dequantize GGUF tensor {name} ({t.tensor_type.name}): {e}") from e
-    if cfg.family != "llama":  # llama.cpp permutes q/k rows for its Llama rope only
-        return w
-    if name.endswith("attn_q.weight"):
-        w = _unpermute_rope_rows(w, cfg.n_heads)
-    elif name.endswith("attn_k.weight"):
-        w = _unpermute_rope_rows(w, cfg.n_kv_heads)
-    return w
+    return _unpermute(w, name, cfg)
+
+
+def read_gguf_stored(reader, cfg: LlamaConfig, key: str, tensors: dict | None = None) -> Source:
+    """Our 2-D weight ``key`` as the file stores it: quantized blocks as ``GGUFBlocks`` (rows
+    unpermuted whole: a row of blocks is a row of weights), float tensors as fp32."""
+    t = _gguf_tensor(reader, key, cfg, tensors)
+    if t.tensor_type.name in ("F32", "F16", "BF16") or len(t.shape) != 2:
+        return read_gguf_tensor(reader, cfg, key, tensors)
+    raw = np.asarray(t.data)
+    cols, rows = (int(d) for d in t.shape)
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[0] != rows:
+        raise ModelLoadError(f"GGUF tensor {t.name} ({t.tensor_type.name}) has {raw.shape} bytes for {rows} rows")
+    return GGUFBlocks(t.tensor_type.name, _unpermute(raw, t.name, cfg), cols)
 
 
 def load_gguf(path: str | Path, blocks: Iterable[int] | None = None, with_embed: bool | None = None,
               with_head: bool | None = None, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> Llama:
+              dtype: torch.dtype = torch.float32, weights: str = "fp32") -> Llama:
     reader = open_gguf(path)
     cfg = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
     return _build(cfg, lambda key: read_gguf_tensor(reader, cfg, key, tensors),
-                  blocks, with_embed, with_head, device, dtype, Path(path))
+                  blocks, with_embed, with_head, device, dtype, Path(path), weights,
+                  lambda key: read_gguf_stored(reader, cfg, key, tensors))
 
 
 # ---------------------------------------------------------------------------- Hugging Face folder
@@ -368,7 +408,7 @@ def hf_config(folder: str | Path) -> LlamaConfig:
         raise ModelLoadError(f"{path} does not describe a {family} model: {e!r}") from e
 
 
-def _hf_name(key: str, cfg: LlamaConfig) -> str:
+def hf_name(key: str, cfg: LlamaConfig) -> str:
     if key == "embedding.weight" or (key == "lm_head.weight" and cfg.tie_embeddings):
         return "model.embed_tokens.weight"
     if key == "lm_head.weight":
@@ -382,7 +422,7 @@ def _hf_name(key: str, cfg: LlamaConfig) -> str:
 
 def load_hf(folder: str | Path, blocks: Iterable[int] | None = None, with_embed: bool | None = None,
             with_head: bool | None = None, device: torch.device | str = "cpu",
-            dtype: torch.dtype = torch.float32) -> Llama:
+            dtype: torch.dtype = torch.float32, weights: str = "fp32") -> Llama:
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -399,7 +439,7 @@ def load_hf(folder: str | Path, blocks: Iterable[int] | None = None, with_embed:
         raise ModelLoadError(f"cannot read safetensors in {folder}: {e}") from e
 
     def fetch(key: str) -> Tensor:
-        name = _hf_name(key, cfg)
+        name = hf_name(key, cfg)
         if name not in where:
             raise ModelLoadError(f"{folder} lacks tensor {name}")
         try:
@@ -410,4 +450,4 @@ def load_hf(folder: str | Path, blocks: Iterable[int] | None = None, with_embed:
             t = t.float() + 1.0  # Gemma's RMSNorm scales by 1 + w (in fp32)
         return t
 
-    return _build(cfg, fetch, blocks, with_embed, with_head, device, dtype, Path(folder))
+    return _build(cfg, fetch, blocks, with_embed, with_head, device, dtype, Path(folder), weights)

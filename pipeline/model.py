@@ -424,7 +424,8 @@ class Llama(nn.Module):
     def new_cache(self, batch: int, capacity: int = 256, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache for this instance's blocks, on the model's device and dtype by default."""
-        ref = next(self.parameters())
+        # the activations' dtype: a float parameter's (quantized weights are integer buffers)
+        ref = next((p for p in self.parameters() if p.is_floating_point()), self.rope_cos)
         return KVCache(self.cfg, self.block_ids, batch, capacity, device or ref.device, dtype or ref.dtype)
 
     def embed(self, tokens: Tensor) -> Tensor:
@@ -495,8 +496,12 @@ class Llama(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         if not self.with_head:
             raise RuntimeError("this model instance does not hold the head")
-        w = self.lm_head.weight if self.lm_head is not None else self.embedding.weight
-        logits = F.linear(self.norm(h), w)
+        x = self.norm(h)
+        if self.lm_head is not None:
+            logits = self.lm_head(x)
+        else:  # tied: x @ table.T; a quantized table (pipeline.quant.QuantEmbedding) has its own, tiled
+            attend = getattr(self.embedding, "attend", None)
+            logits = attend(x) if attend is not None else F.linear(x, self.embedding.weight)
         if self.cfg.logit_softcap:
             cap = self.cfg.logit_softcap
             logits = torch.tanh(logits / cap) * cap

@@ -66,6 +66,10 @@ class SessionError(ServingError):
     """A server cannot serve a session step (unknown session, wrong position, full)."""
 
 
+class ClientQuotaExceeded(SessionError):
+    """A new session would exceed the KV share a server grants one client."""
+
+
 class BadRequest(ServingError, ValueError):
     """A request's header or payload is malformed."""
 
@@ -140,7 +144,7 @@ def parse_serve_argument(argument: str) -> ServeSpec:
     optionally ``@A:B`` (blocks A..B-1) or ``@N`` (N blocks placed where the swarm has the least
     coverage). ``peer join --blocks A:B`` appends the ``@A:B`` part."""
     rest, at, blocks = argument.rpartition("@")
-    if not at:
+    if not at or blocks == "latest":  # RUN@latest: a training run's latest checkpoint is the model
         rest, blocks = argument, ""
     tp = None
     if m := re.fullmatch(r"(.*),tp=([\w.-]+):(\d+)/(\d+)", rest):

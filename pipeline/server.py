@@ -35,11 +35,16 @@ from pipeline.loading import (ModelLoadError, gemma3_270m_path, gguf_config, hf_
                               reference_model_path)
 from pipeline.model import LayerKV, Llama, LlamaConfig, StepContext
 from pipeline.protocol import (CLOSE, HEAD_OUTPUTS, INFO, INPUTS, OUTPUTS, STATS_KEY, STEP, TOKENIZER, WIRE_DTYPES,
-                               BadRequest, ContextLimitExceeded, ModelNotFound, SessionError, Span, least_covered_span,
-                               pack_tensor, parse_serve_argument, unpack_tensor)
+                               BadRequest, ClientQuotaExceeded, ContextLimitExceeded, ModelNotFound, SessionError, Span,
+                               least_covered_span, pack_tensor, parse_serve_argument, unpack_tensor)
+from pipeline.quant import check_weights, weight_stats
 from pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger("lowband.pipeline.server")
+
+# Credentials that may open sessions (clients; servers re-running a span). Not checked in
+# token-only mode, and open admission grants every role: KV shares hold per identity anyway.
+CALLER_ROLES = ("client", "serve")
 
 # Gemma 3 270M serves token ids (its SentencePiece tokenizer is not read from GGUF yet).
 REFERENCE_MODELS = {"smollm2-135m": reference_model_path, "gemma3-270m": gemma3_270m_path}
@@ -60,6 +65,23 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+async def model_path(daemon, name: str) -> Path:
+    """:func:`resolve_model`, plus ``RUN@latest``: a training run's latest trusted checkpoint as a
+    Hugging Face folder, from the ``lowband.model_sources`` plug-in ``run`` (diloco/export.py;
+    pipeline/ does not import diloco/)."""
+    if "@" not in name or Path(name).expanduser().exists():
+        return resolve_model(name)
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="lowband.model_sources", name="run")
+    if not found:
+        raise ModelNotFound(f"{name!r}: serving a run's checkpoint needs the train plug-in (diloco)")
+    try:
+        return await next(iter(found)).load()(daemon, name)
+    except ValueError as e:  # diloco's ExportError: no checkpoint yet, bad name, not a model
+        raise ModelNotFound(str(e)) from e
+
+
 def model_config(path: Path) -> LlamaConfig:
     return hf_config(path) if path.is_dir() else gguf_config(open_gguf(path))
 
@@ -78,16 +100,29 @@ def torch_thread() -> ThreadPoolExecutor:
 
 @dataclass
 class ServeConfig:
+    """Limits of one stage server. KV slots are reserved when a session opens (capacity x rows)
+    and charged to the client that opened it (the peer id its authenticated connection proved):
+    one client may hold at most ``max_client_sessions`` sessions and ``max_client_tokens`` slots,
+    about a quarter of the server by default, so one client (or one gateway request of many prompts x
+    a huge max_tokens) cannot take every slot from the others."""
     max_sessions: int = 64
     max_total_tokens: int = 1 << 16     # KV slots reserved over all sessions
     idle_timeout_s: float = 300.0       # a session untouched this long is freed
     max_batch: int = 16                 # sessions in one batched decode forward
     max_rows: int = 64                  # rows (prompts) of one session
+    max_client_sessions: int | None = None  # per client; None: a quarter of max_sessions, at least 4
+    max_client_tokens: int | None = None    # per client; None: max_total_tokens // 4
     device: str = "cpu"
+    weights: str = "fp32"               # fp32 | bf16 | q8 | q4: how the weights are held (pipeline/quant.py)
 
     def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_total_tokens, self.max_batch, self.max_rows) < 1 \
-                or self.idle_timeout_s <= 0:
+        check_weights(self.weights)
+        if self.max_client_sessions is None:
+            self.max_client_sessions = min(self.max_sessions, max(4, self.max_sessions // 4))
+        if self.max_client_tokens is None:
+            self.max_client_tokens = max(1, self.max_total_tokens // 4)
+        if min(self.max_sessions, self.max_total_tokens, self.max_batch, self.max_rows, self.max_client_sessions,
+               self.max_client_tokens) < 1 or self.idle_timeout_s <= 0:
             raise ValueError("serve limits must be positive")
 
 
@@ -192,17 +227,16 @@ class StageServer:
         self._busy_s = 0.0
         self.batches = 0                # forwards that batched >1 session (observability, tests)
         self.executor = executor or torch_thread()
-        self.params = sum(p.numel() for p in model.parameters())
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.params, self.weight_bytes = weight_stats(model)  # as held: quantized codes and scales count
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, client_facing: bool = True) -> None:
         """Register the handlers and start the worker; a tensor-split follower is not
         client-facing (it takes steps from its leader only)."""
         if client_facing:
-            self.host.handle(STEP, self._on_step)
-            self.host.handle(CLOSE, self._on_close)
-            self.host.handle(TOKENIZER, self._on_tokenizer)
+            self.host.handle(STEP, self._on_step, CALLER_ROLES)
+            self.host.handle(CLOSE, self._on_close, CALLER_ROLES)
+            self.host.handle(TOKENIZER, self._on_tokenizer, CALLER_ROLES)
         self.host.handle(INFO, self._on_info)
         self.host.on_peer_lost(self._on_peer_lost)
         self._tasks = [asyncio.create_task(self._worker()), asyncio.create_task(self._expiry())]
@@ -242,7 +276,7 @@ class StageServer:
                 "sessions": len({(p, s) for p, s, _ in self.sessions}),
                 "tokens_per_s": round(self._tokens / self._busy_s, 2) if self._busy_s else None,
                 "wire": sorted(WIRE_DTYPES), "batches": self.batches, "params": self.params,
-                "weight_bytes": self.weight_bytes, **self.extra_info}
+                "weight_bytes": self.weight_bytes, "weights": self.config.weights, **self.extra_info}
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -343,10 +377,7 @@ class StageServer:
         if req.pos == 0:
             if s is not None:  # a client restarting its session from scratch
                 del self.sessions[key]
-            reserved = sum(x.slots for x in self.sessions.values())
-            if len(self.sessions) >= self.config.max_sessions or \
-                    reserved + req.capacity * len(req.pad) > self.config.max_total_tokens:
-                raise SessionError(f"server full ({len(self.sessions)} sessions, {reserved} KV slots reserved)")
+            self._reserve(peer_id, req.capacity * len(req.pad))
             s = Session(req.start, req.end, req.capacity, self.new_cache(req), req.pad)
             self.sessions[key] = s
             self._changed()
@@ -356,8 +387,28 @@ class StageServer:
             raise SessionError(f"session {req.sid!r} holds blocks {s.start}:{s.end} at position {s.length} "
                                f"({len(s.pad)} rows), step asks for {req.start}:{req.end} at {req.pos} "
                                f"({len(req.pad)} rows)")
+        # The reservation is the bound: a session never grows past the capacity it opened with.
+        if req.pos + sum(req.chunks) > s.capacity:
+            raise BadRequest(f"session {req.sid!r} reserved {s.capacity} positions; step would reach "
+                             f"{req.pos + sum(req.chunks)}")
         s.last_used = time.monotonic()
         return s
+
+    def _reserve(self, owner: str, slots: int) -> None:
+        """Refuse a new session of ``slots`` KV slots beyond the server's or ``owner``'s share."""
+        cfg = self.config
+        if slots > cfg.max_client_tokens:
+            raise ClientQuotaExceeded(f"client quota: a session of {slots} KV slots is more than one client may "
+                                      f"hold on this server ({cfg.max_client_tokens} slots)")
+        reserved = sum(x.slots for x in self.sessions.values())
+        if len(self.sessions) >= cfg.max_sessions or reserved + slots > cfg.max_total_tokens:
+            raise SessionError(f"server full ({len(self.sessions)} sessions, {reserved} KV slots reserved)")
+        mine = [x for k, x in self.sessions.items() if k[0] == owner]
+        held = sum(x.slots for x in mine)
+        if len(mine) >= cfg.max_client_sessions or held + slots > cfg.max_client_tokens:
+            raise ClientQuotaExceeded(
+                f"client quota: {len(mine)} sessions and {held} KV slots held, a new session of {slots} slots "
+                f"exceeds this client's share ({cfg.max_client_sessions} sessions, {cfg.max_client_tokens} slots)")
 
     def new_cache(self, req: StepRequest):
         cache = self.model.new_cache(len(req.pad), capacity=req.capacity)
@@ -484,25 +535,34 @@ class ServeRole:
     peer is shard RANK of a K-way tensor-split group serving the span as one stage: rank 0
     faces clients once it has found the other K-1 shards' announcements."""
 
-    def __init__(self, argument: str, config: ServeConfig | None = None):
+    def __init__(self, argument: str, config: ServeConfig | dict | None = None):
+        """``config``: a ServeConfig, or the parsed `peer join` serve options
+        (``pipeline.serve_options``; the device is the daemon's)."""
+        from pipeline.serve_options import config_values
+
         self.spec = parse_serve_argument(argument)
-        self.config = config
+        self.config = config if isinstance(config, ServeConfig) or config is None else None
+        self.limits = config_values(config) if isinstance(config, dict) else {}
+        if self.limits:
+            ServeConfig(**self.limits)  # a bad value fails here, at start, with a clear ValueError
         self.server: StageServer | None = None
 
     async def start(self, daemon) -> None:
         spec = self.spec
-        path = resolve_model(spec.model)
+        path = await model_path(daemon, spec.model)
         # An explicit span loads at once (opening a GGUF costs seconds); otherwise read the
         # shape first to place the span.
         span = spec.blocks if isinstance(spec.blocks, Span) else \
             await self._choose_span(daemon, await asyncio.to_thread(model_config, path))
-        config = self.config or ServeConfig(device=daemon.device)
+        config = self.config or ServeConfig(device=daemon.device, **self.limits)
         executor = torch_thread()
         loop = asyncio.get_running_loop()
         try:
             if spec.tp is None:
                 model = await loop.run_in_executor(executor, functools.partial(
-                    load_model, path, range(span.start, span.end), device=config.device))
+                    load_model, path, range(span.start, span.end), device=config.device, weights=config.weights))
+            elif config.weights != "fp32":
+                raise BadRequest("a tensor-split shard holds fp32 weights only (drop --serve-weights)")
             else:
                 from pipeline.tensor_split import load_shard
                 model = await loop.run_in_executor(executor, load_shard, path, span, spec.tp, config.device)
@@ -519,31 +579,39 @@ class ServeRole:
             await self.server.start()
             self.server.spawn(self._form_group(daemon))
         else:
-            from pipeline.tensor_split import TensorSplitFollower
-            TensorSplitFollower(self.server).install()
+            from pipeline.tensor_split import TensorSplitFollower, named_group
+
+            async def lookup():
+                return named_group(await daemon.client.peers(), spec.tp, spec.model, span, daemon.peer_id)
+
             await self.server.start(client_facing=False)
+            TensorSplitFollower(self.server, lookup).install()
         log.info("serving %s blocks %s%s", spec.model, span, f" as tensor shard {spec.tp}" if spec.tp else "")
 
     async def _form_group(self, daemon) -> None:
         """Leader: wait for the group's other shards to announce the same model and span."""
-        from pipeline.tensor_split import TensorSplitLeader
+        from pipeline.tensor_split import TensorSplitLeader, group_ranks
 
         tp, server = self.spec.tp, self.server
+        warned = False
         while True:
             found: dict[int, str] = {}
             try:
-                for p in await daemon.client.peers():
-                    info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None
-                    t = info.get("tp") if isinstance(info, dict) else None
-                    if isinstance(t, dict) and t.get("group") == tp.group and t.get("k") == tp.k \
-                            and info.get("model") == self.spec.model and p.state == "active" \
-                            and info.get("blocks") == [server.span.start, server.span.end]:
-                        found[t.get("rank")] = p.peer_id
-                        daemon.host.add_route(p.peer_id, p.address)
+                peers = await daemon.client.peers()
+                address = {p.peer_id: p.address for p in peers}
+                for rank, (peer_id, _) in group_ranks(peers, tp, self.spec.model, server.span).items():
+                    found[rank] = peer_id
+                    if peer_id not in daemon.routes:  # keep the daemon's route (a NATed shard's relays)
+                        daemon.host.add_route(peer_id, address[peer_id])
             except Exception as e:  # coordinator away: keep waiting
                 log.debug("tensor-split discovery: %s", e)
             followers = [found.get(r) for r in range(1, tp.k)]
-            if all(followers):
+            if found.get(0) not in (None, daemon.peer_id):
+                if not warned:
+                    log.warning("tensor-split group %s: rank 0 is held by %s, which joined first; not leading",
+                                tp.group, found[0][:12])
+                warned = True
+            elif all(followers):
                 server.split = TensorSplitLeader(server, followers)
                 server.extra_info["serving"] = True
                 server.extra_info["tp"]["members"] = server.split.members

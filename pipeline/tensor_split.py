@@ -18,6 +18,14 @@ clients; for every step it hands the input to the other shards (``serve.tp_step`
 compute their shard with the same all-reduce tags. The other shards are ``StageServer``s too (same
 session table, limits and expiry) that only take steps from their leader. A member failure
 fails the step (a partial sum would be wrong), so the client fails over to another route.
+
+Who belongs to a group comes from the coordinator's membership table, never from the peers that
+call: ``group_ranks`` gives each rank to the active peer announcing it (same group, K, model and
+span) that joined first, so a key minted later cannot take over a rank. A follower accepts steps
+(which name the session owner whose KV share they are charged to, and the all-reduce members)
+only from the peer holding rank 0 there and only for the member list that leader announces; it
+re-reads the table when its view is stale (at most once a second) and frees every session when the
+named leader or member list changes, since those sessions belong to the old group.
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +43,8 @@ from torch import Tensor, nn
 from collectives import Group, star_all_reduce
 from pipeline.loading import load_model
 from pipeline.model import Llama, RMSNorm, shard_block_weights, split_bounds
-from pipeline.protocol import TP_CLOSE, TP_STEP, BadRequest, Span, TensorSplitSpec, pack_tensor
+from pipeline.protocol import (STATS_KEY, TP_CLOSE, TP_STEP, BadRequest, SessionError, Span, TensorSplitSpec,
+                               pack_tensor)
 
 log = logging.getLogger("lowband.pipeline.tensor_split")
 
@@ -97,6 +108,41 @@ def load_shard(path, span: Span, tp: TensorSplitSpec, device: str = "cpu") -> Sh
     return shard_model(full, tp.rank, tp.k)
 
 
+def group_ranks(peers: Iterable, tp: TensorSplitSpec, model: str, span: Span) -> dict[int, tuple[str, dict]]:
+    """rank -> (peer id, announcement) of group ``tp`` in the coordinator's membership table
+    (``PeerInfo`` rows): active peers announcing a shard of the same group, K, model and span; a
+    rank claimed twice goes to the peer that joined first (ties: the smaller id)."""
+    found: dict[int, tuple[tuple, str, dict]] = {}
+    for p in peers:
+        info = p.stats.get(STATS_KEY) if isinstance(p.stats, dict) else None
+        t = info.get("tp") if isinstance(info, dict) else None
+        if not (p.state == "active" and isinstance(t, dict) and t.get("group") == tp.group and t.get("k") == tp.k
+                and info.get("model") == model and info.get("blocks") == [span.start, span.end]):
+            continue
+        rank = t.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < tp.k:
+            continue
+        joined = p.joined_at if isinstance(p.joined_at, (int, float)) else float("inf")
+        key = (joined, p.peer_id)
+        if rank not in found or key < found[rank][0]:
+            found[rank] = (key, p.peer_id, info)
+    return {rank: (peer_id, info) for rank, (_, peer_id, info) in found.items()}
+
+
+def named_group(peers: Iterable, tp: TensorSplitSpec, model: str, span: Span,
+                me: str) -> tuple[str, tuple[str, ...]] | None:
+    """(leader, members) of the group as the table names it, when its leader has formed it with
+    ``me`` at rank ``tp.rank``; else None."""
+    lead = group_ranks(peers, tp, model, span).get(0)
+    if lead is None:
+        return None
+    members = lead[1]["tp"].get("members")
+    if not (isinstance(members, list) and len(members) == tp.k and members[0] == lead[0]
+            and all(isinstance(m, str) for m in members) and members[tp.rank] == me):
+        return None
+    return lead[0], tuple(members)
+
+
 @dataclass
 class _Reducer:
     """The all-reduce a shard's blocks call from the compute thread: runs ``star_all_reduce``
@@ -155,40 +201,98 @@ class TensorSplitLeader:
 
 
 class TensorSplitFollower:
-    """A non-leader shard: takes steps and session releases from its group's leader only."""
+    """A non-leader shard: takes steps and session releases only from the leader the
+    coordinator's table names (``lookup``: the (leader, members) view, or None), for that
+    leader's member list; frees every session when the named group changes."""
 
-    def __init__(self, server, timeout: float = 60.0):
-        self.server, self.timeout = server, timeout
+    REFRESH_S = 1.0  # at most one table read per second when a step finds the view stale
+
+    def __init__(self, server, lookup: Callable[[], Awaitable[tuple[str, tuple[str, ...]] | None]],
+                 timeout: float = 60.0, period_s: float = 5.0):
+        self.server, self.lookup, self.timeout, self.period_s = server, lookup, timeout, period_s
         self.leader: str | None = None
+        self.members: tuple[str, ...] | None = None
+        self._read_at = -float("inf")
+        self._reads = 0
+        self._reading: asyncio.Lock | None = None
 
     def install(self) -> None:
-        self.server.host.handle(TP_STEP, self._on_step)
-        self.server.host.handle(TP_CLOSE, self._on_close)
+        self.server.host.handle(TP_STEP, self._on_step, ("serve",))
+        self.server.host.handle(TP_CLOSE, self._on_close, ("serve",))
         self.server.host.on_peer_lost(self._on_peer_lost)
+        self.server.spawn(self._watch())
+
+    def adopt(self, view: tuple[str, tuple[str, ...]] | None) -> None:
+        """Take ``view`` as the group; a different leader or member list frees every session."""
+        leader, members = view if view is not None else (None, None)
+        if (leader, members) == (self.leader, self.members):
+            return
+        if self.leader is not None:
+            log.info("tensor-split group changed (leader %s -> %s): freeing its sessions", self.leader[:12],
+                     leader[:12] if leader else None)
+            self._free_all()
+        self.leader, self.members = leader, members
+
+    async def refresh(self) -> None:
+        """Re-read the table, at most once per ``REFRESH_S`` (callers that waited while another
+        read ran take its result); a coordinator away keeps the view."""
+        if self._reading is None:
+            self._reading = asyncio.Lock()
+        seen = self._reads
+        async with self._reading:
+            if self._reads != seen:
+                return
+            wait = self._read_at + self.REFRESH_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                view = await self.lookup()
+            except Exception as e:  # noqa: BLE001 - coordinator away: keep the last view
+                log.debug("tensor-split group lookup failed: %s", e)
+                return
+            finally:
+                self._read_at, self._reads = time.monotonic(), self._reads + 1
+            self.adopt(view)
+
+    async def _watch(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.period_s)
+
+    def _free_all(self) -> None:
+        for owner in {k[0] for k in self.server.sessions}:
+            self.server.free(owner, None)
 
     def _on_peer_lost(self, peer_id: str) -> None:
         # Sessions are keyed by the leader's clients; without the leader none can go on.
         if peer_id == self.leader:
-            for owner in {k[0] for k in self.server.sessions}:
-                self.server.free(owner, None)
+            self._free_all()
+
+    async def _check_leader(self, peer_id: str) -> None:
+        if peer_id != self.leader:
+            await self.refresh()  # the leader may have formed the group since the last read
+        if self.leader is None:
+            raise SessionError("this tensor-split shard has no group yet (its leader has not formed it)")
+        if peer_id != self.leader:
+            raise BadRequest(f"tensor-split steps come from the group's leader {self.leader[:12]} named by the "
+                             f"coordinator, not from {peer_id[:12]}")
 
     async def _on_step(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
-        members = header.get("members")
-        prefix, owner = header.get("prefix"), header.get("owner")
-        host = self.server.host
-        if not (isinstance(members, list) and members and members[0] == peer_id and host.peer_id in members
-                and isinstance(prefix, str) and isinstance(owner, str)):
-            raise BadRequest("tensor-split steps come from the group's leader with members, prefix and owner")
-        if self.leader not in (None, peer_id):
-            raise BadRequest(f"this shard belongs to leader {self.leader[:12]}")
-        self.leader = peer_id
+        await self._check_leader(peer_id)
+        members, prefix, owner = header.get("members"), header.get("prefix"), header.get("owner")
+        if not (isinstance(members, list) and tuple(members) == self.members
+                and isinstance(prefix, str) and 0 < len(prefix) <= 64 and isinstance(owner, str) and len(owner) <= 64):
+            raise BadRequest("a tensor-split step names the group's announced members, an all-reduce prefix and "
+                             "the session owner")
         req = self.server.parse_step(header, payload)
         job = self.server.make_job(owner, req)
-        reduce = _Reducer(_group(host, members), asyncio.get_running_loop(), prefix, self.timeout)
+        reduce = _Reducer(_group(self.server.host, list(members)), asyncio.get_running_loop(), prefix, self.timeout)
         await self.server.run_torch(self.server.compute_one, job, reduce)
         return {"length": job.session.length}, b""
 
     async def _on_close(self, peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
-        if peer_id != self.leader:
-            raise BadRequest("only the group's leader releases its sessions")
-        return {"freed": self.server.free(header.get("owner"), header.get("sid"))}, b""
+        await self._check_leader(peer_id)
+        owner, sid = header.get("owner"), header.get("sid")
+        if not isinstance(owner, str) or not (sid is None or isinstance(sid, str)):
+            raise BadRequest("a tensor-split release names the owner (str) and the session id (str or None)")
+        return {"freed": self.server.free(owner, sid)}, b""

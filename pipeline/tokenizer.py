@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from pipeline.chat_template import compile_template, render
 from pipeline.loading import ModelLoadError, gguf_field, open_gguf
 
 _CONTROL = 3  # llama.cpp token type of control tokens (<|im_start|>, <|endoftext|>, ...)
@@ -119,7 +120,9 @@ class Tokenizer:
         return self._tk.id_to_token(i)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's chat template."""
+        """Render ``messages`` ([{"role": ..., "content": ...}]) with the model's chat template, in
+        this thread and unbounded: for templates this process trusts (untrusted ones go through
+        ``pipeline.chat_template.TemplateRenderer``)."""
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
@@ -127,19 +130,10 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         if self._template is None:
-            from jinja2.exceptions import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            self._template = compile_template(self.chat_template)
+        return render(self._template, messages, add_generation_prompt=add_generation_prompt, **self.special_tokens())
 
-            def raise_exception(msg: str):
-                raise TemplateError(msg)
-
-            # Same environment settings as transformers' chat templating, so output matches.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        special = {"bos_token": self.token_text(self.bos_id) if self.bos_id is not None else "",
-                   "eos_token": self.token_text(self.eos_id)}
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
-        except Exception as e:
-            raise ValueError(f"chat template failed: {e}") from e
+    def special_tokens(self) -> dict[str, str]:
+        """The token strings chat templates see as ``bos_token`` / ``eos_token``."""
+        return {"bos_token": (self.token_text(self.bos_id) or "") if self.bos_id is not None else "",
+                "eos_token": self.token_text(self.eos_id) or ""}

@@ -1,6 +1,7 @@
 """Real processes under hostile input, shared by the fuzz bench (bench/fuzz.py) and
 tests/test_hostile_input.py: a coordinator started in its own folder with the filesystem oracle
-(nothing written outside its documented data-dir layout), signed request bodies, and hostile
+(nothing written outside its documented data-dir layout), signed requests (peer/reqsign.py,
+sometimes spoiled on purpose), and hostile
 connections to a PeerHost (mutated handshakes, garbage records, hostile frames inside valid
 records) with the check that a legitimate peer is still served."""
 from __future__ import annotations
@@ -20,14 +21,14 @@ from pathlib import Path
 from peer.errors import AuthError, ProtocolError
 from peer.handshake import Handshake
 from peer.identity import Identity
-from peer.membership import signing_bytes
+from peer.reqsign import H_BODY, H_NONCE, H_PEER, H_SIG, H_TIME, sign_headers
 from peer.secure import SecureChannel
 from peer.wire import FrameType
 from testing import ROOT
 from testing.fuzzgen import mutate, random_header
 from testing.wire_oracles import seal_raw
 
-TOKEN = "fuzz-swarm-token"
+TOKEN = "fuzz-swarm-token-337f9c14b27ed0a0e062efdd9e22a32f1cefed8b"
 
 
 @dataclass
@@ -97,7 +98,8 @@ def start_coordinator(parent: Path, log: Path, timeout: float = 60.0) -> Coordin
 
 
 # What the coordinator may create under its data dir (coordinator/store.py, coordinator/checkpoints.py).
-_DATA_FILES = re.compile(r"(coordinator\.sqlite3(-wal|-shm|-journal)?|token"
+_DATA_FILES = re.compile(r"(coordinator\.sqlite3(-wal|-shm|-journal)?|token|authority\.key|endpoint\.json"
+                         r"|tls\.(crt|key)"
                          r"|checkpoints/\.tmp/[0-9a-f]+\.part"
                          r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/chunks/[0-9a-f]{2}/[0-9a-f]{64}"
                          r"|checkpoints/runs/[A-Za-z0-9][A-Za-z0-9_.-]{0,127}/manifests/\d{12}\.json)\Z")
@@ -131,19 +133,28 @@ def filesystem_problems(parent: Path, canary: str, extra_roots: tuple[Path, ...]
     return problems
 
 
-def signed_body(ident: Identity, action: str, body: dict, rng: random.Random | None = None) -> dict:
-    """Sign ``body`` for ``action``; with ``rng``, sometimes spoil the signature instead."""
-    body = dict(body)
-    body.pop("signature", None)
-    try:
-        sig = ident.sign(signing_bytes(action, body)).hex()
-    except (TypeError, ValueError):  # the mutated body is not canonical JSON: no valid signature exists
-        sig = "00" * 64
+def signed_headers(ident: Identity, method: str, path: str, body: bytes,
+                   rng: random.Random | None = None, *, with_key: bool = False) -> dict:
+    """Signed request headers for exactly ``method path body``; with ``rng``, sometimes
+    spoiled instead (a header dropped or garbled, another key's signature, a stale time, the
+    hash of another body) -- each must be refused with a 4xx, never a 5xx."""
+    h = sign_headers(ident, method, path, body, with_key=with_key)
     if rng is not None and rng.random() < 0.3:
-        sig = rng.choice(["", "zz" * 64, "00" * 64, sig[:-2], sig + "00", sig.upper(), 12, None, [sig],
-                          ident.sign(b"other").hex()])
-    body["signature"] = sig
-    return body
+        spoil = rng.randrange(6)
+        if spoil == 0:
+            del h[rng.choice([H_PEER, H_TIME, H_NONCE, H_BODY, H_SIG])]
+        elif spoil == 1:
+            h[rng.choice([H_PEER, H_TIME, H_NONCE, H_BODY, H_SIG])] = rng.choice(
+                ["", "zz", "0" * 500, "1e999", "-1", "NaN", "\u00e9".encode().decode("latin-1"), h[H_SIG].upper()])
+        elif spoil == 2:
+            h[H_SIG] = Identity.generate().sign(b"other").hex()
+        elif spoil == 3:
+            h = sign_headers(ident, method, path, body, with_key=with_key, now=time.time() - 3600)
+        elif spoil == 4:
+            h = sign_headers(ident, method, path, body + b" ", with_key=with_key)
+        else:
+            h = sign_headers(ident, method, path + "x", body, with_key=with_key)
+    return h
 
 
 def hostile_session_frames(rng: random.Random) -> list[tuple[int, dict, bytes, int]]:

@@ -12,7 +12,14 @@ the host's own interfaces, addresses and routes are never touched:
 Names carry the pid and a per-process counter so concurrent runs never clash; everything is
 deleted by the names it created on ``close()``, on leaving the ``with`` block, and at exit;
 namespaces of a run killed before it could clean up are removed by the next build
-(``remove_stale``: the pid in the name is no longer alive).
+(``remove_stale``: the pid in the name is no longer alive). Deleting a namespace also deletes
+what lives only inside it: its veth ends (and so their peers), bridges, qdiscs and nft tables;
+no link, route or table is ever made in the host's own namespace.
+
+``NamespaceSet`` is the lifecycle both labs share (create by name, run and kill processes inside,
+delete); ``shape_link`` puts one ``LinkShape`` on the two ends of a veth. ``testing.nat.NatLab``
+builds home routers doing NAT on top of them.
+
 This module imports on any OS (stdlib only); building raises ``NetnsUnavailable`` where
 namespaces cannot be made (not Linux, not root, ``ip``/``tc``/``nft`` missing).
 """
@@ -30,14 +37,17 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 _COMMAND_TIMEOUT_S = 15.0
 _TOOLS = ("ip", "tc", "nft")
 _NFT_TABLE = "lowband_loss"
 _PREFIX = "lowband"
-_NAME = re.compile(rf"{_PREFIX}-(\d+)-\d+-(?:sw|\d+)")
+# <prefix>-<pid>-<lab counter>-<member>; members are "sw", a number or a short lowercase name.
+_NAME = re.compile(rf"{_PREFIX}-(\d+)-\d+-[a-z0-9]+")
 _counter = itertools.count()
-_live: "set[NetnsLab]" = set()
+_live: "set[NamespaceSet]" = set()
+_Lab = TypeVar("_Lab", bound="NamespaceSet")
 
 
 class NetnsError(RuntimeError):
@@ -92,10 +102,11 @@ class LinkShape:
                 "latency", f"{self.tbf_latency_ms}ms"]
 
     def nft_script(self, device: str) -> str:
-        # mod 10000 gives 0.01 % resolution.
+        # mod 10000 gives 0.01 % resolution. Prerouting (before conntrack) so that packets a
+        # router forwards are lost too, not only those delivered to the namespace itself.
         threshold = round(self.loss_pct * 100)
-        return (f"table inet {_NFT_TABLE} {{\n chain input {{\n"
-                f"  type filter hook input priority 0; policy accept;\n"
+        return (f"table inet {_NFT_TABLE} {{\n chain loss {{\n"
+                f"  type filter hook prerouting priority raw; policy accept;\n"
                 f"  iifname \"{device}\" numgen random mod 10000 < {threshold} drop\n }}\n}}\n")
 
 
@@ -133,58 +144,48 @@ def remove_stale() -> list[str]:
     return removed
 
 
-class NetnsLab:
-    """N namespaces on a private bridge. Use as a context manager:
+def shape_link(near: tuple[str, str], far: tuple[str, str], shape: LinkShape,
+               previous: LinkShape | None = None) -> None:
+    """Shape the veth whose ends are ``near`` = (namespace, device) -- the side whose upload is
+    limited, and where arriving packets are lost -- and ``far`` (the other end: near's download).
+    ``previous``: the shape applied before, so its loss table is replaced rather than doubled."""
+    for netns, dev in (near, far):
+        if shape.rate_mbit is None:
+            _run(["tc", "-n", netns, "qdisc", "del", "dev", dev, "root"], check=False)
+        else:
+            _run(["tc", "-n", netns, "qdisc", "replace", "dev", dev, "root", *shape.tbf_args()])
+    netns, dev = near
+    if previous is not None and previous.loss_pct:
+        _run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet", _NFT_TABLE])
+    if shape.loss_pct:
+        _run(["ip", "netns", "exec", netns, "nft", "-f", "-"], stdin=shape.nft_script(dev))
 
-    >>> with NetnsLab(4, LinkShape(rate_mbit=100)) as lab:
-    ...     server = lab.popen(1, [sys.executable, "server.py", "--host", lab.address(1)])
-    ...     lab.run(0, [sys.executable, "client.py", lab.address(1)])
-    """
 
-    def __init__(self, n: int, shape: LinkShape | Sequence[LinkShape] = LinkShape(), *,
-                 subnet: str = "10.77.0.0/24") -> None:
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        shapes = [shape] * n if isinstance(shape, LinkShape) else list(shape)
-        if len(shapes) != n:
-            raise ValueError(f"got {len(shapes)} link shapes for {n} namespaces")
-        net = ipaddress.ip_network(subnet)
-        if (net.version != 4 or not net.is_private or net.is_loopback or net.is_link_local
-                or net.num_addresses - 2 < n):
-            raise ValueError(f"subnet must be a private IPv4 network with room for {n} hosts, got {subnet!r}")
-        self.n = n
-        self.shapes = shapes
+class NamespaceSet:
+    """Namespaces named ``<prefix>-<member>`` that one lab creates, the processes it starts inside
+    them, and their deletion. Subclasses build the links in ``_build()`` and map their own keys
+    (an index, a host name) to a namespace name in ``namespace()``."""
+
+    def __init__(self) -> None:
         self.prefix = f"{_PREFIX}-{os.getpid()}-{next(_counter)}"
-        self.switch = f"{self.prefix}-sw"
-        self.names = [f"{self.prefix}-{i}" for i in range(n)]
-        hosts = net.hosts()
-        self.addresses = [str(next(hosts)) for _ in range(n)]
-        self.prefixlen = net.prefixlen
         self._created: list[str] = []
-        self._applied: dict[int, LinkShape] = {}
         self._children: list[subprocess.Popen] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def build(self) -> "NetnsLab":
-        reason = unavailable_reason(need_nft=any(s.loss_pct for s in self.shapes))
+    def _need_nft(self) -> bool:
+        return True
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def build(self: _Lab) -> _Lab:
+        reason = unavailable_reason(need_nft=self._need_nft())
         if reason:
             raise NetnsUnavailable(reason)
         remove_stale()
         _live.add(self)
         try:
-            self._add_netns(self.switch)
-            self._ip(self.switch, "link", "add", "br0", "type", "bridge")
-            self._ip(self.switch, "link", "set", "br0", "up")
-            for i, name in enumerate(self.names):
-                self._add_netns(name)
-                port = f"p{i}"
-                self._ip(self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", name)
-                self._ip(self.switch, "link", "set", port, "master", "br0")
-                self._ip(self.switch, "link", "set", port, "up")
-                self._ip(name, "addr", "add", f"{self.addresses[i]}/{self.prefixlen}", "dev", "eth0")
-                self._ip(name, "link", "set", "eth0", "up")
-                self._ip(name, "link", "set", "lo", "up")
-                self.set_shape(i, self.shapes[i])
+            self._build()
         except BaseException:
             self.close()
             raise
@@ -213,59 +214,125 @@ class NetnsLab:
         self._created.clear()
         _live.discard(self)
 
-    def __enter__(self) -> "NetnsLab":
+    def __enter__(self: _Lab) -> _Lab:
         return self.build()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- shaping ---------------------------------------------------------------------------------
-    def set_shape(self, i: int, shape: LinkShape) -> None:
-        """Apply (or change, while traffic flows) peer i's rate limit and loss."""
-        name = self.names[i]
-        for netns, dev in ((name, "eth0"), (self.switch, f"p{i}")):
-            if shape.rate_mbit is None:
-                _run(["tc", "-n", netns, "qdisc", "del", "dev", dev, "root"], check=False)
-            else:
-                _run(["tc", "-n", netns, "qdisc", "replace", "dev", dev, "root", *shape.tbf_args()])
-        previous = self._applied.get(i)
-        if previous is not None and previous.loss_pct:
-            _run(["ip", "netns", "exec", name, "nft", "delete", "table", "inet", _NFT_TABLE])
-        if shape.loss_pct:
-            _run(["ip", "netns", "exec", name, "nft", "-f", "-"], stdin=shape.nft_script("eth0"))
-        self._applied[i] = shape
-        self.shapes[i] = shape
-
     # -- running things inside -----------------------------------------------------------------
-    def address(self, i: int) -> str:
-        return self.addresses[i]
+    def namespace(self, key) -> str:
+        raise NotImplementedError
 
-    def exec_args(self, i: int, args: Sequence[str]) -> list[str]:
-        """The argv that runs `args` inside namespace i."""
-        return ["ip", "netns", "exec", self.names[i], *args]
+    def exec_args(self, key, args: Sequence[str]) -> list[str]:
+        """The argv that runs `args` inside the namespace of `key`."""
+        return ["ip", "netns", "exec", self.namespace(key), *args]
 
-    def popen(self, i: int, args: Sequence[str], **kwargs) -> subprocess.Popen:
-        """Start a process inside namespace i; it is killed (by pid) when the lab closes."""
-        child = subprocess.Popen(self.exec_args(i, args), **kwargs)
+    def popen(self, key, args: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start a process inside the namespace of `key`; it is killed (by pid) when the lab closes."""
+        child = subprocess.Popen(self.exec_args(key, args), **kwargs)
         self._children.append(child)
         return child
 
-    def run(self, i: int, args: Sequence[str], *, timeout: float = 60.0,
+    def run(self, key, args: Sequence[str], *, timeout: float = 60.0,
             check: bool = True) -> subprocess.CompletedProcess:
-        """Run a command inside namespace i to completion; captures text output."""
-        done = subprocess.run(self.exec_args(i, args), capture_output=True, text=True, timeout=timeout)
+        """Run a command inside the namespace of `key` to completion; captures text output."""
+        done = subprocess.run(self.exec_args(key, args), capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
-            raise NetnsError(f"{' '.join(args)} in {self.names[i]} failed ({done.returncode}): "
+            raise NetnsError(f"{' '.join(args)} in {self.namespace(key)} failed ({done.returncode}): "
                              f"{done.stderr.strip()[-2000:]}")
         return done
 
-    # -- internals -----------------------------------------------------------------------------
-    def _add_netns(self, name: str) -> None:
+    # -- building blocks -----------------------------------------------------------------------
+    def _add_netns(self, member: str) -> str:
+        name = f"{self.prefix}-{member}"
         _run(["ip", "netns", "add", name])
         self._created.append(name)
+        self._ip(name, "link", "set", "lo", "up")
+        return name
 
     def _ip(self, netns: str, *args: str) -> None:
         _run(["ip", "-n", netns, *args])
+
+    def _bridge(self, netns: str, bridge: str) -> None:
+        self._ip(netns, "link", "add", bridge, "type", "bridge")
+        self._ip(netns, "link", "set", bridge, "up")
+
+    def _veth(self, netns: str, dev: str, bridge_netns: str, bridge: str, port: str,
+              address: str | None = None) -> None:
+        """A veth from device `dev` in `netns` (with `address`, "a.b.c.d/len") to `port` on `bridge`."""
+        self._ip(bridge_netns, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", netns)
+        self._ip(bridge_netns, "link", "set", port, "master", bridge)
+        self._ip(bridge_netns, "link", "set", port, "up")
+        if address is not None:
+            self._ip(netns, "addr", "add", address, "dev", dev)
+        self._ip(netns, "link", "set", dev, "up")
+
+    def _nft(self, netns: str, script: str) -> None:
+        _run(["ip", "netns", "exec", netns, "nft", "-f", "-"], stdin=script)
+
+
+class NetnsLab(NamespaceSet):
+    """N namespaces on a private bridge. Use as a context manager:
+
+    >>> with NetnsLab(4, LinkShape(rate_mbit=100)) as lab:
+    ...     server = lab.popen(1, [sys.executable, "server.py", "--host", lab.address(1)])
+    ...     lab.run(0, [sys.executable, "client.py", lab.address(1)])
+    """
+
+    def __init__(self, n: int, shape: LinkShape | Sequence[LinkShape] = LinkShape(), *,
+                 subnet: str = "10.77.0.0/24") -> None:
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        shapes = [shape] * n if isinstance(shape, LinkShape) else list(shape)
+        if len(shapes) != n:
+            raise ValueError(f"got {len(shapes)} link shapes for {n} namespaces")
+        net = private_network(subnet, n)
+        super().__init__()
+        self.n = n
+        self.shapes = shapes
+        self.switch = f"{self.prefix}-sw"
+        self.names = [f"{self.prefix}-{i}" for i in range(n)]
+        hosts = net.hosts()
+        self.addresses = [str(next(hosts)) for _ in range(n)]
+        self.prefixlen = net.prefixlen
+        self._applied: dict[int, LinkShape] = {}
+
+    def _need_nft(self) -> bool:
+        return any(s.loss_pct for s in self.shapes)
+
+    def _build(self) -> None:
+        self._add_netns("sw")
+        self._bridge(self.switch, "br0")
+        for i in range(self.n):
+            name = self._add_netns(str(i))
+            self._veth(name, "eth0", self.switch, "br0", f"p{i}", f"{self.addresses[i]}/{self.prefixlen}")
+            self.set_shape(i, self.shapes[i])
+
+    def set_shape(self, i: int, shape: LinkShape) -> None:
+        """Apply (or change, while traffic flows) peer i's rate limit and loss."""
+        shape_link((self.names[i], "eth0"), (self.switch, f"p{i}"), shape, self._applied.get(i))
+        self._applied[i] = shape
+        self.shapes[i] = shape
+
+    def namespace(self, i: int) -> str:
+        return self.names[i]
+
+    def address(self, i: int) -> str:
+        return self.addresses[i]
+
+
+def private_network(subnet: str, hosts: int) -> ipaddress.IPv4Network:
+    """`subnet` parsed, refused unless a private IPv4 network with room for `hosts` addresses:
+    test labs must never take addresses that mean something outside them."""
+    try:
+        net = ipaddress.ip_network(subnet)
+    except ValueError as exc:
+        raise ValueError(f"subnet {subnet!r}: {exc}") from exc
+    if (net.version != 4 or not net.is_private or net.is_loopback or net.is_link_local
+            or net.num_addresses - 2 < hosts):
+        raise ValueError(f"subnet must be a private IPv4 network with room for {hosts} hosts, got {subnet!r}")
+    return net
 
 
 @atexit.register

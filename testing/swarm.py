@@ -5,16 +5,15 @@ times, global-state hash agreement, generation changes, losses). Used by the chu
 """
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
-import urllib.request
 from pathlib import Path
 
+from testing.api import signed_get
 from testing.procs import Child, Procs, free_port
 
-TOKEN = "churn-token"
+TOKEN = "churn-token-7ae1e2ad87aaef7bd66b92892db3ddcafe16429f"
 RUN = "churn"
 PEER_CMD = [sys.executable, "-m", "peer"]
 # Fast failure detection: a SIGKILLed peer is suspect after 1.5 s and dead after 3 s.
@@ -40,9 +39,8 @@ def corpus(path: Path) -> Path:
 
 
 def api(url: str, path: str, timeout: float = 10.0) -> dict:
-    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    """A signed GET by an identity admitted with the swarm token."""
+    return signed_get(url, path, token=TOKEN, timeout=timeout)
 
 
 class Swarm:

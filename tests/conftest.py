@@ -34,6 +34,8 @@ FAST_MODULES: dict[str, dict[str, str]] = {
     "test_codecs.py": {},
     "test_wire.py": {},
     "test_handshake.py": {},
+    "test_credentials.py": {},
+    "test_tokens.py": {},
     "test_data.py": {
         "test_tokenize_corpus_with_reference_tokenizer_is_cached": "the reference tokenizer over a corpus (~3 s CPU)",
     },

@@ -5,7 +5,6 @@ without running models. Membership-only peers are real `peer join` daemons in th
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 
 import torch
@@ -26,8 +25,22 @@ def loss_at(step: int) -> float:
     return round(2.0 + 8.0 * math.exp(-step / 4), 4)
 
 
+def trainer_state(step: int):
+    """(manifest, chunks) of the run's state after ``step``: one parameter and its outer
+    momentum, as the train role stores them, its trainer hash in the meta (the hash the peers
+    report, which the coordinator checks a checkpoint against)."""
+    from coordinator.checkpoints import MOMENTUM_PREFIX, trainer_state_hash
+
+    tensors = {"w": torch.arange(4096, dtype=torch.float32) + step,
+               MOMENTUM_PREFIX + "w": torch.zeros(4096)}
+    bare, chunks = build_manifest(RUN, step, tensors)
+    meta = {"global_state_hash": trainer_state_hash(bare, lambda sha: bytes(chunks[sha])),
+            "outer_step": step}
+    return build_manifest(RUN, step, tensors, meta=meta)
+
+
 def state_hash(step: int) -> str:
-    return hashlib.sha256(f"{RUN}/{step}".encode()).hexdigest()
+    return trainer_state(step)[0].meta["global_state_hash"]
 
 
 class SimPeer:
@@ -89,6 +102,5 @@ async def train(url: str, token: str, steps: int, interval: float, n: int = 2) -
                 "bytes_sent": 250_000, "bytes_received": 250_000, "compute_utilization": 0.85,
                 "participants": n})
         base = state_hash(step)
-    manifest, chunks = build_manifest(RUN, steps, {"w": torch.arange(4096, dtype=torch.float32)})
-    await peers[0].client.upload_checkpoint(manifest, chunks)
+    await peers[0].client.upload_checkpoint(*trainer_state(steps))
     return peers

@@ -124,13 +124,17 @@ def test_shared_flags_are_on_every_command_that_needs_them():
     for name, parser in by_name.items():
         if "--token" in options(parser):
             assert "--token-file" in options(parser), name
+    # Every command that talks to a coordinator takes the same admission flags
+    # (peer/runtime.py add_coordinator_args).
+    for name in ("peer join", "peer status", "peer generate", "peer gateway"):
+        assert {"--coordinator", "--join", "--join-file", "--insecure"} <= set(options(by_name[name])), name
 
 
 def test_train_flags_reach_the_role_only_with_train(capsys):
     from diloco.train_options import TrainOptions
     from peer.cli import build_parser, main
 
-    base = ["join", "--coordinator", "http://127.0.0.1:9", "--token", "t", "--key", "/nonexistent/k"]
+    base = ["join", "--coordinator", "http://127.0.0.1:9", "--key", "/nonexistent/k"]
     assert main([*base, "--inner-steps", "5", "--zstd"]) == 2
     err = capsys.readouterr().err
     assert "--inner-steps, --zstd are train role options; add --train" in err
@@ -205,11 +209,12 @@ def test_json_logs_are_one_object_per_line_per_step_lines_included(procs, tmp_pa
     everything they write is one JSON object per line, the per-outer-step lines included."""
     from tests.harness import start_coordinator
 
-    coord = start_coordinator(procs, tmp_path / "coord", "json-token", "--log-format", "json")
+    token = "json-token-0d6c4b2a98e7f5d3c1b0a9f8e7d6c5b4a3"
+    coord = start_coordinator(procs, tmp_path / "coord", token, "--log-format", "json")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the peer trains a model over the mesh, one outer step at a time.\n" * 400)
     peer = procs.python("-m", "peer.cli", "join", "--coordinator", coord.ready["url"],
-                        "--token", "json-token", "--listen", "127.0.0.1:0",
+                        "--token", token, "--listen", "127.0.0.1:0",
                         "--key", str(tmp_path / "p.key"), "--device", "cpu", "--log-format", "json",
                         "--train", "j", "--data", str(corpus), "--preset", "micro",
                         "--inner-steps", "2", "--seq-len", "16", "--batch-size", "2",

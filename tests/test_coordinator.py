@@ -1,7 +1,8 @@
 """Coordinator: membership API, validation, failure detection, persistence, status page.
 
 API tests run the real aiohttp app on a real 127.0.0.1 socket in-process (fast); process-level
-behaviour (kill -9, restart, peers) is in test_join.py. Failure detection runs on a fake clock
+behaviour (kill -9, restart, peers) is in test_join.py; admission and request signing in
+test_admission.py. Failure detection runs on a fake clock
 (testing/clock.py): time moves only when a test advances it, so nothing here sleeps.
 """
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 
 import aiohttp
 import pytest
@@ -20,13 +20,14 @@ from coordinator.registry import MembershipRegistry, PeerMeta, Timing
 from coordinator.status import STATIC_DIR
 from coordinator.store import Store, StoreError
 from peer.identity import Identity
-from peer.membership import (CoordinatorAuthError, CoordinatorClient, CoordinatorError,
-                             CoordinatorUnavailable, NotRegistered, canonical_json, signing_bytes)
+from peer.membership import (CoordinatorClient, CoordinatorError,
+                             CoordinatorUnavailable, NotRegistered, canonical_json)
 from coordinator.validation import ApiError
 from testing import ROOT
 from testing.clock import FakeClock
+from testing.signed import Signer
 
-TOKEN = "test-swarm-token"
+TOKEN = "test-swarm-token-2d848a32957f6427367eaf6a92dc3d829d528049"
 META = {"device": "cpu", "memory": 1 << 30, "roles": ["train"], "throughput": 1e9, "zone": "a"}
 
 
@@ -38,14 +39,13 @@ class Coord:
     def client(self, identity: Identity | None = None, token: str | None = TOKEN) -> CoordinatorClient:
         return CoordinatorClient(self.url, token, identity or Identity.generate(), timeout=5)
 
-    async def post(self, path: str, data: bytes | str, token: str | None = TOKEN,
-                   content_type: str = "application/json") -> tuple[int, dict]:
-        headers = {"Content-Type": content_type}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        async with aiohttp.ClientSession() as s:
-            async with s.post(self.url + path, data=data, headers=headers) as r:
-                return r.status, await r.json(content_type=None)
+    async def post(self, path: str, data: bytes | str, identity: Identity | None = None) -> tuple[int, dict]:
+        """POST ``data`` as is, signed by ``identity`` (admitted with the token first)."""
+        async with Signer(self.url, identity) as s:
+            if (await s.admit_token(TOKEN)).status != 200:
+                raise AssertionError("token admission failed")
+            answer = await s.request("POST", path, data if isinstance(data, bytes) else data.encode())
+            return answer.status, answer.json
 
 
 async def start_coord(data_dir, **timing) -> Coord:
@@ -64,12 +64,6 @@ async def coord(tmp_path):
     yield c
     await c.server.close()
     c.store.close()
-
-
-def signed(identity: Identity, action: str, **fields) -> dict:
-    body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
-    body["signature"] = identity.sign(signing_bytes(action, body)).hex()
-    return body
 
 
 async def test_join_heartbeat_leave_lifecycle(coord):
@@ -95,7 +89,7 @@ async def test_join_heartbeat_leave_lifecycle(coord):
         again = await c.join("127.0.0.1:9002", META)  # a left peer may come back
         assert again["incarnation"] == 2
         status = await c.status()
-    kinds = [e["kind"] for e in status["events"]]
+    kinds = [e["kind"] for e in status["events"] if e["kind"] in ("join", "active", "leave", "rejoin")]
     assert kinds[:4] == ["rejoin", "leave", "active", "join"]
     assert status["counts"]["joining"] == 1
 
@@ -112,15 +106,19 @@ async def test_three_peers_see_each_other(coord):
         await c.close()
 
 
-async def test_token_required_and_checked(coord):
-    async with coord.client(token="wrong") as c:
-        with pytest.raises(CoordinatorAuthError, match="token"):
+async def test_admission_required_and_checked(coord):
+    async with coord.client(token="wrong-" + TOKEN) as c:
+        with pytest.raises(CoordinatorError, match="token") as err:
             await c.join("127.0.0.1:9001", META)
+        assert (err.value.status, err.value.code) == (403, "bad_token_proof")
     async with coord.client(token=None) as c:
-        with pytest.raises(CoordinatorAuthError, match="missing swarm token"):
+        with pytest.raises(CoordinatorError) as err:
             await c.join("127.0.0.1:9001", META)
-    status, body = await coord.post("/api/join", "{}", token="wrong")
-    assert status == 401 and body["error"] == "bad_token"
+        assert (err.value.status, err.value.code) == (403, "not_admitted")
+    async with aiohttp.ClientSession() as s:  # the token itself opens nothing
+        async with s.post(coord.url + "/api/join", data=b"{}",
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 401 and (await r.json())["error"] == "bearer_not_accepted"
 
 
 @pytest.mark.parametrize("payload,code", [
@@ -130,8 +128,8 @@ async def test_token_required_and_checked(coord):
     (b'{"timestamp": NaN}', "malformed_json"),
     (b'{"a":' * 5000 + b"1" + b"}" * 5000, "malformed_json"),
     (b"{}", "bad_request"),
-    (b'{"public_key": 5}', "bad_request"),
-    (b'{"public_key": "zz"}', "bad_request"),
+    (b'{"address": 5}', "bad_request"),
+    (b'{"address": "zz"}', "bad_request"),
 ])
 async def test_malformed_join_bodies_are_400(coord, payload, code):
     status, body = await coord.post("/api/join", payload)
@@ -141,7 +139,6 @@ async def test_malformed_join_bodies_are_400(coord, payload, code):
 
 async def test_join_field_validation(coord):
     ident = Identity.generate()
-    pk = ident.public_bytes.hex()
     cases = [
         ({"address": "no-port", "meta": {}}, 400, "address"),
         ({"address": "127.0.0.1:99999", "meta": {}}, 400, "port"),
@@ -153,33 +150,8 @@ async def test_join_field_validation(coord):
         ({"address": "127.0.0.1:1", "meta": {"x": "y" * 10_000}}, 413, "meta"),
     ]
     for fields, want_status, word in cases:
-        status, body = await coord.post("/api/join",
-                                        canonical_json(signed(ident, "join", public_key=pk, **fields)))
+        status, body = await coord.post("/api/join", canonical_json(fields), ident)
         assert status == want_status and word in body["message"], (fields, body)
-
-
-async def test_identity_proof_on_join(coord):
-    ident, other = Identity.generate(), Identity.generate()
-    fields = {"address": "127.0.0.1:1", "meta": {}}
-    # public key of someone else: the id is not the hash of the key
-    body = signed(ident, "join", public_key=other.public_bytes.hex(), **fields)
-    status, answer = await coord.post("/api/join", canonical_json(body))
-    assert status == 403 and answer["error"] == "peer_id_mismatch"
-    # tampered after signing
-    body = signed(ident, "join", public_key=ident.public_bytes.hex(), **fields)
-    body["address"] = "127.0.0.1:2"
-    status, answer = await coord.post("/api/join", canonical_json(body))
-    assert status == 403 and answer["error"] == "bad_signature"
-    # a heartbeat signature replayed as a join
-    body = signed(ident, "heartbeat", public_key=ident.public_bytes.hex(), **fields)
-    status, answer = await coord.post("/api/join", canonical_json(body))
-    assert status == 403 and answer["error"] == "bad_signature"
-    # stale timestamp
-    body = {"peer_id": ident.peer_id, "timestamp": time.time() - 3600,
-            "public_key": ident.public_bytes.hex(), **fields}
-    body["signature"] = ident.sign(signing_bytes("join", body)).hex()
-    status, answer = await coord.post("/api/join", canonical_json(body))
-    assert status == 403 and answer["error"] == "clock_skew"
 
 
 async def test_heartbeat_checks(coord):
@@ -188,19 +160,19 @@ async def test_heartbeat_checks(coord):
         with pytest.raises(NotRegistered, match="not registered"):
             await c.heartbeat({})
         await c.join("127.0.0.1:9001", {})
-    # someone with the token but not the key cannot heartbeat for this peer
-    intruder = Identity.generate()
-    body = signed(intruder, "heartbeat", stats={})
-    body["peer_id"] = ident.peer_id
-    status, answer = await coord.post("/api/heartbeat", canonical_json(body))
-    assert status == 403 and answer["error"] == "bad_signature"
-    status, answer = await coord.post("/api/heartbeat",
-                                      canonical_json(signed(ident, "heartbeat", stats=[1])))
+    # an admitted intruder cannot heartbeat for this peer: its key signs under its own id
+    async with Signer(coord.url) as intruder:
+        await intruder.admit_token(TOKEN)
+        headers = intruder.headers("POST", "/api/heartbeat", b"{}")
+        headers["X-Lowband-Peer"] = ident.peer_id
+        answer = await intruder.send("POST", "/api/heartbeat", b"{}", headers)
+        assert answer.status == 403 and answer.code == "bad_signature"
+    status, answer = await coord.post("/api/heartbeat", canonical_json({"stats": [1]}), ident)
     assert status == 400 and "stats" in answer["message"]
-    big = signed(ident, "heartbeat", stats={"blob": "x" * 100_000})
-    status, answer = await coord.post("/api/heartbeat", canonical_json(big))
+    big = {"stats": {"blob": "x" * 100_000}}
+    status, answer = await coord.post("/api/heartbeat", canonical_json(big), ident)
     assert status == 413
-    status, answer = await coord.post("/api/heartbeat", b"x" * 300_000)
+    status, answer = await coord.post("/api/heartbeat", b"x" * 300_000, ident)
     assert status == 413 and answer["error"] == "body_too_large"
 
 
@@ -322,7 +294,7 @@ def test_cli_reports_unusable_data_dir(tmp_path):
     bad = tmp_path / "occupied"
     bad.write_text("not a dir")
     out = subprocess.run([sys.executable, "-m", "coordinator", "start", "--port", "0",
-                          "--token", "t", "--data-dir", str(bad)], cwd=ROOT,
+                          "--data-dir", str(bad)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert str(bad) in out.stderr and "Traceback" not in out.stderr
@@ -341,11 +313,14 @@ async def test_status_page_and_api(coord):
             assert r.status == 200 and "/api/status" in await r.text()
         async with s.get(coord.url + "/api/status") as r:
             status = await r.json()
-        async with s.get(coord.url + "/api/peers?state=bogus") as r:
-            assert r.status == 400
+        async with s.get(coord.url + "/api/peers") as r:  # not public
+            assert r.status == 401
         async with s.get(coord.url + "/api/nothing") as r:
             assert r.status == 404 and (await r.json())["error"]
-    assert status["peers"][0]["peer_id"] == ident.peer_id
+    async with Signer(coord.url, ident) as signer:
+        assert (await signer.request("GET", "/api/peers?state=bogus")).status == 400
+        peers = (await signer.request("GET", "/api/peers")).json["peers"]
+    assert peers[0]["peer_id"] == ident.peer_id
     assert set(status["coordinator"]) >= {"heartbeat_interval", "peer_timeout", "uptime_s"}
 
 

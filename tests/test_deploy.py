@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from peer.joinstring import JoinString
 from tests.harness import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,10 +92,14 @@ def check_join(argv: list[str]) -> None:
     saved_env, root = dict(os.environ), logging.getLogger()
     saved_log = (root.handlers[:], root.level)
     err = io.StringIO()
-    with tempfile.NamedTemporaryFile("w", suffix=".token") as token:
-        token.write("t" * 64)
+    with tempfile.NamedTemporaryFile("w", suffix=".token") as token, \
+            tempfile.NamedTemporaryFile("w", suffix=".join") as join:
+        token.write(secrets.token_urlsafe(32))
         token.flush()
-        local = [token.name if argv[i - 1] == "--token-file" else a for i, a in enumerate(argv)]
+        join.write(JoinString("https://coordinator.example.net:8470", os.urandom(32), "ab" * 32).encode())
+        join.flush()
+        files = {"--token-file": token.name, "--join-file": join.name}
+        local = [files.get(argv[i - 1], a) for i, a in enumerate(argv)]
         try:
             with mock.patch.object(peer.daemon, "DaemonConfig", capture), contextlib.redirect_stderr(err):
                 code = peer.cli.main(local)

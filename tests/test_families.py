@@ -214,7 +214,7 @@ def test_gemma3_270m_gguf_matches_transformers_on_the_same_weights():
     config (not from our parse of the metadata), gets the same dequantized weights (norms back
     to Gemma's ``w``): logits within 1e-4 and the same greedy tokens. ~40 s: the gguf reader
     parses 262k vocabulary strings."""
-    from pipeline.loading import _hf_name, gemma3_270m_path, load_gguf
+    from pipeline.loading import hf_name, gemma3_270m_path, load_gguf
 
     try:
         path = gemma3_270m_path()
@@ -228,7 +228,7 @@ def test_gemma3_270m_gguf_matches_transformers_on_the_same_weights():
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
     hf = transformers.Gemma3ForCausalLM(cfg).eval()
-    state = {_hf_name(k, ours.cfg): (t - 1.0 if k.endswith("norm.weight") else t)
+    state = {hf_name(k, ours.cfg): (t - 1.0 if k.endswith("norm.weight") else t)
              for k, t in ours.state_dict().items()}
     result = hf.load_state_dict(state, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied
@@ -255,7 +255,7 @@ def test_gemma3_served_by_two_stage_servers_matches_transformers(saved, tmp_path
     from tests.harness import Procs, start_coordinator, wait_until
 
     folder, hf = saved["gemma3"]
-    token, model, new = "families-test-token", str(folder), 8
+    token, model, new = "families-test-token-5b1e0c9d3f7a2468ace13579bdf02468ace1357", str(folder), 8
     prompts = [_ids(6, 9)[0].tolist(), _ids(7, 4)[0].tolist()]
     want = [hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                         attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist() for p in prompts]

@@ -14,7 +14,7 @@ import pytest
 
 from tests.harness import ROOT, Procs, reference_model, start_coordinator
 
-TOKEN = "gateway-test-token"
+TOKEN = "gateway-test-token-7f0a6f740958c90b5f51f88c1fdf2d3f4b2d1491"
 MODEL = "smollm2-135m"
 NEW = 8
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -31,8 +31,8 @@ def swarm(tmp_path_factory):
                               "--listen", "127.0.0.1:0", "--key", str(tmp / "s.key"), "--device", "cpu",
                               "--serve", MODEL, wait_ready=False)
         gateway = procs.python("-m", "peer.cli", "gateway", "--coordinator", url, "--token", TOKEN,
-                               "--port", "0", wait_ready=False)
-        yield url, server, gateway
+                               "--port", "0", "--key", str(tmp / "g.key"), wait_ready=False)
+        yield url, server, gateway, tmp
     finally:
         procs.cleanup()
 
@@ -48,7 +48,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def api(swarm, reference):
-    _, server, gateway = swarm
+    _, server, gateway, _ = swarm
     server.wait_for_line("READY ", timeout=240)
     base = gateway.wait_for_line("READY ", timeout=120) and gateway.ready["url"] + "/v1"
     deadline = time.monotonic() + 60
@@ -115,15 +115,20 @@ def test_batched_prompts(api, reference):
     assert [(c["index"], c["text"]) for c in body["choices"]] == list(enumerate(reference["batch"]))
     assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
     assert 0 < body["usage"]["completion_tokens"] <= 2 * NEW and body["usage"]["prompt_tokens"] >= 8
-    status, answer = post(api + "/completions", {"model": MODEL, "prompt": BATCH, "stream": True})
-    assert status == 400 and "one prompt" in answer["error"]["message"], answer
+    # Streamed, each chunk names its choice; joined per index they are the same completions.
+    status, events = post(api + "/completions", {"model": MODEL, "prompt": BATCH, "max_tokens": NEW, "temperature": 0,
+                                                 "stream": True}, raw=True)
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert ["".join(c["text"] for c in chunks if c["index"] == i) for i in range(2)] == reference["batch"]
 
 
 @pytest.mark.parametrize("body,status,needle", [
     ({"model": "nope", "prompt": "hi"}, 404, "nope"),
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "hi", "max_tokens": 9000}, 400, "context limit"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 9000}, 400, "max_tokens"),  # over the default quota
+    ({"model": MODEL, "prompt": "hi " * 9000, "max_tokens": 1}, 400, "context limit"),
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
     ({"model": MODEL, "prompt": ["hi", ""]}, 400, "prompt"),
     ({"prompt": "hi"}, 400, "model"),
@@ -135,12 +140,13 @@ def test_errors(api, body, status, needle):
 
 
 def test_cli_generate(swarm, api, reference):
-    url = swarm[0]
+    url, key = swarm[0], str(swarm[3] / "c.key")
     run = subprocess.run([sys.executable, "-m", "peer.cli", "generate", "--coordinator", url, "--token", TOKEN,
-                          "--model", MODEL, "--max-new-tokens", str(NEW), "--chat", MESSAGES[0]["content"]],
+                          "--key", key, "--model", MODEL, "--max-new-tokens", str(NEW), "--chat",
+                          MESSAGES[0]["content"]],
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     assert run.stdout == reference["chat"] + "\n"
     run = subprocess.run([sys.executable, "-m", "peer.cli", "generate", "--coordinator", url, "--token", TOKEN,
-                          "--model", "nope", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          "--key", key, "--model", "nope", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 2 and "nope" in run.stderr

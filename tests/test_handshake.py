@@ -8,13 +8,14 @@ import sys
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from peer.credentials import Credential, issue
 from peer.errors import AuthError, ProtocolError
 from peer.handshake import Handshake, State
 from peer.identity import Identity, peer_id_from_public, verify_signature
 from peer.secure import SecureChannel
-from peer.wire import Frame, FrameType, encode_frame
+from peer.wire import Frame, FrameDecoder, FrameType, encode_frame
 
-TOKEN = b"swarm-token"
+TOKEN = b"swarm-token-a0bbdc35dfe2275ca82eb06a84e6b56c0f37c5ba"
 
 
 class Impostor(Identity):
@@ -101,14 +102,27 @@ def test_tampered_replayed_reordered_records_are_fatal(attack, match):
         b.feed(r1)
 
 
+def frame_types(data: bytes) -> list[FrameType]:
+    return [FrameType(f.type) for f in FrameDecoder().feed(data)]
+
+
 def test_wrong_token_fails_with_clear_error_on_both_sides():
-    i, r = pair(token_r=b"other-token")
+    i, r = pair(token_r=b"other-token-5f0e1c3a9b7d")
+    r_out = bytearray()
     r.receive_data(i.data_to_send())
+    r_out += r.data_to_send()
+    i.receive_data(bytes(r_out))  # the responder's HELLO: the initiator now proves the token
     with pytest.raises(AuthError, match="wrong swarm token"):
-        i.receive_data(r.data_to_send())  # initiator checks the responder's proof first
+        r.receive_data(i.data_to_send())  # the responder checks the initiator's proof first
+    reject = r.data_to_send()
+    r_out += reject
     with pytest.raises(AuthError, match="rejected the handshake: wrong swarm token"):
-        r.receive_data(i.data_to_send())  # ...and its REJECT frame tells the responder why
-    assert i.state is State.FAILED and r.state is State.FAILED and r.data_to_send() == b""
+        i.receive_data(reject)  # ...and its REJECT frame tells the initiator why
+    assert i.state is State.FAILED and r.state is State.FAILED and i.data_to_send() == b""
+    # no offline oracle: a dialer with a wrong token got a HELLO and a REJECT, no token-derived byte
+    assert frame_types(bytes(r_out)) == [FrameType.HELLO, FrameType.REJECT]
+    hello = FrameDecoder().feed(bytes(r_out))[0].header
+    assert set(hello) == {"eph", "nonce", "id", "sig"}
 
 
 @pytest.mark.parametrize("impostor_side", ["initiator", "responder"])
@@ -177,3 +191,159 @@ def test_records_sent_right_after_accept_are_kept_as_trailing_data():
     assert i.done
     rx = SecureChannel(i.result.send_key, i.result.recv_key)
     assert [f.header for f in rx.feed(i.take_trailing_data())] == [{"early": True}]
+
+
+# ----------------------------------------------------------------------------- credential mode
+NOW = 1_800_000_000.0
+AUTHORITY = Identity.generate()
+
+
+def admitted(roles=("train",), *, authority=AUTHORITY, lifetime_s=3600.0, issued=NOW):
+    ident = Identity.generate()
+    return ident, issue(authority, ident.public_bytes, roles, now=issued, lifetime_s=lifetime_s, serial=1)
+
+
+def cred_pair(token_i=None, token_r=None, cred_i=None, cred_r=None, *, auth_i=AUTHORITY.public_bytes,
+              auth_r=AUTHORITY.public_bytes, revoked_r=None, now=NOW + 60):
+    (a, ca), (b, cb) = cred_i or admitted(["train"]), cred_r or admitted(["serve", "train"])
+    return (Handshake(a, token_i, initiator=True, credential=ca, authority=auth_i, now=lambda: now),
+            Handshake(b, token_r, initiator=False, credential=cb, authority=auth_r, revoked=revoked_r,
+                      now=lambda: now))
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_credential_mode_succeeds_and_reports_roles(token):
+    i, r = cred_pair(token, token)
+    run(i, r)
+    assert i.result.roles == frozenset({"serve", "train"}) and r.result.roles == frozenset({"train"})
+    assert i.result.peer_id == r.identity.peer_id and r.result.peer_id == i.identity.peer_id
+    assert i.result.send_key == r.result.recv_key and i.result.transcript_hash == r.result.transcript_hash
+    t_i, t_r = pair()  # token-only mode: roles unknown
+    run(t_i, t_r)
+    assert t_i.result.roles is None and t_r.result.roles is None
+
+
+def test_token_and_credential_both_required_when_both_configured():
+    i, r = cred_pair(TOKEN, b"other-token-5f0e1c3a9b7d")  # valid credentials, wrong token
+    with pytest.raises(AuthError, match="wrong swarm token"):
+        run(i, r)
+    assert r.state is State.FAILED and not i.done
+
+
+def fail_at_responder(i: Handshake, r: Handshake, match: str) -> None:
+    """The responder refuses the initiator's AUTH; the initiator learns why; nothing else was sent."""
+    r.receive_data(i.data_to_send())
+    i.receive_data(r.data_to_send())
+    with pytest.raises(AuthError, match=match):
+        r.receive_data(i.data_to_send())
+    reject = r.data_to_send()
+    assert frame_types(reject) == [FrameType.REJECT]
+    with pytest.raises(AuthError, match="rejected the handshake: .*" + match):
+        i.receive_data(reject)
+
+
+def fail_at_initiator(i: Handshake, r: Handshake, match: str) -> None:
+    """The initiator refuses the responder's HELLO before it proves anything itself."""
+    r.receive_data(i.data_to_send())
+    with pytest.raises(AuthError, match=match):
+        i.receive_data(r.data_to_send())
+    reject = i.data_to_send()
+    assert frame_types(reject) == [FrameType.REJECT]  # no AUTH: no token MAC, no credential
+    with pytest.raises(AuthError, match="rejected the handshake: .*" + match):
+        r.receive_data(reject)
+
+
+def test_wrong_authority():
+    other = Identity.generate()
+    fail_at_initiator(*cred_pair(cred_r=admitted(authority=other)), "issued by another coordinator")
+    fail_at_responder(*cred_pair(cred_i=admitted(authority=other)), "issued by another coordinator")
+    # a side pinning another coordinator refuses credentials of this one
+    fail_at_initiator(*cred_pair(auth_i=other.public_bytes), "issued by another coordinator")
+
+
+def test_expired_and_not_yet_valid():
+    fail_at_responder(*cred_pair(cred_i=admitted(lifetime_s=30.0)), "expired")
+    fail_at_initiator(*cred_pair(cred_r=admitted(lifetime_s=30.0)), "expired")
+    fail_at_responder(*cred_pair(cred_i=admitted(issued=NOW + 3600)), "not yet valid")
+
+
+def test_revoked():
+    a, ca = admitted()
+    fail_at_responder(*cred_pair(cred_i=(a, ca), revoked_r=lambda pid: pid == a.peer_id), "was revoked")
+    i, r = cred_pair(cred_i=(a, ca), revoked_r=lambda pid: pid == "00" * 20)  # someone else revoked
+    run(i, r)
+
+
+def test_credential_of_another_key():
+    victim, stolen = admitted(["operator"])
+    thief = Identity.generate()
+    with pytest.raises(ValueError, match="not for this identity"):  # our own side refuses to send it
+        Handshake(thief, None, initiator=True, credential=stolen, authority=AUTHORITY.public_bytes)
+    i, r = cred_pair(cred_i=admitted())
+    i._cred = stolen.encode()  # a hostile initiator shows the stolen credential (signed by the thief's key)
+    fail_at_responder(i, r, "bound to another key")
+    i, r = cred_pair(cred_r=admitted())
+    r._cred = stolen.encode()
+    fail_at_initiator(i, r, "bound to another key")
+
+
+def test_missing_credential_when_authority_set():
+    a = Identity.generate()
+    i = Handshake(a, None, initiator=True, authority=AUTHORITY.public_bytes, now=lambda: NOW)
+    _, r = cred_pair()
+    fail_at_responder(i, r, "showed no credential")
+    b = Identity.generate()  # a responder with an authority but no credential of its own
+    i, _ = cred_pair()
+    r = Handshake(b, None, initiator=False, authority=AUTHORITY.public_bytes, now=lambda: NOW)
+    fail_at_initiator(i, r, "showed no credential")
+
+
+def test_mode_mismatch_is_named():
+    i, _ = pair()                       # token only
+    _, r = cred_pair()                  # credentials only
+    fail_at_responder(i, r, "showed no credential")
+    a, ca = admitted()
+    i = Handshake(a, TOKEN, initiator=True, credential=ca)  # token + a credential r can check
+    _, r = cred_pair()
+    fail_at_responder(i, r, "proves a swarm token, but this peer runs without one")
+    i, _ = cred_pair()
+    _, r = cred_pair(token_r=TOKEN)
+    fail_at_responder(i, r, "sent no swarm-token proof")
+
+
+def test_credential_swapped_in_transit_breaks_the_signature():
+    (a, ca), (_, cb) = admitted(["client"]), admitted()
+    more = issue(AUTHORITY, a.public_bytes, ["operator"], now=NOW, lifetime_s=3600.0, serial=2)  # also valid
+    i, r = cred_pair(cred_i=(a, ca))
+    r.receive_data(i.data_to_send())
+    i.receive_data(r.data_to_send())
+    auth = FrameDecoder().feed(i.data_to_send())[0]
+    assert Credential.decode(auth.header["cred"]) == ca
+    swapped = encode_frame(Frame(FrameType.AUTH, {**auth.header, "cred": more.encode()}))
+    with pytest.raises(AuthError, match="bad signature"):
+        r.receive_data(swapped)
+
+
+def test_malformed_credential_on_the_wire_is_a_protocol_error():
+    i, r = cred_pair()
+    i._cred = b"\x98" + b"\x00" * 20  # signed by the initiator, but not a credential
+    r.receive_data(i.data_to_send())
+    i.receive_data(r.data_to_send())
+    with pytest.raises(ProtocolError, match="credential"):
+        r.receive_data(i.data_to_send())
+    assert r.state is State.FAILED and frame_types(r.data_to_send()) == [FrameType.REJECT]
+    _, r = cred_pair()
+    hello = FrameDecoder().feed(Handshake(Identity.generate(), TOKEN, initiator=True).data_to_send())[0]
+    r.receive_data(encode_frame(hello))
+    with pytest.raises(ProtocolError, match="'cred' must be 1..400 bytes"):
+        r.receive_data(encode_frame(Frame(FrameType.AUTH, {"sig": bytes(64), "cred": b"c" * 401})))
+
+
+def test_constructor_refuses_bad_configuration():
+    ident = Identity.generate()
+    with pytest.raises(ValueError, match="needs a swarm token, a credential authority, or both"):
+        Handshake(ident, None, initiator=True)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        Handshake(ident, b"short-token", initiator=False)
+    with pytest.raises(ValueError, match="32-byte"):
+        Handshake(ident, None, initiator=False, authority=b"k" * 31)

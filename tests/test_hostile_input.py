@@ -15,19 +15,19 @@ import json
 import math
 import random
 import shutil
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from peer import admission
 from peer.errors import AuthError, ProtocolError
 from peer.handshake import Handshake, State
 from peer.identity import Identity
 from peer.secure import SecureChannel
 from peer.wire import Frame, FrameType, encode_frame
 from testing import ROOT
-from testing.hostile import (TOKEN, filesystem_problems, hostile_session_frames, legit_check, signed_body,
+from testing.hostile import (TOKEN, filesystem_problems, hostile_session_frames, legit_check, signed_headers,
                              start_coordinator, tcp_case)
 from testing.tiny_model import write_tiny_gguf, write_tiny_hf
 from testing.wire_oracles import (check_channel, check_decoder, check_handshake_outcome, check_roundtrip,
@@ -85,6 +85,9 @@ def test_decoder_on_random_bytes(data, raw_cuts):
 
 
 IDENTS = [Identity.generate() for _ in range(3)]
+# handshake tokens: raw bytes tokens must be >= 16 bytes (peer/handshake.py)
+WIRE_TOKEN = b"wire-token-3c9e0f6a1b2d4e58"
+OTHER_TOKEN = b"other-token-7d2a9c4e1f0b3a66"
 
 
 @FAST
@@ -97,14 +100,14 @@ def test_tampered_handshake_fails_cleanly_and_never_half_agrees(flight, how, edi
         return {"flip": lambda: apply_flips(data, edits), "truncate": lambda: data[:edits[0][0] % (len(data) + 1)],
                 "replace": lambda: junk, "extend": lambda: data + junk}[how]()
 
-    i, r = run_handshake(IDENTS[0], IDENTS[1], b"token", b"token" if same_token else b"other", tamper)
+    i, r = run_handshake(IDENTS[0], IDENTS[1], WIRE_TOKEN, WIRE_TOKEN if same_token else OTHER_TOKEN, tamper)
     check_handshake_outcome(i, r, tampered=True, same_token=same_token)
 
 
 @FAST
 @given(st.binary(max_size=500), st.booleans())
 def test_handshake_first_message_garbage(data, initiator):
-    hs = Handshake(IDENTS[0], b"token", initiator=initiator)
+    hs = Handshake(IDENTS[0], WIRE_TOKEN, initiator=initiator)
     try:
         hs.receive_data(data)
     except (AuthError, ProtocolError):
@@ -113,9 +116,9 @@ def test_handshake_first_message_garbage(data, initiator):
 
 
 def test_clean_handshake_and_wrong_token():
-    i, r = run_handshake(IDENTS[0], IDENTS[1], b"token", b"token")
+    i, r = run_handshake(IDENTS[0], IDENTS[1], WIRE_TOKEN, WIRE_TOKEN)
     check_handshake_outcome(i, r, tampered=False, same_token=True)
-    i, r = run_handshake(IDENTS[0], IDENTS[1], b"token", b"wrong")
+    i, r = run_handshake(IDENTS[0], IDENTS[1], WIRE_TOKEN, OTHER_TOKEN)
     check_handshake_outcome(i, r, tampered=False, same_token=False)
 
 
@@ -160,10 +163,10 @@ def coordinator(tmp_path_factory):
     idents = [Identity.generate() for _ in range(2)]
     try:
         for ident in idents:
-            body = signed_body(ident, "join", {"peer_id": ident.peer_id, "timestamp": time.time(),
-                                               "public_key": ident.public_bytes.hex(), "address": "127.0.0.1:9000",
-                                               "meta": {}})
-            assert request(coord, "POST", "/api/join", json.dumps(body).encode())[0] == 200
+            admit = json.dumps({"token_proof": admission.token_proof(TOKEN, ident.public_bytes)}).encode()
+            assert signed_request(coord, ident, "POST", "/api/admit", admit, with_key=True)[0] == 200
+            body = json.dumps({"address": "127.0.0.1:9000", "meta": {}}).encode()
+            assert signed_request(coord, ident, "POST", "/api/join", body)[0] == 200
         yield coord, idents
     finally:
         coord.stop()
@@ -172,7 +175,7 @@ def coordinator(tmp_path_factory):
 def request(coord, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(coord.host, coord.port, timeout=30)
     try:
-        h = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"} if headers is None else headers
+        h = {"Content-Type": "application/json"} if headers is None else headers
         conn.putrequest(method, path, skip_accept_encoding=True)
         for k, v in h.items():
             conn.putheader(k, v)
@@ -184,12 +187,19 @@ def request(coord, method: str, path: str, body: bytes | None = None, headers: d
         conn.close()
 
 
+def signed_request(coord, ident: Identity, method: str, path: str, body: bytes = b"",
+                   rng: random.Random | None = None, *, with_key: bool = False) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **signed_headers(ident, method, path, body, rng,
+                                                                     with_key=with_key)}
+    return request(coord, method, path, body, headers)
+
+
 CANARY = "lbfuzzcanary"
 segments = st.one_of(
     st.sampled_from(["fuzzrun", "..", "%2e%2e", f"..%2F..%2F{CANARY}", f"%2F{CANARY}", f"{CANARY}%00", "a" * 300,
                      "latest", "-1", "99999999999999999999", "0" * 64, "f" * 64, f".{CANARY}", "%C3%A9", "1"]),
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e, exclude_characters="/?#%"), min_size=1, max_size=12))
-routes = st.sampled_from(["/api/join", "/api/heartbeat", "/api/leave", "/api/runs/{a}", "/api/runs/{a}/sync",
+routes = st.sampled_from(["/api/admit", "/api/health", "/api/join", "/api/heartbeat", "/api/leave", "/api/runs/{a}", "/api/runs/{a}/sync",
                           "/api/runs/{a}/report", "/api/runs/{a}/reports", "/api/runs/{a}/checkpoints",
                           "/api/runs/{a}/checkpoints/{b}", "/api/runs/{a}/chunks/{b}",
                           "/api/runs/{a}/checkpoints/missing", "/api/peers", "/api/status", "/static/{a}", "/{a}/{b}"])
@@ -206,36 +216,49 @@ bodies = st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"]), routes, segments, segments,
        bodies, st.sampled_from(["application/json", "text/plain", "", "multipart/form-data; boundary=x"]),
-       st.booleans())
-def test_coordinator_http_fuzz_never_5xx(coordinator, method, route, a, b, body, ctype, authed):
-    coord, _ = coordinator
-    headers = {"Content-Type": ctype} | ({"Authorization": f"Bearer {TOKEN}"} if authed else {})
-    status, _ = request(coord, method, route.format(a=a, b=b), body, headers)
+       st.sampled_from(["none", "bearer", "signed", "spoiled"]), st.integers(0, 2**32))
+def test_coordinator_http_fuzz_never_5xx(coordinator, method, route, a, b, body, ctype, auth, seed):
+    coord, idents = coordinator
+    path = route.format(a=a, b=b)
+    headers = {"Content-Type": ctype}
+    if auth == "bearer":
+        headers["Authorization"] = f"Bearer {TOKEN}"
+    elif auth != "none":
+        rng = random.Random(seed) if auth == "spoiled" else None
+        headers |= signed_headers(idents[seed % 2], method, path, body, rng,
+                                  with_key=path == "/api/admit")
+    status, _ = request(coord, method, path, body, headers)
     assert status < 500, (method, route, a, b, body[:200])
 
 
 @settings(max_examples=120, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.sampled_from(["join", "heartbeat", "run_join", "run_sync", "run_report"]),
-       st.dictionaries(st.sampled_from(["peer_id", "timestamp", "public_key", "address", "meta", "stats", "config",
-                                        "explicit", "step", "base_hash", "state_hash", "metrics", "x"]),
+@given(st.sampled_from(["admit", "join", "heartbeat", "run_join", "run_sync", "run_report",
+                        "inference_offense"]),
+       st.dictionaries(st.sampled_from(["invite", "proof", "token_proof", "address", "meta", "stats", "config",
+                                        "explicit", "step", "base_hash", "state_hash", "metrics", "offender",
+                                        "detail", "x"]),
                        json_values, max_size=4), segments)
 def test_coordinator_signed_bodies_with_hostile_fields(coordinator, action, fields, run):
     """Valid signatures over wrong types / missing fields reach the handlers' field checks."""
     coord, idents = coordinator
     ident = idents[0]
-    body = {"peer_id": ident.peer_id, "timestamp": time.time(), "public_key": ident.public_bytes.hex(),
-            "address": "127.0.0.1:9000", **fields}
-    path = {"join": "/api/join", "heartbeat": "/api/heartbeat", "run_join": f"/api/runs/{run}",
-            "run_sync": f"/api/runs/{run}/sync", "run_report": f"/api/runs/{run}/report"}[action]
-    status, answer = request(coord, "POST", path, json.dumps(signed_body(ident, action, body)).encode())
+    body = {"address": "127.0.0.1:9000", **fields} if action == "join" else fields
+    path = {"admit": "/api/admit", "join": "/api/join", "heartbeat": "/api/heartbeat",
+            "run_join": f"/api/runs/{run}", "run_sync": f"/api/runs/{run}/sync",
+            "run_report": f"/api/runs/{run}/report", "inference_offense": "/api/inference/offenses"}[action]
+    status, answer = signed_request(coord, ident, "POST", path, json.dumps(body).encode(),
+                                    with_key=action == "admit")
     assert status < 500, (action, body, answer[:300])
+    # the signature held: the refusal (if any) came from the handler's own checks
+    assert json.loads(answer).get("error") not in ("bad_signature", "missing_signature", "replayed",
+                                                   "body_mismatch"), answer[:300]
 
 
 def test_coordinator_survived_and_wrote_nothing_outside(coordinator):
     """Runs after the fuzz tests above (file order): still serving, clean log, clean disk."""
     coord, _ = coordinator
-    assert request(coord, "POST", "/api/join", b"x" * (2 << 20))[0] == 413
+    assert signed_request(coord, coordinator[1][0], "POST", "/api/join", b"x" * (2 << 20))[0] == 413
     assert request(coord, "GET", "/static/" + "a" * 300)[0] == 404  # was a 500 (ENAMETOOLONG)
     assert request(coord, "GET", "/static/status.js")[0] == 200
     status, answer = request(coord, "GET", "/api/status")
@@ -429,7 +452,7 @@ def test_peer_host_drops_garbage_and_keeps_serving(procs):
     rng = random.Random(7)
     idents = [Identity.generate() for _ in range(2)]
     flights: list[bytes] = []
-    run_handshake(idents[0], idents[1], b"t", b"t", tamper=lambda k, d: (flights.append(d), d)[1])
+    run_handshake(idents[0], idents[1], WIRE_TOKEN, WIRE_TOKEN, tamper=lambda k, d: (flights.append(d), d)[1])
     corpus = [encode_frame(Frame(int(FrameType.DATA), h, b"x")) for _, h, _, _ in hostile_session_frames(rng)]
 
     async def main() -> None:

@@ -7,21 +7,27 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from peer.identity import Identity
+from testing.api import SignedApi, operator_api
 from tests.harness import ROOT, Child, Procs, free_port, wait_until
 
-TOKEN = "join-test-token"
+TOKEN = "join-test-token-d2b3c497cd25e127cb06d6f8e48b4f3e90e0db73"
 INTERVAL, TIMEOUT = 0.5, 3.0
 
 
+OPERATORS: dict[str, SignedApi] = {}  # coordinator URL -> operator of the one serving it now
+
+
 def start_coordinator(procs: Procs, data_dir, port: int = 0) -> Child:
-    return procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", str(port),
-                        "--data-dir", str(data_dir), "--token", TOKEN,
-                        "--heartbeat-interval", str(INTERVAL), "--peer-timeout", str(TIMEOUT))
+    coord = procs.python("-m", "coordinator", "start", "--host", "127.0.0.1", "--port", str(port),
+                         "--data-dir", str(data_dir), "--token", TOKEN,
+                         "--heartbeat-interval", str(INTERVAL), "--peer-timeout", str(TIMEOUT))
+    url = coord.ready["url"]
+    OPERATORS[url] = operator_api(url, data_dir, data_dir.parent / f"{data_dir.name}-operator.key")
+    return coord
 
 
 def start_peer(procs: Procs, url: str, key, *extra: str) -> Child:
@@ -31,8 +37,8 @@ def start_peer(procs: Procs, url: str, key, *extra: str) -> Child:
 
 
 def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "/api/status", timeout=10) as r:
-        return json.loads(r.read())
+    """The operator's view (peer stats and addresses; the public view leaves them out)."""
+    return OPERATORS[url].get("/status")
 
 
 def peers_by_id(url: str) -> dict[str, dict]:
@@ -73,7 +79,9 @@ def test_three_peers_join_mesh_ping_and_leave(procs, tmp_path):
             assert 0 < row["ping_rtt_s"] < 5 and row["bytes_sent"] > 0 and row["bytes_received"] > 0
     peers[0].wait_for_line("ping ", timeout=5)
 
-    table = subprocess.run([sys.executable, "-m", "peer.cli", "status", "--coordinator", url],
+    operator_key = tmp_path / "coord-operator.key"
+    table = subprocess.run([sys.executable, "-m", "peer.cli", "status", "--coordinator", url,
+                            "--key", str(operator_key)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     for pid in ids:
@@ -155,14 +163,18 @@ def test_peers_reregister_with_a_wiped_coordinator(procs, tmp_path):
         p.wait_for_line("joining again", timeout=5)
 
 
-def test_wrong_token_is_a_clear_error(procs, tmp_path):
+@pytest.mark.parametrize("token, says", [
+    ("Wr0ng-but-strong-token-1f0c9a7e5b3d2c4e6f8a0b1c2d3e4f5a", "wrong swarm token"),
+    ("not-the-token", "too weak"),
+])
+def test_wrong_or_weak_token_is_a_clear_error(procs, tmp_path, token, says):
     coord = start_coordinator(procs, tmp_path / "coord")
     out = subprocess.run([sys.executable, "-m", "peer.cli", "join", "--coordinator",
-                          coord.ready["url"], "--token", "not-the-token", "--listen", "127.0.0.1:0",
+                          coord.ready["url"], "--token", token, "--listen", "127.0.0.1:0",
                           "--key", str(tmp_path / "k"), "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "wrong swarm token" in out.stderr and "READY" not in out.stdout
+    assert says in out.stderr and "READY" not in out.stdout, out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -171,7 +183,7 @@ def test_missing_role_plugin_is_a_clear_error(tmp_path, flag):
     site = tmp_path / "site"
     env = {**os.environ, **shadow_lowband(site, "")}
     out = subprocess.run([sys.executable, "-m", "peer.cli", "join", "--coordinator",
-                          "http://127.0.0.1:9", "--token", "t", "--key", str(tmp_path / "k"),
+                          "http://127.0.0.1:9", "--key", str(tmp_path / "k"),
                           "--device", "cpu", flag, "x"],
                          cwd=site, capture_output=True, text=True, timeout=60, env=env)
     role = flag.lstrip("-")

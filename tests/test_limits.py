@@ -22,12 +22,13 @@ from coordinator.store import Store
 from diloco.run_client import RunClient
 from peer.errors import PeerUnavailable, RemoteBusy, RemoteRateLimited
 from peer.identity import Identity
-from peer.membership import CoordinatorError, signing_bytes
+from peer.membership import CoordinatorError
 from peer.ratelimit import RateLimiter
 from peer.transport import HostLimits, PeerHost
+from testing.signed import Answer, Signer
 from tests.harness import start_coordinator, wait_until_async
 
-TOKEN = "limits-token"
+TOKEN = "limits-token-d9569f5fd50172bbf680228378fb0bc9e3472169"
 H0 = "0" * 64
 
 
@@ -173,86 +174,88 @@ async def test_inbound_connections_are_capped_in_total_and_per_address(hosts, ca
 
 # ------------------------------------------------------------------------------- coordinator
 
-def signed(identity: Identity, action: str, **fields) -> dict:
-    body = {"peer_id": identity.peer_id, "timestamp": time.time(), **fields}
-    body["signature"] = identity.sign(signing_bytes(action, body)).hex()
-    return body
-
-
-def join_body(identity: Identity) -> dict:
-    return signed(identity, "join", public_key=identity.public_bytes.hex(), address="127.0.0.1:9000",
-                  meta={})
-
-
 def coordinator_child(procs, tmp_path, *flags: str):
     child = start_coordinator(procs, tmp_path / "coord", TOKEN, *flags, heartbeat=1, peer_timeout=30)
     return child, child.ready["url"]
 
 
-async def post(s: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict, dict]:
-    async with s.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-        return r.status, await r.json(content_type=None), dict(r.headers)
+async def member(url: str, *, join: bool = True) -> Signer:
+    """A fresh identity admitted with the token (and joined): the caller closes it."""
+    s = Signer(url)
+    assert (await s.admit_token(TOKEN)).status == 200
+    if join:
+        assert (await s.join("127.0.0.1:9000", {})).status == 200
+    return s
 
 
-async def beat(s: aiohttp.ClientSession, url: str, identity: Identity) -> tuple[int, dict, dict]:
-    return await post(s, url + "/api/heartbeat", signed(identity, "heartbeat", stats={}))
+async def beat(s: Signer) -> Answer:
+    return await s.request("POST", "/api/heartbeat", {"stats": {}})
 
 
-async def test_coordinator_rate_limits_by_peer_id_and_by_address(procs, tmp_path):
-    _, url = coordinator_child(procs, tmp_path, "--peer-rate", "2", "--address-rate", "4",
-                               "--max-peers", "40")
-    async with aiohttp.ClientSession() as s:
-        # 30 peers behind one address (the scale bench, NAT): joins and heartbeats are signed and
-        # counted per peer id, so 90 requests pass although the address budget is 4/s, burst 20
-        peers = [Identity.generate() for _ in range(30)]
-        for p in peers:
-            assert (await post(s, url + "/api/join", join_body(p)))[0] == 200
-        for _ in range(2):
-            for p in peers:
-                assert (await beat(s, url, p))[0] == 200
-        # one peer over its own budget (2/s, burst 8) gets 429 with a Retry-After
-        answers = [await beat(s, url, peers[0]) for _ in range(10)]
-        limited = [a for a in answers if a[0] == 429]
-        assert limited and all(a[0] in (200, 429) for a in answers)
-        status, body, headers = limited[0]
-        assert body["error"] == "rate_limited" and "too many requests" in body["message"]
-        assert 0 < body["retry_after"] <= 1.0 and int(headers["Retry-After"]) >= 1
-        assert (await beat(s, url, peers[1]))[0] == 200
+async def test_coordinator_rate_limits_by_identity_and_by_address(procs, tmp_path):
+    _, url = coordinator_child(procs, tmp_path, "--peer-rate", "2", "--address-rate", "10",
+                               "--admit-rate", "100", "--max-peers", "40")
+    peers = [await member(url) for _ in range(4)]  # 12 requests of the address's burst of 50
+    try:
+        # one identity over its own budget (2/s, burst 8) gets 429 with a Retry-After ...
+        answers = [await beat(peers[0]) for _ in range(10)]
+        limited = [a for a in answers if a.status == 429]
+        assert limited and all(a.status in (200, 429) for a in answers)
+        body = limited[0].json
+        assert body["error"] == "rate_limited" and "this peer" in body["message"]
+        assert 0 < body["retry_after"] <= 1.0 and int(limited[0].headers["Retry-After"]) >= 1
+        # ... while other identities on the same address still pass
+        assert (await beat(peers[1])).status == 200
         await asyncio.sleep(body["retry_after"] + 0.1)
-        assert (await beat(s, url, peers[0]))[0] == 200
-        # unsigned requests are counted per address: burst 20, then 429
-        statuses = []
-        for _ in range(30):
-            async with s.get(url + "/api/peers") as r:
-                statuses.append(r.status)
-                if r.status == 429:
-                    last = await r.json()
-        assert statuses[:15] == [200] * 15 and 429 in statuses and last["error"] == "rate_limited"
+        assert (await beat(peers[0])).status == 200
+        # every request, signed or not, also counts against its address (10/s, burst 50): many
+        # identities behind one address cannot multiply its budget
+        statuses = [(await beat(peers[k % 3 + 1])).status for k in range(45)]
+        assert 429 in statuses
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/api/status") as r:
+                assert r.status == 429 and "this address" in (await r.json())["message"]
+    finally:
+        for p in peers:
+            await p.close()
 
 
 async def test_coordinator_caps_live_peers(procs, tmp_path):
     _, url = coordinator_child(procs, tmp_path, "--max-peers", "3")
-    peers = [Identity.generate() for _ in range(4)]
-    async with aiohttp.ClientSession() as s:
+    peers = [await member(url, join=False) for _ in range(4)]
+    try:
         for p in peers[:3]:
-            assert (await post(s, url + "/api/join", join_body(p)))[0] == 200
-        status, body, headers = await post(s, url + "/api/join", join_body(peers[3]))
-        assert status == 429 and body["error"] == "too_many_peers" and "Retry-After" in headers
-        assert "limit 3" in body["message"]
-        assert (await post(s, url + "/api/join", join_body(peers[0])))[0] == 200  # a rejoin is fine
-        assert (await post(s, url + "/api/leave", signed(peers[1], "leave")))[0] == 200
-        assert (await post(s, url + "/api/join", join_body(peers[3])))[0] == 200
+            assert (await p.join()).status == 200
+        refused = await peers[3].join()
+        assert refused.status == 429 and refused.code == "too_many_peers" and "Retry-After" in refused.headers
+        assert "limit 3" in refused.json["message"]
+        assert (await peers[0].join()).status == 200  # a rejoin is fine
+        assert (await peers[1].request("POST", "/api/leave", {})).status == 200
+        assert (await peers[3].join()).status == 200
+    finally:
+        for p in peers:
+            await p.close()
 
 
 async def test_coordinator_survives_disconnects_mid_body_and_malformed_requests(procs, tmp_path):
     child, url = coordinator_child(procs, tmp_path)
     host, port = url.removeprefix("http://").split(":")
     sha = "ab" * 32
-    head = (f"PUT /api/runs/r/chunks/{sha} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-            "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n").encode()
+    uploader = await member(url)  # a participant of run r: its chunk upload is read, then cut off
+    assert (await uploader.request("POST", "/api/runs/r", {"config": {}})).status == 200
+    synced = await uploader.request("POST", "/api/runs/r/sync", {"step": 1, "base_hash": H0})
+    assert synced.status == 200 and synced.json["participant"], synced.json
+    await uploader.close()
+    path = f"/api/runs/r/chunks/{sha}"
+
+    def head() -> bytes:  # signed afresh each time: a repeated nonce would be refused as a replay
+        signed = "".join(f"{k}: {v}\r\n" for k, v in
+                         uploader.headers("PUT", path, b"z" * 1_000_000).items())
+        return (f"PUT {path} HTTP/1.1\r\nHost: x\r\n{signed}"
+                "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n").encode()
     for _ in range(3):  # the client goes away after 1% of the chunk
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(head + b"z" * 10_000)
+        writer.write(head() + b"z" * 10_000)
         await writer.drain()
         await asyncio.sleep(0.2)
         writer.transport.abort()
@@ -293,11 +296,10 @@ async def test_run_limits_held_syncs_runs_and_report_retention(tmp_path):
             await c.join_run("r", run_config, [])
         held = asyncio.ensure_future(clients[0].sync("r", 1, H0, deadline_s=30))
         await asyncio.sleep(0.3)
-        async with aiohttp.ClientSession() as s:  # the window waits for a third peer
-            status, body, headers = await post(s, url + "/api/runs/r/sync", signed(
-                clients[1].identity, "run_sync", step=1, base_hash=H0))
-        assert status == 429 and body["error"] == "too_many_waiters" and "Retry-After" in headers
-        assert "limit 1" in body["message"]
+        async with Signer(url, clients[1].identity) as s:  # the window waits for a third peer
+            answer = await s.request("POST", "/api/runs/r/sync", {"step": 1, "base_hash": H0})
+        assert answer.status == 429 and answer.code == "too_many_waiters" and "Retry-After" in answer.headers
+        assert "limit 1" in answer.json["message"]
         held.cancel()
         await clients[1].join_run("second", {}, [])
         with pytest.raises(CoordinatorError) as full:
@@ -306,9 +308,8 @@ async def test_run_limits_held_syncs_runs_and_report_retention(tmp_path):
         await clients[1].join_run("second", {}, [])  # existing runs stay joinable
         for step in range(1, 11):
             await clients[2].report("r", step, H0, {"loss": float(step)})
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as s:
-            async with s.get(url + "/api/runs/r/reports") as r:
-                reports = (await r.json())["reports"]
+        async with Signer(url, clients[0].identity) as s:
+            reports = (await s.request("GET", "/api/runs/r/reports")).json["reports"]
         assert [r["step"] for r in reports] == [6, 7, 8, 9, 10]
     finally:
         for c in clients:

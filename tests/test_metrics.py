@@ -3,6 +3,7 @@ parser; /api/status sections (runs, inference coverage, links, checkpoints) and 
 JSON logs selected with --log-format json."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -14,10 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.app import CoordinatorConfig, create_app
 from coordinator.store import Store
 from peer import metrics as peer_metrics
+from testing.api import operator_api
 from tests import swarm_feed
 from tests.harness import Procs
 
-TOKEN = "metrics-test-token"
+TOKEN = "metrics-test-token-4265cc21ec9d306ea15893e1e8d64ac35b7a7803"
 
 
 def parse(text: str) -> dict[str, list]:
@@ -49,6 +51,13 @@ async def coord(tmp_path):
     store.close()
 
 
+async def operator_status(coord: str, data_dir) -> dict:
+    """/api/status as an operator sees it (hashes, addresses), asked from a thread: the
+    coordinator under test runs on this event loop."""
+    op = await asyncio.to_thread(operator_api, coord, data_dir)
+    return await asyncio.to_thread(op.get, "/status")
+
+
 async def fetch(url: str) -> str:
     import aiohttp
     async with aiohttp.ClientSession() as s:
@@ -58,11 +67,11 @@ async def fetch(url: str) -> str:
             return await r.text()
 
 
-async def test_status_sections_and_coordinator_metrics(coord):
+async def test_status_sections_and_coordinator_metrics(coord, tmp_path):
     servers = await swarm_feed.start_servers(coord, TOKEN, 0.5)
     trainers = await swarm_feed.train(coord, TOKEN, steps=4, interval=0.5)
     try:
-        status = json.loads(await fetch(coord + "/api/status"))
+        status = await operator_status(coord, tmp_path)
         assert status["section_errors"] == {}
         assert status["counts"]["active"] == 4
 
@@ -84,7 +93,7 @@ async def test_status_sections_and_coordinator_metrics(coord):
         assert model["tokens_per_s"] == pytest.approx(37.5)
 
         [ckpt] = status["checkpoints"]
-        assert ckpt["run"] == swarm_feed.RUN and ckpt["step"] == 4 and ckpt["size_bytes"] == 4096 * 4
+        assert ckpt["run"] == swarm_feed.RUN and ckpt["step"] == 4 and ckpt["size_bytes"] == 2 * 4096 * 4  # a parameter and its momentum
 
         families = parse(await fetch(coord + "/metrics"))
         assert value(families, "lowband_coordinator_peers", state="active") == 4
@@ -112,7 +121,7 @@ async def test_status_survives_a_broken_section(coord, tmp_path):
         bad = tmp_path / "checkpoints" / "runs" / "broken" / "manifests" / f"{7:012d}.json"
         bad.parent.mkdir(parents=True)
         bad.write_text("{not json")
-        status = json.loads(await fetch(coord + "/api/status"))
+        status = await operator_status(coord, tmp_path)
         assert status["checkpoints"] == [] and "checkpoints" in status["section_errors"]
         assert status["counts"]["active"] == 2 and len(status["inference"]) == 1
         families = parse(await fetch(coord + "/metrics"))
@@ -227,9 +236,13 @@ def test_checkpoints_cli_lists_and_exports(tmp_path):
     from coordinator.checkpoints import CheckpointStore, LocalBackend, save_state
     from tests.harness import ROOT
 
+    from pipeline.model import Llama, LlamaConfig
+
     config = {"vocab_size": 16, "dim": 8, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "hidden_dim": 16}
     store = CheckpointStore(LocalBackend(tmp_path / "data" / "checkpoints"), "cli-run")
-    save_state(store, 5, {"model.norm.weight": torch.ones(8)}, config=config)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**config))  # export needs a whole model (tests/test_export.py: the rest)
+    save_state(store, 5, {n: p.detach().clone() for n, p in model.named_parameters()}, config=config)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "coordinator", "checkpoints", *args,
@@ -251,7 +264,7 @@ def test_checkpoints_cli_lists_and_exports(tmp_path):
 def test_role_stats_reported_to_the_daemon_feed_peer_metrics():
     from peer.daemon import DaemonConfig, PeerDaemon
 
-    daemon = PeerDaemon(DaemonConfig(coordinator="http://127.0.0.1:9", token="t"))
+    daemon = PeerDaemon(DaemonConfig(coordinator="http://127.0.0.1:9"))
     steps0 = value(parse(peer_metrics.exposition().decode()), "lowband_peer_outer_steps",
                    "lowband_peer_outer_steps_total")
     daemon.report("train", {"run": "r", "step": 41, "tokens_per_s": 900.0, "loss": 2.5})

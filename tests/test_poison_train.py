@@ -117,7 +117,10 @@ async def test_distinct_reporters_ban_and_the_operator_can_lift_it(tmp_path):
         a, b, x = clients
         xid = x.identity.peer_id
         await asyncio.gather(*(c.sync("r", 1, H0, deadline_s=20) for c in clients))
-        offense = [{"peer_id": xid, "code": "direction", "detail": "cosine -0.9"}]
+        ring = sorted(c.identity.peer_id for c in clients)  # the window's ring order
+        # an offense names the shard its reporter owned and screened in that step's ring
+        offense = [{"peer_id": xid, "code": "direction", "detail": "cosine -0.9",
+                    "shard": ring.index(a.identity.peer_id)}]
 
         for who, step, offenses, status, code in (
                 (x, 1, [{**offense[0], "peer_id": xid}], 400, "self_report"),
@@ -130,7 +133,8 @@ async def test_distinct_reporters_ban_and_the_operator_can_lift_it(tmp_path):
         assert await a.report_offenses("r", 1, offense) == {"run": "r", "step": 1, "recorded": 1,
                                                             "banned": []}
         assert (await a.report_offenses("r", 1, offense))["recorded"] == 0
-        assert (await b.report_offenses("r", 1, offense))["banned"] == [xid]
+        by_b = [{**offense[0], "shard": ring.index(b.identity.peer_id)}]
+        assert (await b.report_offenses("r", 1, by_b))["banned"] == [xid]
 
         peers = {p.peer_id: p.state for p in await a.peers()}
         assert peers[xid] == "left"  # out of every rendezvous at once

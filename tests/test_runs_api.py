@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json as _json
 
-import aiohttp
 import pytest
 import torch
 from aiohttp.test_utils import TestServer
 
 from coordinator.app import CoordinatorConfig, create_app
+from coordinator.checkpoints import trainer_state_hash
 from coordinator.store import Store
 from diloco.run_client import RunClient
 from diloco.state_io import build_manifest
 from peer.identity import Identity
 from peer.membership import CoordinatorError
 from testing.clock import FakeClock
+from testing.signed import Signer, encode_body
 
-TOKEN = "runs-api-token"
+TOKEN = "runs-api-token-51eea5e4842348fe750276b80dcd4be63e0da44a"
 CONFIG = {"preset": "micro", "inner_steps": 5, "sync_timeout_s": 2.0, "checkpoint_every": 2}
 H0, H1 = "0" * 64, "1" * 64
 
@@ -41,17 +43,21 @@ class Coord:
         await client.join(f"127.0.0.1:{9000 + len(client.identity.peer_id) % 97}", {"roles": ["train"]})
         return client, await client.join_run("r", dict(config), list(explicit))
 
-    async def raw(self, method: str, path: str, data=None, token: str | None = TOKEN,
-                  json=None) -> tuple[int, dict | bytes]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with aiohttp.ClientSession() as s:
-            async with s.request(method, self.url + path, data=data, json=json,
-                                 headers=headers) as r:
-                body = await r.read()
-                try:
-                    return r.status, (await r.json(content_type=None))
-                except ValueError:
-                    return r.status, body
+    async def raw(self, method: str, path: str, data=None, signed: bool = True,
+                  json=None, identity: Identity | None = None) -> tuple[int, dict | bytes]:
+        """One request with exactly this body, signed by ``identity`` (default: a fresh one),
+        admitted with the token (``signed=False``: no signature at all)."""
+        body = encode_body(json) if json is not None else (data or b"")
+        async with Signer(self.url, identity) as s:
+            if not signed:
+                answer = await s.send(method, path, body)
+            else:
+                assert (await s.admit_token(TOKEN)).status == 200
+                answer = await s.request(method, path, body)
+        try:
+            return answer.status, _json.loads(answer.raw)
+        except ValueError:
+            return answer.status, answer.raw
 
 
 async def start(data_dir) -> Coord:
@@ -151,7 +157,7 @@ async def test_bad_requests_get_clear_4xx(coord):
         await a.sync("nope", 1, H0, deadline_s=5)
     with pytest.raises(CoordinatorError, match="400.*sync_timeout_s"):
         await a.join_run("other", {"sync_timeout_s": "soon"}, [])
-    status, body = await coord.raw("GET", "/api/runs/r", token=None)
+    status, body = await coord.raw("GET", "/api/runs/r", signed=False)
     assert status == 401
     status, body = await coord.raw("GET", "/api/runs/..%2Fetc")
     assert status in (400, 404)
@@ -168,22 +174,32 @@ async def test_bad_requests_get_clear_4xx(coord):
 async def test_checkpoint_upload_is_verified_resumable_and_downloadable(coord):
     a, _ = await coord.peer()
     tensors = {"w": torch.arange(3000, dtype=torch.float32), "outer_momentum.w": torch.zeros(3000)}
-    manifest, chunks = build_manifest("r", 4, tensors, meta={"global_state_hash": H0},
+    _, chunks = build_manifest("r", 4, tensors, chunk_size=4096)
+    state = trainer_state_hash(_, lambda sha: bytes(chunks[sha]))  # what a trainer reports
+    manifest, chunks = build_manifest("r", 4, tensors, meta={"global_state_hash": state},
                                       chunk_size=4096)
     first = next(iter(chunks))
+    base = H0
+    for step in range(1, 5):  # uploads come from a participant of a completed, agreed step
+        await a.sync("r", step, base, deadline_s=20)
+        base = state if step == 4 else H0
+        await a.report("r", step, base, {})
+    me = a.identity
     # A body that does not hash to its name is refused; so is a manifest with chunks missing.
-    status, body = await coord.raw("PUT", f"/api/runs/r/chunks/{first}", data=b"junk")
+    status, body = await coord.raw("PUT", f"/api/runs/r/chunks/{first}", data=b"junk", identity=me)
     assert status == 400 and body["error"] == "hash_mismatch"
-    status, body = await coord.raw("PUT", "/api/runs/r/checkpoints/4", json=manifest.to_dict())
+    status, body = await coord.raw("PUT", "/api/runs/r/checkpoints/4", json=manifest.to_dict(),
+                                   identity=me)
     assert status == 409 and body["error"] == "missing_chunks"
-    status, _ = await coord.raw("PUT", f"/api/runs/r/chunks/{first}", data=bytes(chunks[first]))
+    status, _ = await coord.raw("PUT", f"/api/runs/r/chunks/{first}", data=bytes(chunks[first]),
+                                identity=me)
     assert status == 200
     done = await a.upload_checkpoint(manifest, chunks)  # resumes: the first chunk is there
     assert done["chunks_skipped"] == 1 and done["chunks_sent"] == len(chunks) - 1
     again = await a.upload_checkpoint(manifest, chunks)
     assert again["chunks_sent"] == 0
     latest = await a.latest_manifest("r")
-    assert latest is not None and latest.step == 4 and latest.meta["global_state_hash"] == H0
+    assert latest is not None and latest.step == 4 and latest.meta["global_state_hash"] == state
     back = await a.download_checkpoint(latest)
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     status, body = await coord.raw("GET", "/api/runs/r/checkpoints")
@@ -191,9 +207,9 @@ async def test_checkpoint_upload_is_verified_resumable_and_downloadable(coord):
     status, body = await coord.raw("GET", f"/api/runs/r/chunks/{'a' * 64}")
     assert status == 404
     status, body = await coord.raw("PUT", f"/api/runs/r/chunks/{hashlib.sha256(b'x').hexdigest()}",
-                                   data=b"x" * (9 * 1024 * 1024))
+                                   data=b"x" * (9 * 1024 * 1024), identity=me)
     assert status == 413
-    status, body = await coord.raw("PUT", "/api/runs/r/checkpoints/abc", json={})
+    status, body = await coord.raw("PUT", "/api/runs/r/checkpoints/abc", json={}, identity=me)
     assert status == 400
     await a.close()
 

@@ -20,7 +20,7 @@ from pipeline.protocol import SessionError, pack_tensor, unpack_tensor
 from pipeline.server import ServeConfig, StageServer
 from tests.harness import Procs, reference_model, start_coordinator, wait_until
 
-TOKEN = "serving-test-token"
+TOKEN = "serving-test-token-98365aece3405bedc93f92cf53c12a8eac93042c"
 MODEL = "smollm2-135m"
 NEW = 12
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]

@@ -9,51 +9,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
-from peer.identity import Identity
-from peer.membership import signing_bytes
+from peer.membership import CoordinatorError, error_code, sync_exchange
 from pipeline.client import Hop, InferenceClient, _Session, outputs_agree, outvoted
+from testing.api import SignedApi, operator_api
+from testing.tiny_serving import write_tiny_model
 from tests.harness import ROOT, Procs, start_coordinator, wait_until
 
-TOKEN = "spot-check-token"
+TOKEN = "spot-check-token-7a367ff86b77413e1fce8acd1f94489f1ddf04ad"
 PROMPT = "w1 w2 w3 w4"
 NEW = 8
 SPANS = {"head1": "0:3", "head2": "0:3", "liar": "0:3", "tail1": "3:6", "tail2": "3:6"}
-
-
-def write_tiny_model(folder: Path) -> None:
-    """A random 6-block llama as a Hugging Face folder, with a word-level tokenizer ("w0".."w63";
-    "w63" ends a completion) so text prompts work end to end."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from pipeline.loading import _hf_name
-    from pipeline.model import Llama, LlamaConfig
-
-    cfg = LlamaConfig.tiny(vocab_size=64, max_seq_len=64)
-    torch.manual_seed(0)
-    model = Llama(cfg)
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.hidden_dim, "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings}))
-    # tied embeddings: lm_head.weight maps to the embedding's name, holding the same values
-    save_file({_hf_name(k, cfg): v.contiguous().clone() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w63"}))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +33,7 @@ def swarm(tmp_path_factory):
     write_tiny_model(model)
     try:
         url = start_coordinator(procs, tmp / "coord", TOKEN).ready["url"]
+        OPERATORS[url] = operator_api(url, tmp / "coord")
         servers = {}
         for name, span in SPANS.items():
             join = ["--coordinator", url, "--token", TOKEN, "--listen", "127.0.0.1:0", "--key",
@@ -87,9 +57,11 @@ def reference(swarm) -> str:
     return generate(load_model(swarm[2]), Tokenizer.from_file(swarm[2]), PROMPT, NEW)
 
 
+OPERATORS: dict[str, SignedApi] = {}  # coordinator URL -> an operator (events with details)
+
+
 def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "/api/status", timeout=10) as r:
-        return json.loads(r.read())
+    return OPERATORS[url].get("/status")
 
 
 def test_verdict_rule_and_tolerance():
@@ -170,38 +142,29 @@ def test_liar_on_the_route_is_evicted_and_its_step_redone(swarm, reference):
 
 
 def test_offense_reports_are_signed_and_checked(swarm):
-    """POST /api/inference/offenses takes only a well-formed report signed by the key it carries."""
+    """POST /api/inference/offenses takes only a well-formed report signed by an admitted
+    identity holding the client or serve role; the event names that identity as the reporter."""
     url, ids, _ = swarm
-    reporter = Identity.generate()
-
-    def post(body: dict, token: str = TOKEN) -> tuple[int, dict]:
-        req = urllib.request.Request(url + "/api/inference/offenses", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def signed(offender: str) -> dict:
-        body = {"peer_id": reporter.peer_id, "public_key": reporter.public_bytes.hex(), "timestamp": time.time(),
-                "offender": offender, "detail": {"blocks": [3, 6]}}
-        return {**body, "signature": reporter.sign(signing_bytes("inference_offense", body)).hex()}
-
-    body = signed(ids["tail1"])
-    assert post(body, "wrong-token")[0] == 401
-    status_code, answer = post({**body, "offender": ids["tail2"]})  # not what was signed
-    assert (status_code, answer["error"]) == (403, "bad_signature")
-    assert post(signed("not-a-peer-id"))[0] == 400
-    assert post(body) == (200, {"recorded": True})
+    reporter = SignedApi(url, token=TOKEN)
+    body = {"offender": ids["tail1"], "detail": {"blocks": [3, 6]}}
+    unsigned = sync_exchange(reporter.access, None, "POST", "/inference/offenses",
+                             json.dumps(body).encode(), "application/json")
+    assert unsigned[0] == 401 and error_code(unsigned[1]) == "missing_signature"
+    with pytest.raises(CoordinatorError) as refused:  # an operator holds neither role
+        OPERATORS[url].post("/inference/offenses", body)
+    assert (refused.value.status, refused.value.code) == (403, "forbidden")
+    with pytest.raises(CoordinatorError) as bad:
+        reporter.post("/inference/offenses", {**body, "offender": "not-a-peer-id"})
+    assert bad.value.status == 400
+    assert reporter.post("/inference/offenses", body) == {"recorded": True}
     assert any(e["kind"] == "inference_offense" and e["detail"]["reporter"] == reporter.peer_id
                for e in status(url)["events"])
 
 
-def test_peer_generate_spot_check_flag(swarm, reference):
+def test_peer_generate_spot_check_flag(swarm, reference, tmp_path):
     url, _, model = swarm
     cmd = [sys.executable, "-m", "peer.cli", "generate", "--coordinator", url, "--token", TOKEN,
-           "--model", model, "--max-new-tokens", str(NEW)]
+           "--key", str(tmp_path / "client.key"), "--model", model, "--max-new-tokens", str(NEW)]
     run = subprocess.run([*cmd, "--spot-check", "1", PROMPT], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout == reference + "\n"

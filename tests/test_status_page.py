@@ -12,23 +12,22 @@ the reference image the README points to.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
 import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from testing.api import SignedApi, operator_api
 from tests import swarm_feed
 from tests.harness import ROOT, Procs, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = ROOT / "bench" / "results" / "status_page.png"
-TOKEN = "status-page-token"
+TOKEN = "status-page-token-f0d850af6eb423f9a519db90d940852fd4e3fe68"
 STEPS = 12
 INTERVAL, TIMEOUT = 0.5, 3.0
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -54,9 +53,11 @@ def ensure_chromium() -> None:
         pytest.skip(f"apt-get install chromium chromium-driver failed: {result.stderr[-500:]}")
 
 
+OPERATORS: dict[str, SignedApi] = {}  # coordinator URL -> an operator (links, addresses)
+
+
 def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "/api/status", timeout=20) as r:
-        return json.loads(r.read())
+    return OPERATORS[url].get("/status")
 
 
 class SimulatedSwarm:
@@ -99,6 +100,7 @@ def test_status_page_in_headless_chromium(procs: Procs, tmp_path, monkeypatch):
                          "--token", TOKEN, "--heartbeat-interval", str(INTERVAL),
                          "--peer-timeout", str(TIMEOUT))
     url = coord.ready["url"]
+    OPERATORS[url] = operator_api(url, tmp_path / "c")
     daemons = [procs.python("-m", "peer.cli", "join", "--coordinator", url, "--token", TOKEN,
                             "--listen", "127.0.0.1:0", "--key", str(tmp_path / f"p{i}.key"),
                             "--device", "cpu", "--ping-interval", "0.5") for i in range(3)]

@@ -1,18 +1,25 @@
 """Tensor split combined with the pipeline split, real processes over real TCP: blocks 0:15 of
 SmolLM2-135M (9 query / 3 KV heads) served by a 3-way tensor-split group (`peer join --serve
 "smollm2-135m,tp=g:RANK/3" --blocks 0:15`), blocks 15:30 by a plain stage server. Logits must
-match the single-process model within 1e-4."""
+match the single-process model within 1e-4. A follower takes steps only from the leader the
+coordinator's table names: another admitted peer that claims to lead is refused, and the group
+keeps serving."""
 from __future__ import annotations
 
+import asyncio
 
 import pytest
 import torch
 
+from peer.errors import RemoteError
+from peer.membership import PeerInfo
 from pipeline.model import Llama, LlamaConfig
-from pipeline.tensor_split import shard_model
+from pipeline.protocol import STATS_KEY, TP_STEP, Span, TensorSplitSpec, pack_tensor
+from pipeline.server import Session, StageServer
+from pipeline.tensor_split import TensorSplitFollower, group_ranks, named_group, shard_model
 from tests.harness import Procs, reference_model, start_coordinator, wait_until
 
-TOKEN = "tensor-split-test-token"
+TOKEN = "tensor-split-test-token-13c89251be5b9ff77b3186af9e2d8581cdcdd2e1"
 MODEL = "smollm2-135m"
 K = 3
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -48,6 +55,47 @@ def test_shards_sum_to_the_whole_model(tied):
             h = want
     with pytest.raises(ValueError, match="divide"):
         shard_model(full, 0, 2)
+
+
+def _row(peer_id: str, rank: int, joined: float, members=None, state="active", model="m", blocks=(0, 4)) -> PeerInfo:
+    tp = {"group": "g", "rank": rank, "k": 3, **({"members": members} if members else {})}
+    return PeerInfo(peer_id, "127.0.0.1:1", state, joined_at=joined,
+                    stats={STATS_KEY: {"model": model, "blocks": list(blocks), "tp": tp}})
+
+
+@pytest.mark.fast
+def test_group_membership_comes_from_the_table():
+    """Each rank goes to the peer that joined first; a later key claiming rank 0 (or a leader
+    whose member list leaves us out) does not name the group."""
+    tp, span = TensorSplitSpec("g", 1, 3), Span(0, 4)
+    rows = [_row("lead", 0, 10.0, ["lead", "f1", "f2"]), _row("f1", 1, 11.0), _row("f2", 2, 12.0),
+            _row("usurper", 0, 50.0, ["usurper", "f1", "f2"]), _row("late-f1", 1, 60.0),
+            _row("other-model", 0, 1.0, model="x"), _row("other-span", 0, 1.0, blocks=(0, 3)),
+            _row("dead", 0, 1.0, state="dead")]
+    assert {r: p for r, (p, _) in group_ranks(rows, tp, "m", span).items()} == {0: "lead", 1: "f1", 2: "f2"}
+    assert named_group(rows, tp, "m", span, "f1") == ("lead", ("lead", "f1", "f2"))
+    assert named_group(rows, tp, "m", span, "late-f1") is None
+    # The leader gone from the table, the next rank-0 claimant by join time leads (the follower
+    # then frees the old group's sessions: test_follower_resets_when_the_group_changes).
+    assert named_group(rows[1:], tp, "m", span, "f1") == ("usurper", ("usurper", "f1", "f2"))
+    assert named_group([_row("lead", 0, 10.0)], tp, "m", span, "f1") is None  # not formed yet
+
+
+@pytest.mark.fast
+def test_follower_resets_when_the_group_changes():
+    cfg = LlamaConfig.tiny(vocab_size=64, max_seq_len=64)
+    server = StageServer(None, "m", Llama(cfg), Span(0, cfg.n_layers), None)
+    follower = TensorSplitFollower(server, lookup=None)
+    follower.adopt(("lead", ("lead", "me")))
+    server.sessions[("client", "s1", 0)] = Session(0, cfg.n_layers, 8, None)
+    follower.adopt(("lead", ("lead", "me")))                           # same group: sessions kept
+    assert len(server.sessions) == 1
+    follower.adopt(("lead2", ("lead2", "me")))                         # a new leader: freed
+    assert server.sessions == {} and follower.leader == "lead2"
+    server.sessions[("client", "s2", 0)] = Session(0, cfg.n_layers, 8, None)
+    follower.adopt(None)                                               # no group: freed, nobody leads
+    assert server.sessions == {} and follower.leader is None
+    server.executor.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +140,32 @@ def client(swarm, reference):
     wait_until(lambda: len(c.call(c.servers, MODEL)) == 2, 60, "the tensor-split group to form")
     yield c
     c.close()
+
+
+def test_follower_refuses_a_self_named_leader(swarm, client):
+    """An admitted peer (open/token admission grants the serve role) that sends a shard a step
+    naming itself leader is refused: the coordinator's table names the group's leader."""
+    url, children = swarm
+    follower = children["tp1"].ready
+
+    async def attack() -> str:
+        from pipeline.client import InferenceClient
+
+        attacker = InferenceClient(url, TOKEN)
+        try:
+            host = await attacker.connect()
+            host.add_route(follower["peer_id"], follower["address"])
+            meta, raw = pack_tensor(torch.ones((1, 1), dtype=torch.long))
+            header = {**meta, "owner": "victim", "sid": "s", "start": 0, "end": 15, "pos": 0, "chunks": [1],
+                      "capacity": 4, "pad": [0], "input": "tokens", "out": "hidden", "wire": "fp32",
+                      "members": [host.peer_id, follower["peer_id"]], "prefix": "tp-evil-0"}
+            with pytest.raises(RemoteError) as e:
+                await host.call(follower["peer_id"], TP_STEP, header, raw, timeout=30)
+            return str(e.value)
+        finally:
+            await attacker.aclose()
+
+    assert "named by the coordinator" in asyncio.run(attack())
 
 
 def test_tensor_split_stage_matches_single_process_logits(client, reference):

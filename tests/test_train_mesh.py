@@ -6,19 +6,18 @@ same global-state hash.
 """
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from testing.api import signed_get
 from tests.harness import Child, Procs, wait_until
 
-TOKEN = "train-mesh-token"
+TOKEN = "train-mesh-token-fb45005b29acbab65a51e7fdf67159136b405576"
 RUN = "mesh"
 INTERVAL, TIMEOUT = 0.5, 3.0
 PEER_CMD = [sys.executable, "-m", "peer.cli"]
@@ -56,9 +55,7 @@ def start_trainers(procs: Procs, url: str, keys: list[Path], data: Path, *flags:
 
 
 def api(url: str, path: str) -> dict:
-    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    return signed_get(url, path, token=TOKEN)
 
 
 def reports_by_step(url: str) -> dict[int, dict[str, dict]]:

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from peer.errors import AuthError, NoSuchMethod, PeerUnavailable, RemoteError, TransportTimeout
+from peer.credentials import issue
+from peer.errors import AuthError, Forbidden, NoSuchMethod, PeerUnavailable, RemoteError, TransportTimeout
 from peer.identity import Identity
 from peer.secure import RECORD_HEADER_SIZE
 from peer.transport import PeerHost
@@ -18,7 +19,7 @@ from peer.wire import FIXED_HEADER_SIZE, parse_fixed_header
 from tests.harness import wait_until_async
 from tests.transport_child import Impostor, pattern
 
-TOKEN = b"swarm-token"
+TOKEN = b"swarm-token-b94de711f24b1b117b1e35ebf8e6f5a3301e96dc"
 CHILD = "tests/transport_child.py"
 
 
@@ -77,7 +78,7 @@ async def test_large_payloads_stream_intact(procs, host):
 
 
 async def test_wrong_token_rejected_on_both_sides(procs, host):
-    child = spawn(procs, "--token", "another-token")
+    child = spawn(procs, "--token", "another-token-of-enough-bytes")
     with pytest.raises(AuthError, match="wrong swarm token"):
         await host.connect(child.ready["address"])
     line = await child_line(child, "rejected")
@@ -87,7 +88,7 @@ async def test_wrong_token_rejected_on_both_sides(procs, host):
 
 async def test_wrong_token_inbound_rejected_on_both_sides(procs, host, caplog):
     caplog.set_level(logging.WARNING, logger="lowband.transport")
-    child = spawn(procs, "--token", "another-token", "--connect", host.address)
+    child = spawn(procs, "--token", "another-token-of-enough-bytes", "--connect", host.address)
     line = await child_line(child, "CONNECT-FAILED")
     assert "AuthError" in line and "wrong swarm token" in line
     await wait_until_async(lambda: "wrong swarm token" in caplog.text)
@@ -292,3 +293,56 @@ async def test_silent_partition_is_detected_by_keepalive(procs):
         await quick.close()
         relay.frozen = False
         await relay.close()
+
+
+async def test_credential_roles_are_enforced_and_revoked_peers_cut_off(caplog):
+    caplog.set_level(logging.WARNING, logger="lowband.transport")
+    authority = Identity.generate()
+    made: list[PeerHost] = []
+
+    def member(*roles: str) -> PeerHost:
+        me = Identity.generate()
+        cred = issue(authority, me.public_bytes, roles, now=time.time(), lifetime_s=3600, serial=len(made) + 1)
+        made.append(PeerHost(me, credential=cred, authority=authority.public_bytes, conns_per_peer=2))
+        return made[-1]
+
+    async def echo(peer_id: str, header: dict, payload: bytearray):
+        return header, payload
+
+    server, trainer, client = member("serve"), member("train"), member("client")
+    try:
+        await server.start("127.0.0.5", 0)
+        server.handle("train.step", echo, roles={"train", "operator"})
+        server.handle("open", echo)
+        sid = await trainer.connect(server.address)
+        assert await client.connect(server.address) == sid
+        assert server.roles_of(trainer.peer_id) == {"train"} and trainer.roles_of(sid) == {"serve"}
+        assert server.roles_of("0" * 40) == frozenset()  # not connected: no roles
+        assert (await trainer.call(sid, "train.step", {"x": 1}))[0] == {"x": 1}
+        with pytest.raises(Forbidden, match=r"'train.step' needs one of the roles \['operator', 'train'\]"):
+            await client.call(sid, "train.step")  # a typed error code on the wire
+        assert (await client.call(sid, "open", {"y": 2}))[0] == {"y": 2}
+        # a host with the swarm token but no credential is not let in
+        outsider = PeerHost(Identity.generate(), TOKEN)
+        made.append(outsider)
+        with pytest.raises(AuthError):
+            await outsider.connect(server.address)
+
+        server.revoke([client.peer_id])
+        await wait_until_async(lambda: not client.connected_peers() and client.peer_id not in server.connected_peers())
+        assert "identity was revoked" in caplog.text
+        with pytest.raises(AuthError, match="revoked"):
+            await client.connect(server.address)
+        with pytest.raises(AuthError, match="revoked"):  # nor does the server dial it
+            await server.connect(client.address or await client.start("127.0.0.6", 0))
+        assert (await trainer.call(sid, "open", {"z": 3}))[0] == {"z": 3}  # others are unaffected
+    finally:
+        for h in made:
+            await h.close()
+
+
+def test_host_needs_a_token_or_an_authority():
+    with pytest.raises(ValueError, match="token or a coordinator authority"):
+        PeerHost(Identity.generate())
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        PeerHost(Identity.generate(), b"short")

@@ -60,7 +60,15 @@ async def main(args: argparse.Namespace) -> None:
         await host.send(peer_id, header["tag"], {"seed": header["seed"]}, pattern(header["seed"], header["size"]))
         return {}, b""
 
-    for name, fn in {"echo": echo, "fail": fail, "sleep": sleep, "recv_sha": recv_sha, "send_back": send_back}.items():
+    async def stats(peer_id: str, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        """What an attack costs this process: resident memory, asyncio tasks, open connections."""
+        with open("/proc/self/status") as f:
+            rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return {"rss_mb": rss_kb / 1024, "tasks": len(asyncio.all_tasks()), "live": len(host._live)}, b""
+
+    handlers = {"echo": echo, "fail": fail, "sleep": sleep, "recv_sha": recv_sha, "send_back": send_back,
+                "stats": stats}
+    for name, fn in handlers.items():
         host.handle(name, fn)
     print("READY " + json.dumps({"address": host.address, "peer_id": host.peer_id}), flush=True)
     if args.connect:
@@ -74,7 +82,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--token", default="swarm-token")
+    p.add_argument("--token", default="swarm-token-b94de711f24b1b117b1e35ebf8e6f5a3301e96dc")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--conns", type=int, default=2)
     p.add_argument("--impostor", action="store_true")

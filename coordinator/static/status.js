@@ -1,5 +1,8 @@
 // Polls /api/status every second and renders every section (shapes: coordinator/status.py).
 // No dependencies, no CDN. Peer-reported strings are inserted as text nodes only, never as HTML.
+// Both views render: the public one (no addresses, hashes or run configs: shown as "hidden")
+// and the operator one. The peer table is paged (prev/next); the page's own query string
+// (e.g. ?peers_offset=200) is passed on to /api/status.
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -47,6 +50,16 @@ function cell(row, value, className) {
   row.appendChild(el("td", { textContent: value, className: className || "" }));
 }
 
+const pageQuery = new URLSearchParams(window.location.search);
+
+function reachability(p) {
+  if (p.reachable === true) {
+    return typeof p.probe_rtt_s === "number" ? "yes, " + (p.probe_rtt_s * 1000).toFixed(1) + " ms" : "yes";
+  }
+  if (p.reachable === false) return p.probe_error ? "no: " + p.probe_error : "no";
+  return p.reachable === null ? "probing" : "-";
+}
+
 function medianPingMs(stats) {
   const links = (stats && stats.links) || {};
   const rtts = Object.values(links)
@@ -64,6 +77,9 @@ function renderSummary(status) {
   for (const s of ["active", "joining", "suspect", "dead"]) {
     document.getElementById("count-" + s).textContent = String(counts[s] || 0);
   }
+  const reach = status.reachability || {};
+  document.getElementById("count-unreachable").textContent =
+    typeof reach.unreachable === "number" ? String(reach.unreachable) : "-";
   document.getElementById("run-count").textContent = String((status.runs || []).length);
   document.getElementById("model-count").textContent = String((status.inference || []).length);
   const c = status.coordinator || {};
@@ -77,15 +93,18 @@ function renderSummary(status) {
 }
 
 // -- peers ----------------------------------------------------------------------------------
-function renderPeers(peers) {
+function renderPeers(peers, operator) {
   const body = document.querySelector("#peers tbody");
   body.replaceChildren();
   for (const p of peers) {
     const tr = el("tr");
     tr.dataset.peerId = p.peer_id;
     tr.dataset.state = p.state;
+    tr.dataset.reachable = String(p.reachable);
     cell(tr, shortId(p.peer_id), "mono");
-    cell(tr, text(p.address), "mono");
+    cell(tr, operator ? text(p.address) : "hidden", "mono address");
+    cell(tr, operator ? text(p.observed) : "hidden", "mono observed");
+    cell(tr, reachability(p), "reach " + (p.reachable === true ? "ok" : p.reachable === false ? "bad" : ""));
     cell(tr, text(p.state), "state state-" + p.state);
     cell(tr, (p.roles || []).length ? p.roles.join(", ") : "-");
     cell(tr, text(p.device));
@@ -96,6 +115,21 @@ function renderPeers(peers) {
     cell(tr, medianPingMs(p.stats));
     body.appendChild(tr);
   }
+}
+
+function renderPager(page) {
+  const box = document.getElementById("peer-pager");
+  box.replaceChildren();
+  if (!page || typeof page.total !== "number") return;
+  const first = page.total ? page.offset + 1 : 0, last = Math.min(page.offset + page.limit, page.total);
+  box.append(el("span", { id: "peer-range", textContent: "peers " + first + "\u2013" + last + " of " + page.total }));
+  const go = (offset) => { pageQuery.set("peers_offset", String(Math.max(0, offset)));
+                           history.replaceState(null, "", "?" + pageQuery.toString()); poll(false); };
+  const prev = el("button", { id: "peer-prev", textContent: "\u2190 prev", disabled: page.offset <= 0 });
+  prev.onclick = () => go(page.offset - page.limit);
+  const next = el("button", { id: "peer-next", textContent: "next \u2192", disabled: last >= page.total });
+  next.onclick = () => go(page.offset + page.limit);
+  box.append(prev, next);
 }
 
 // -- training runs --------------------------------------------------------------------------
@@ -139,13 +173,16 @@ function lossPlot(history) {
 
 function hashAgreement(agreement) {
   if (!agreement || typeof agreement.agreed !== "boolean") return el("span", { textContent: "-" });
-  const hashes = Object.entries(agreement.hashes || {});
+  // operator view: {hash: [peer ids]}; public view: groups = [peers per distinct hash]
+  const groups = agreement.hashes
+    ? Object.entries(agreement.hashes).map(([h, peers]) => [h.slice(0, 8), peers.length])
+    : (agreement.groups || []).map((n, i) => ["hash " + (i + 1), n]);
   if (agreement.agreed) {
-    const h = hashes.length ? hashes[0][0].slice(0, 12) : "";
-    return el("span", { className: "ok", textContent: "\u2713 agreed " + h + " (step " + agreement.step + ")" });
+    const h = agreement.hashes && groups.length ? groups[0][0] + "\u2026 " : "";
+    return el("span", { className: "ok", textContent: "\u2713 agreed " + h + "(step " + agreement.step + ")" });
   }
   return el("span", { className: "bad", textContent: "\u2717 split at step " + agreement.step + ": " +
-    hashes.map(([h, peers]) => h.slice(0, 8) + "\u00d7" + peers.length).join(", ") });
+    groups.map(([h, n]) => h + "\u00d7" + n).join(", ") });
 }
 
 function stat(label, value) {
@@ -236,7 +273,9 @@ function renderLinks(links) {
       const rtt = link.ping_rtt_s !== null ? link.ping_rtt_s : link.rtt_s;
       const parts = [typeof rtt === "number" ? (rtt * 1000).toFixed(1) : "-",
                      typeof link.bandwidth_Bps === "number" ? (link.bandwidth_Bps / 1e6).toFixed(1) : "-"];
-      tr.append(el("td", { className: "mono", textContent: parts.join(" / ") }));
+      // how the link is connected, when the peer says (direct, reversed, punched, relayed)
+      if (link.path && link.path !== "direct") parts.push(link.path);
+      tr.append(el("td", { className: "mono link-" + (link.path || "unknown"), textContent: parts.join(" / ") }));
     }
     body.append(tr);
   }
@@ -256,7 +295,7 @@ function renderCheckpoints(checkpoints) {
     cell(tr, text(c.run));
     cell(tr, text(c.step));
     cell(tr, bytes(c.size_bytes));
-    cell(tr, typeof c.state_hash === "string" ? c.state_hash.slice(0, 16) : "-", "mono");
+    cell(tr, typeof c.state_hash === "string" ? c.state_hash.slice(0, 16) : "hidden", "mono");
     cell(tr, typeof c.created === "number" ? new Date(c.created * 1000).toLocaleString() : "-");
     body.appendChild(tr);
   }
@@ -304,7 +343,10 @@ function renderEvents(events) {
 
 function render(status) {
   renderSummary(status);
-  renderPeers(status.peers || []);
+  const operator = status.view === "operator";
+  document.body.dataset.view = operator ? "operator" : "public";
+  renderPeers(status.peers || [], operator);
+  renderPager((status.pages || {}).peers);
   renderRuns(status.runs || []);
   renderInference(status.inference || []);
   renderLinks(status.links || {});
@@ -314,9 +356,10 @@ function render(status) {
   document.body.dataset.updated = String((status.coordinator || {}).time || "");
 }
 
-async function poll() {
+async function poll(schedule = true) {
   try {
-    const resp = await fetch("/api/status", { cache: "no-store" });
+    const query = pageQuery.toString();
+    const resp = await fetch("/api/status" + (query ? "?" + query : ""), { cache: "no-store" });
     if (!resp.ok) throw new Error("HTTP " + resp.status);
     render(await resp.json());
   } catch (err) {
@@ -324,7 +367,7 @@ async function poll() {
     summary.className = "error";
     summary.textContent = "coordinator unreachable (" + err.message + "), retrying\u2026";
   }
-  setTimeout(poll, 1000);
+  if (schedule) setTimeout(poll, 1000);
 }
 
 poll();
