@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def bench_swarm(serve: list[tuple[str, str]], delay_ms: float = 0.0) -> Runner:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
 
-    token, procs, servers = "bench-inference", [], []
+    token, procs, servers = secrets.token_urlsafe(32), [], []
     atexit.register(lambda: [p.kill() for p in procs])
     tmp = Path(tempfile.mkdtemp(prefix="lowband-bench-"))
     url = _child(["-m", "coordinator", "start", "--port", "0", "--data-dir", str(tmp / "coord"), "--token", token,

@@ -170,3 +170,33 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     return (yield from _guarded(item))
+
+
+async def echo(peer_id: str, header: dict, payload: bytearray):
+    """An RPC handler that answers with what it got."""
+    return header, payload
+
+
+@pytest.fixture
+async def hosts():
+    """make(ip, limits, **kw) -> a started PeerHost (token mode) with an ``echo`` handler, one
+    connection per peer unless ``kw`` says otherwise; every host made is closed at teardown."""
+    from peer.identity import Identity
+    from peer.transport import PeerHost
+
+    made: list = []
+
+    async def make(ip: str = "127.0.0.1", limits=None, **kw):
+        kw.setdefault("conns_per_peer", 1)
+        host = PeerHost(Identity.generate(), HOSTS_TOKEN, limits=limits, **kw)
+        made.append(host)
+        await host.start(ip, 0)
+        host.handle("echo", echo)
+        return host
+
+    yield make
+    for host in made:
+        await host.close()
+
+
+HOSTS_TOKEN = b"swarm-token-b94de711f24b1b117b1e35ebf8e6f5a3301e96dc"  # tests/transport_child.py's default

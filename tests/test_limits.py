@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import aiohttp
 import pytest
@@ -24,33 +23,12 @@ from peer.errors import PeerUnavailable, RemoteBusy, RemoteRateLimited
 from peer.identity import Identity
 from peer.membership import CoordinatorError
 from peer.ratelimit import RateLimiter
-from peer.transport import HostLimits, PeerHost
+from peer.transport import HostLimits
 from testing.signed import Answer, Signer
 from tests.harness import start_coordinator, wait_until_async
 
 TOKEN = "limits-token-d9569f5fd50172bbf680228378fb0bc9e3472169"
 H0 = "0" * 64
-
-
-async def echo(peer_id: str, header: dict, payload: bytearray):
-    return header, payload
-
-
-@pytest.fixture
-async def hosts():
-    """make(ip, limits) -> a started PeerHost; every host made is closed at teardown."""
-    made: list[PeerHost] = []
-
-    async def make(ip: str = "127.0.0.1", limits: HostLimits | None = None, **kw) -> PeerHost:
-        host = PeerHost(Identity.generate(), TOKEN.encode(), conns_per_peer=1, limits=limits, **kw)
-        made.append(host)
-        await host.start(ip, 0)
-        host.handle("echo", echo)
-        return host
-
-    yield make
-    for host in made:
-        await host.close()
 
 
 def test_token_bucket_refills_at_its_rate():

@@ -28,28 +28,6 @@ TOKEN = b"swarm-token-b94de711f24b1b117b1e35ebf8e6f5a3301e96dc"  # tests/transpo
 CHILD = "tests/transport_child.py"
 
 
-async def echo(peer_id: str, header: dict, payload: bytearray):
-    return header, payload
-
-
-@pytest.fixture
-async def hosts():
-    """make(ip, limits, **kw) -> a started PeerHost with an ``echo`` handler; all closed at teardown."""
-    made: list[PeerHost] = []
-
-    async def make(ip: str = "127.0.0.1", limits: HostLimits | None = None, **kw) -> PeerHost:
-        kw.setdefault("conns_per_peer", 1)
-        host = PeerHost(Identity.generate(), TOKEN, limits=limits, **kw)
-        made.append(host)
-        await host.start(ip, 0)
-        host.handle("echo", echo)
-        return host
-
-    yield make
-    for host in made:
-        await host.close()
-
-
 @pytest.fixture
 async def raws():
     """Raw attacker connections, aborted at teardown."""
