@@ -58,16 +58,39 @@ class NetnsUnavailable(NetnsError):
     """Namespaces cannot be built here (see unavailable_reason())."""
 
 
-def unavailable_reason(need_nft: bool = True) -> str | None:
-    """Why this process cannot build namespaces, or None if it can."""
+def unavailable_reason(need_nft: bool = True, need_nat: bool = False) -> str | None:
+    """Why this process cannot build namespaces, or None if it can. ``need_nat``: also the
+    kernel's NAT (nft masquerade, which needs the nf_nat modules testing/nat.py's routers use)."""
     if not sys.platform.startswith("linux"):
         return f"network namespaces need Linux (this is {sys.platform})"
     if getattr(os, "geteuid", lambda: -1)() != 0:
         return "network namespaces need root"
-    missing = [tool for tool in _TOOLS if (tool != "nft" or need_nft) and shutil.which(tool) is None]
+    missing = [tool for tool in _TOOLS if (tool != "nft" or need_nft or need_nat) and shutil.which(tool) is None]
     if missing:
         return "missing commands: " + ", ".join(missing) + " (apt-get install iproute2 nftables)"
-    return None
+    return _nat_unavailable() if need_nat else None
+
+
+_NAT_PROBE: list[str | None] = []
+
+
+def _nat_unavailable() -> str | None:
+    """Load a masquerade rule in a throwaway namespace once per process; the error if it fails."""
+    if not _NAT_PROBE:
+        name = f"lowband-{os.getpid()}-natprobe"
+        rules = "table ip probe {\n chain post {\n  type nat hook postrouting priority 100;\n  masquerade\n }\n}\n"
+        try:
+            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+            try:
+                done = subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"], input=rules,
+                                      capture_output=True, text=True, timeout=10)
+                _NAT_PROBE.append(None if done.returncode == 0 else
+                                  f"the kernel refuses nft masquerade: {done.stderr.strip()[:200]}")
+            finally:
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as e:
+            _NAT_PROBE.append(f"cannot make a network namespace: {e}")
+    return _NAT_PROBE[0]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from tests.test_train_mesh import TRAIN_FLAGS, corpus
 TOKEN = "nat-swarm-token-5c0d7e19a4b2f86e3d1a90c47b5e2f18d6a3c9b0"
 RUN = "nat"
 STEPS = 3
-_NETNS_REASON = unavailable_reason()
+_NETNS_REASON = unavailable_reason(need_nat=True)
 in_netns = pytest.mark.skipif(_NETNS_REASON is not None, reason=_NETNS_REASON or "")
 IDS = [f"{i:040x}" for i in range(1, 6)]
 

@@ -34,7 +34,7 @@ from testing.nat import Host, NatLab, Router
 from testing.netns import LinkShape, remove_stale, unavailable_reason
 from tests.test_netns import TCP_SINK, TCP_SOURCE
 
-_REASON = unavailable_reason()
+_REASON = unavailable_reason(need_nat=True)
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 PUNCH_TIMEOUT_S = 4.0  # a SYN dropped by the far router is resent after 1 s; 3 s is the second resend

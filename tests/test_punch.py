@@ -24,7 +24,7 @@ from peer.punch import (MAX_LEAD_S, MAX_WINDOW_S, PunchAnswer, PunchBook, PunchF
 from testing.netns import unavailable_reason
 
 _ROOT = Path(__file__).resolve().parent.parent
-_REASON = unavailable_reason()
+_REASON = unavailable_reason(need_nat=True)
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 A, B = "a" * 40, "b" * 40
 WINDOW_S = 4.0  # a SYN the far router dropped is resent after 1 s and 3 s

@@ -320,7 +320,7 @@ async def test_swarm_never_dials_an_address_the_coordinator_did_not_verify(procs
         third_party.close()
 
 
-_NETNS_REASON = unavailable_reason()
+_NETNS_REASON = unavailable_reason(need_nat=True)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from testing.nat import Host, NatLab, Router
 from testing.netns import LinkShape, unavailable_reason
 from testing.relaypeer import Peer, nat_lab, relayed_pair
 
-_REASON = unavailable_reason()
+_REASON = unavailable_reason(need_nat=True)
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 TOKEN = b"relay-test-swarm-token-0123456789abcdef"
 
